@@ -1,0 +1,32 @@
+# Set-up is two commands: `make demo` and `make test` (both create .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# DeepSpeed JIT-compiles its C++ ops on first use; cache them inside the project.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 is in the same install as deepspeed (else pip pulls a CUDA torch).
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[pipeline,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+demo: $(STAMP)
+	$(BIN)/python -m unitoken.demo
+
+clean:
+	rm -rf .unitoken runs .pytest_cache

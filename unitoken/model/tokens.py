@@ -1,0 +1,166 @@
+"""Special tokens and image-token ids, looked up by NAME in the Chameleon vocabulary.
+
+Chameleon keeps text and image tokens in one vocabulary. Image code ``c`` of the VQ-GAN is the
+token named ``IMGIMG<digits of c as letters A-J>Z``; transformers'
+``ChameleonImageVocabularyMapping`` does that mapping and we use it as is. Lumina-mGPT (the
+initialisation of UniToken) adds structure tokens, all named here and nowhere as literals:
+
+    <racm3:break>     BOI   begin of image
+    <eoss>            EOI   end of image
+    <sentinel:0>      SEP   between the discrete ids and the continuous embeddings (UniToken)
+    <reserved08799>   NL    end of one row of VQ ids
+    <reserved08706>   EOT   end of a conversation turn
+    <reserved{8800+n}> grid size in units of 32 px (height token, then width token)
+
+The continuous embeddings have no vocabulary entry; their positions hold a placeholder token
+(``<reserved08707>``) whose embedding is overwritten by the adapter output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
+
+TOKEN_NAMES = {
+    "bos": "<s>",
+    "eos": "</s>",
+    "pad": "<pad>",
+    "boi": "<racm3:break>",
+    "eoi": "<eoss>",
+    "sep": "<sentinel:0>",
+    "newline": "<reserved08799>",
+    "end_of_turn": "<reserved08706>",
+    "continuous": "<reserved08707>",
+}
+IMAGE_PLACEHOLDER = "<|image|>"  # marks an image inside conversation text (reference format)
+
+
+def grid_token_name(n: int) -> str:
+    """Name of the token that says "n grid units" (Lumina-mGPT: ``<reserved{8800+n:05d}>``)."""
+    return f"<reserved{8800 + n:05d}>"
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's name for VQ code ``code``: digits spelled with A-J, then ``Z``."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the structure tokens and the VQ-code <-> token-id mapping of one vocabulary."""
+
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+    sep: int
+    newline: int
+    end_of_turn: int
+    continuous: int
+    grid: tuple[int, ...]  # grid[n] is the id of "n units"; grid[0] is unused (-1)
+    vocab_size: int
+    mapping: ChameleonImageVocabularyMapping
+
+    @classmethod
+    def from_vocab(cls, vocab: dict[str, int], max_grid: int) -> SpecialTokens:
+        """Look every token up by name.
+
+        Raises:
+            ValueError: a required token is missing from the vocabulary.
+        """
+        missing = [name for name in TOKEN_NAMES.values() if name not in vocab]
+        missing += [grid_token_name(n) for n in range(1, max_grid + 1) if grid_token_name(n) not in vocab]
+        if missing:
+            raise ValueError(f"vocabulary lacks {len(missing)} required tokens, e.g. {missing[:5]}; "
+                             "use a Chameleon/Lumina-mGPT tokenizer or `unitoken model init`")
+        mapping = ChameleonImageVocabularyMapping(vocab)
+        if not mapping.image_tokens:
+            raise ValueError("vocabulary has no IMGIMG* image tokens; it is not a Chameleon vocabulary")
+        ids = {key: vocab[name] for key, name in TOKEN_NAMES.items()}
+        grid = (-1,) + tuple(vocab[grid_token_name(n)] for n in range(1, max_grid + 1))
+        return cls(**ids, grid=grid, vocab_size=max(vocab.values()) + 1, mapping=mapping)
+
+    @property
+    def num_codes(self) -> int:
+        return len(self.mapping.image_tokens)
+
+    @cached_property
+    def code_to_token(self) -> torch.Tensor:
+        """[num_codes] long tensor: VQ code -> vocabulary id."""
+        table = torch.full((self.num_codes,), -1, dtype=torch.long)
+        for tok, code in self.mapping.bpe2img.items():
+            if code >= self.num_codes:
+                raise ValueError(f"image token {tok} names code {code} >= codebook size {self.num_codes}")
+            table[code] = tok
+        return table
+
+    @cached_property
+    def token_to_code(self) -> torch.Tensor:
+        """[vocab_size] long tensor: vocabulary id -> VQ code, -1 for non-image tokens."""
+        table = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        table[self.code_to_token] = torch.arange(self.num_codes)
+        return table
+
+    @cached_property
+    def image_token_mask(self) -> torch.Tensor:
+        """[vocab_size] bool: True on the ids of VQ codes."""
+        return self.token_to_code >= 0
+
+    def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.code_to_token.to(codes.device)[codes]
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        codes = self.token_to_code.to(tokens.device)[tokens]
+        if (codes < 0).any():
+            raise ValueError("tokens_to_codes: got ids that are not image tokens")
+        return codes
+
+
+# --------------------------------------------------------------------------- a fresh vocabulary
+
+
+def build_tokenizer(vocab_size: int, num_codes: int, max_grid: int):
+    """A Chameleon-layout tokenizer for models trained from scratch (tiny/small recipes).
+
+    Text is byte-level (256 byte tokens, no merges: any string round-trips), followed by the
+    named structure tokens and ``num_codes`` IMGIMG tokens. Saved as a standard
+    ``tokenizer.json`` (HF tokenizers), so it loads like a released Chameleon tokenizer.
+
+    Raises:
+        ValueError: ``vocab_size`` cannot hold all tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(TOKEN_NAMES.values()) + [grid_token_name(n) for n in range(1, max_grid + 1)]
+    vocab: dict[str, int] = {}
+    for name in specials:
+        vocab[name] = len(vocab)
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    for code in range(num_codes):
+        vocab[image_token_name(code)] = len(vocab)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"llm.vocab_size={vocab_size} is too small for {len(vocab)} tokens "
+                         f"({num_codes} image codes); raise llm.vocab_size")
+    while len(vocab) < vocab_size:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=TOKEN_NAMES["bos"],
+        eos_token=TOKEN_NAMES["eos"],
+        pad_token=TOKEN_NAMES["pad"],
+    )
+
+
+def min_vocab_size(num_codes: int, max_grid: int) -> int:
+    """Smallest ``vocab_size`` that ``build_tokenizer`` accepts."""
+    return len(TOKEN_NAMES) + max_grid + 256 + num_codes

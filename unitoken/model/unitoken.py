@@ -1,0 +1,203 @@
+"""UniToken: a stock transformers Chameleon decoder that reads every image twice.
+
+Modules (their names are the freeze prefixes):
+    llm      ChameleonModel (embeddings + decoder + final norm), its VQ encoder removed
+    lm_head  Linear(hidden, vocab) over text AND image tokens (never masked: generation needs it)
+    vision   SigLIP vision tower (absent in ``discrete`` mode)
+    adapter  Linear -> GELU -> Linear into the LLM width (absent in ``discrete`` mode)
+    vq       VQ-GAN encoder/decoder, always frozen (not a freeze prefix)
+
+Continuous features are merged like HF's ``get_placeholder_mask``: placeholders are found by
+their named token id and a count mismatch raises with both numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ChameleonConfig, ChameleonModel
+
+from unitoken.config import FREEZE_PREFIXES, ModelConfig
+from unitoken.model.sequence import IGNORE
+from unitoken.model.tokens import SpecialTokens
+from unitoken.model.vision import Adapter, arrange_features, build_vision_tower
+from unitoken.model.vq import VQTokenizer, hf_vq_config
+
+# transformers 5.24 renamed `past_key_values` to `cache` (5.17 on the GPU machine has the old name).
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(ChameleonModel.forward).parameters else "past_key_values"
+
+
+def chameleon_config(cfg: ModelConfig, vocab: dict[str, int], tokens: SpecialTokens) -> ChameleonConfig:
+    llm = cfg.llm
+    hf = ChameleonConfig(
+        vocab_size=llm.vocab_size,
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads,
+        max_position_embeddings=llm.max_position_embeddings,
+        rms_norm_eps=llm.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
+        attention_dropout=llm.attention_dropout,
+        swin_norm=llm.swin_norm,
+        vocabulary_map=vocab,
+        vq_config=hf_vq_config(cfg.vq).to_dict(),
+        bos_token_id=tokens.bos,
+        eos_token_id=tokens.eos,
+        pad_token_id=tokens.pad,
+        use_cache=False,  # packing via position_ids is ignored when use_cache=True
+    )
+    hf._attn_implementation = llm.attn_implementation
+    return hf
+
+
+@dataclass
+class ContinuousImages:
+    """Inputs of the continuous path for a batch: all tiles, and each image's AnyRes grid.
+
+    pixel_values: [n_tiles, 3, s, s]; image i owns 1 + rows_i*cols_i consecutive tiles.
+    """
+
+    pixel_values: torch.Tensor
+    grids: list[tuple[int, int]]
+
+    @classmethod
+    def concat(cls, items: list[ContinuousImages]) -> ContinuousImages | None:
+        items = [x for x in items if x is not None and x.grids]
+        if not items:
+            return None
+        return cls(torch.cat([x.pixel_values for x in items]), [g for x in items for g in x.grids])
+
+
+class UniToken(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab: dict[str, int]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vocab = vocab
+        self.tokens = SpecialTokens.from_vocab(vocab, cfg.max_grid_tokens)
+        if self.tokens.vocab_size > cfg.llm.vocab_size:
+            raise ValueError(f"llm.vocab_size={cfg.llm.vocab_size} < tokenizer vocabulary "
+                             f"({self.tokens.vocab_size} ids)")
+        if self.tokens.num_codes != cfg.vq.num_codes:
+            raise ValueError(f"vocabulary has {self.tokens.num_codes} image tokens but "
+                             f"vq.num_codes={cfg.vq.num_codes}")
+        self.hf_config = chameleon_config(cfg, vocab, self.tokens)
+        self.llm = ChameleonModel(self.hf_config)
+        del self.llm.vqmodel  # the VQ-GAN lives in self.vq (with its decoder), outside the LLM
+        self.lm_head = nn.Linear(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
+        if cfg.encoder_mode != "discrete":
+            self.vision = build_vision_tower(cfg.vision)
+            self.adapter = Adapter(cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.vision.anyres)
+        else:
+            self.vision = None
+            self.adapter = None
+        self.vq = VQTokenizer(cfg.vq)
+
+    # ----------------------------------------------------------------------- freezing
+
+    def freeze_except(self, trainable: tuple[str, ...] | list[str]) -> dict[str, int]:
+        """Train exactly the modules named by prefix; everything else is frozen.
+
+        Returns:
+            parameter counts {"trainable": n, "frozen": m}.
+
+        Raises:
+            ValueError: an unknown prefix, or a set that leaves nothing trainable.
+        """
+        unknown = sorted(set(trainable) - set(FREEZE_PREFIXES))
+        if unknown:
+            raise ValueError(f"unknown freeze prefixes {unknown}; valid: {list(FREEZE_PREFIXES)}")
+        present = {name for name, _ in self.named_children()}
+        for name in FREEZE_PREFIXES:
+            module = getattr(self, name)
+            if module is not None:
+                module.requires_grad_(name in trainable)
+        self.vq.requires_grad_(False)
+        counts = {"trainable": 0, "frozen": 0}
+        for _, p in self.named_parameters():
+            counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        if counts["trainable"] == 0:
+            raise ValueError(f"trainable={list(trainable)} leaves no parameter to train in encoder mode "
+                             f"{self.config.encoder_mode!r} (modules present: {sorted(present)})")
+        return counts
+
+    # ----------------------------------------------------------------------- embeddings
+
+    def encode_continuous(self, images: ContinuousImages) -> torch.Tensor:
+        """All tiles through SigLIP + adapter -> [n_features, d] in image order."""
+        if self.vision is None:
+            raise ValueError("encoder mode 'discrete' has no continuous path")
+        dtype = self.adapter.fc1.weight.dtype
+        feats = self.vision(pixel_values=images.pixel_values.to(dtype)).last_hidden_state
+        feats = self.adapter(feats)
+        per_image = arrange_features(feats, images.grids, self.adapter.row_end,
+                                     self.config.vision.patches_per_side)
+        return torch.cat(per_image)
+
+    def embed(self, input_ids: torch.Tensor, images: ContinuousImages | None = None) -> torch.Tensor:
+        """input_ids: [b, T] -> inputs_embeds: [b, T, d] with continuous features scattered in.
+
+        Raises:
+            ValueError: number of placeholder tokens != number of continuous features.
+        """
+        embeds = self.llm.embed_tokens(input_ids)
+        mask = input_ids == self.tokens.continuous
+        n_tokens = int(mask.sum())
+        feats = self.encode_continuous(images) if images is not None else None
+        n_features = 0 if feats is None else feats.shape[0]
+        if n_tokens != n_features:
+            raise ValueError(f"continuous placeholders and features differ: {n_tokens} tokens vs "
+                             f"{n_features} features")
+        if n_tokens:
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    # ----------------------------------------------------------------------- forward / loss
+
+    def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None):
+        kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=cache is not None, **kwargs)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
+                images: ContinuousImages | None = None) -> dict[str, torch.Tensor]:
+        """Args: input_ids/labels/attention_mask/position_ids: [b, T].
+
+        Returns:
+            {"loss", "ce", "z_loss", "num_tokens"} when labels are given, else {"logits"}.
+        """
+        hidden = self.hidden_states(self.embed(input_ids, images), attention_mask, position_ids)
+        if labels is None:
+            return {"logits": self.lm_head(hidden)}
+        return self.loss(hidden, labels)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy over the full vocabulary (image logits NOT masked) + z-loss.
+
+        Only labelled positions go through the head, so the [b, T, vocab] logits of context
+        tokens are never built. z-loss (PaLM): weight * mean(logsumexp(logits)^2), which keeps
+        the softmax normaliser near 1 in bf16.
+        """
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        num_tokens = keep.sum()
+        if int(num_tokens) == 0:
+            raise ValueError("batch has no supervised tokens (all labels are -100)")
+        logits = self.lm_head(hidden[:, :-1][keep]).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        ce = (lse - logits.gather(1, targets[keep].unsqueeze(1)).squeeze(1)).mean()
+        z = (lse ** 2).mean()
+        loss = ce + self.config.z_loss_weight * z
+        return {"loss": loss, "ce": ce.detach(), "z_loss": z.detach(), "num_tokens": num_tokens}
+
+    def num_parameters(self) -> dict[str, int]:
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                  for name in (*FREEZE_PREFIXES, "vq") if getattr(self, name) is not None}
+        counts["total"] = sum(counts.values())
+        return counts

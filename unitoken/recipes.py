@@ -1,0 +1,141 @@
+"""Named recipes, as Python functions that derive from each other (torchtitan's lesson: no
+YAML registries). ``get_recipe("tiny", ["train.seed=1"])`` applies ``--set`` overrides.
+
+    unitoken-7b          the paper: Chameleon-7B + SigLIP-so400m-patch14-384 + VQ-GAN at 512 px
+    unitoken-7b-anyres   the same with AnyRes tiling on the continuous path
+    small                one GPU, ~130M parameters, trains through three stages in minutes
+    tiny                 CPU, a few hundred thousand parameters, trains in seconds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from unitoken.config import (
+    LLMConfig,
+    ModelConfig,
+    OptimConfig,
+    Recipe,
+    StageConfig,
+    TrainConfig,
+    VisionConfig,
+    VQConfig,
+    apply_overrides,
+)
+from unitoken.model.tokens import min_vocab_size
+
+ALL = ("vision", "adapter", "llm", "lm_head")
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def paper_stages(batch_size: int, max_steps: tuple[int, int, int]) -> TrainConfig:
+    """Technical report Table 2: stage I aligns vision (LLM frozen, LR 1e-3, ViT 1e-5 because
+    5e-4 collapsed SigLIP, report §4); stages II/III train all at 1e-5; 1:1 und:gen in II."""
+    return TrainConfig(
+        stage1=StageConfig(trainable=("vision", "adapter"), optim=OptimConfig(lr=1e-3, vision_lr=1e-5),
+                           max_steps=max_steps[0], batch_size=batch_size,
+                           understanding_ratio=1.0, generation_ratio=0.0),
+        stage2=StageConfig(trainable=ALL, optim=OptimConfig(lr=1e-5, vision_lr=1e-5),
+                           max_steps=max_steps[1], batch_size=batch_size,
+                           understanding_ratio=1.0, generation_ratio=1.0),
+        stage3=StageConfig(trainable=ALL, optim=OptimConfig(lr=1e-5, vision_lr=1e-5),
+                           max_steps=max_steps[2], batch_size=batch_size,
+                           understanding_ratio=1.0, generation_ratio=1.0),
+        zero_stage=3, precision="bf16", dropout=0.05, save_every=1000, activation_checkpointing=True,
+    )
+
+
+def unitoken_7b() -> Recipe:
+    # 2.5M captions / 20M pairs / 523K samples at batch 128, one epoch each.
+    vq = VQConfig(num_codes=8192, embed_dim=256, latent_channels=256, base_channels=128,
+                  channel_multiplier=(1, 1, 2, 2, 4), resolution=512, num_res_blocks=2)
+    model = ModelConfig(
+        llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32, vocab_size=65536, max_position_embeddings=4096),
+        vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16,
+                            image_size=384, patch_size=14),
+        vq=vq,
+    )
+    return Recipe(name="unitoken-7b", model=model, train=paper_stages(128, (19_531, 156_250, 4_086)),
+                  description="UniToken as published (base resolution, no AnyRes)")
+
+
+def unitoken_7b_anyres() -> Recipe:
+    base = unitoken_7b()
+    model = dataclasses.replace(base.model, vision=dataclasses.replace(base.model.vision, anyres=True))
+    return dataclasses.replace(base, name="unitoken-7b-anyres", model=model,
+                               description="UniToken with AnyRes tiling of the continuous path")
+
+
+def small() -> Recipe:
+    base = unitoken_7b()
+    vq = VQConfig(num_codes=1024, embed_dim=64, latent_channels=64, base_channels=64,
+                  channel_multiplier=(1, 2, 2, 4), resolution=128, num_res_blocks=1)
+    max_grid = 16
+    model = ModelConfig(
+        llm=LLMConfig(hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12,
+                      num_kv_heads=12, vocab_size=_round_up(min_vocab_size(vq.num_codes, max_grid)),
+                      max_position_embeddings=4096),
+        vision=VisionConfig(hidden_size=384, intermediate_size=1536, num_layers=6, num_heads=6,
+                            image_size=128, patch_size=16),
+        vq=vq, max_grid_tokens=max_grid,
+    )
+    fast = OptimConfig(lr=3e-4, vision_lr=1e-4)  # from scratch, short runs: far above the paper's 1e-5
+    train = dataclasses.replace(
+        base.train,
+        stage1=dataclasses.replace(base.train.stage1, max_steps=300, batch_size=32),
+        stage2=dataclasses.replace(base.train.stage2, optim=fast, max_steps=2000, batch_size=32),
+        stage3=dataclasses.replace(base.train.stage3, optim=fast, max_steps=500, batch_size=32),
+        zero_stage=2, save_every=500,
+    )
+    return Recipe(name="small", model=model, train=train, description="one GPU, ~130M parameters")
+
+
+def tiny() -> Recipe:
+    base = small()
+    vq = VQConfig(num_codes=256, embed_dim=32, latent_channels=32, base_channels=32,
+                  channel_multiplier=(1, 1, 2, 2), resolution=64, num_res_blocks=1)
+    max_grid = 8
+    model = ModelConfig(
+        llm=LLMConfig(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=4,
+                      vocab_size=_round_up(min_vocab_size(vq.num_codes, max_grid)),
+                      max_position_embeddings=1024, attn_implementation="sdpa"),
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                            image_size=32, patch_size=8),
+        vq=vq, max_grid_tokens=max_grid,
+    )
+    fast = OptimConfig(lr=2e-3, vision_lr=1e-3, warmup_fraction=0.05)
+    train = dataclasses.replace(
+        base.train,
+        stage1=dataclasses.replace(base.train.stage1, optim=fast, max_steps=20, batch_size=8, max_seq_len=512),
+        stage2=dataclasses.replace(base.train.stage2, optim=fast, max_steps=40, batch_size=8, max_seq_len=512),
+        stage3=dataclasses.replace(base.train.stage3, optim=fast, max_steps=20, batch_size=8, max_seq_len=512),
+        zero_stage=0, precision="fp32", save_every=10, activation_checkpointing=False,
+    )
+    return Recipe(name="tiny", model=model, train=train, description="CPU, trains in seconds")
+
+
+RECIPES: dict[str, Callable[[], Recipe]] = {
+    "tiny": tiny,
+    "small": small,
+    "unitoken-7b": unitoken_7b,
+    "unitoken-7b-anyres": unitoken_7b_anyres,
+}
+
+
+def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """Recipe by name, with ``--set key=value`` overrides applied and validated.
+
+    Raises:
+        ConfigError: unknown recipe name or bad override.
+    """
+    from unitoken.config import ConfigError
+
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe {name!r}: unknown recipe; fix: use one of {sorted(RECIPES)}")
+    recipe = RECIPES[name]()
+    return apply_overrides(recipe, overrides) if overrides else recipe

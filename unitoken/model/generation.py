@@ -18,8 +18,12 @@ from unitoken.model.unitoken import ContinuousImages, UniToken
 
 
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
-    return uncond + scale * (cond - uncond)
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond).
+
+    Written as cond + (scale - 1) * (cond - uncond): the same value, and exactly ``cond`` at
+    scale 1 (no rounding from the round trip through ``uncond``).
+    """
+    return cond + (scale - 1.0) * (cond - uncond)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, allowed: torch.Tensor | None,
@@ -76,8 +80,7 @@ def generate_text(model: UniToken, builder: SequenceBuilder, prompt: str, images
     ids = builder.prompt([{"from": "human", "value": prompt}], inputs)
     stream = _Stream(model, ids, cont)
     t = model.tokens
-    allowed = ~t.image_token_mask  # a text answer: VQ ids are not eligible
-    allowed[[t.continuous, t.boi, t.sep, t.pad]] = False
+    allowed = t.text_token_mask(builder.tokenizer.all_special_ids)  # a text answer: no VQ ids
     generator = torch.Generator().manual_seed(seed)
     out: list[int] = []
     for _ in range(max_new_tokens):

@@ -110,6 +110,16 @@ class SpecialTokens:
         """[vocab_size] bool: True on the ids of VQ codes."""
         return self.token_to_code >= 0
 
+    def text_token_mask(self, special_ids: list[int]) -> torch.Tensor:
+        """[vocab_size] bool: ids a text answer may contain (no image, structure or special
+        tokens; ``eos`` and ``end_of_turn`` stay eligible so the answer can end)."""
+        mask = ~self.image_token_mask
+        banned = [i for i in special_ids if i not in (self.eos, self.end_of_turn)]
+        banned += [self.continuous, self.boi, self.eoi, self.sep, self.newline, self.pad, self.bos]
+        banned += [g for g in self.grid if g >= 0]
+        mask[torch.tensor(banned, dtype=torch.long)] = False
+        return mask
+
     def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         return self.code_to_token.to(codes.device)[codes]
 
@@ -147,12 +157,14 @@ def build_tokenizer(vocab_size: int, num_codes: int, max_grid: int):
     if len(vocab) > vocab_size:
         raise ValueError(f"llm.vocab_size={vocab_size} is too small for {len(vocab)} tokens "
                          f"({num_codes} image codes); raise llm.vocab_size")
+    unused = []
     while len(vocab) < vocab_size:
-        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+        unused.append(f"<unused{len(vocab)}>")
+        vocab[unused[-1]] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials + unused])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=TOKEN_NAMES["bos"],

@@ -1,0 +1,75 @@
+"""Config validation and recipes."""
+
+import dataclasses
+
+import pytest
+
+from unitoken.config import ConfigError, LLMConfig, Recipe, StageConfig, OptimConfig, apply_overrides, from_dict, to_dict
+from unitoken.recipes import RECIPES, get_recipe
+
+
+def test_invalid_field_is_named_with_fix():
+    """A bad value raises ConfigError naming the field and a fix."""
+    with pytest.raises(ConfigError, match=r"hidden_size: 100 is not divisible by num_heads=3; fix:"):
+        LLMConfig(hidden_size=100, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=1, vocab_size=10)
+
+
+def test_override_path_is_named():
+    """A --set error names the full dotted path."""
+    with pytest.raises(ConfigError, match=r"model\.llm\.num_heads|hidden_size"):
+        get_recipe("tiny", ["model.llm.num_heads=3"])
+    with pytest.raises(ConfigError, match=r"unknown field 'nope' under model\.llm"):
+        get_recipe("tiny", ["model.llm.nope=1"])
+    with pytest.raises(ConfigError, match=r"expected key=value"):
+        get_recipe("tiny", ["model.llm.num_heads"])
+    with pytest.raises(ConfigError, match=r"model\.encoder_mode: unknown mode 'both'"):
+        get_recipe("tiny", ["model.encoder_mode=both"])
+    with pytest.raises(ConfigError, match=r"train\.stage1\.trainable: unknown module prefixes \['vit'\]"):
+        get_recipe("tiny", ["train.stage1.trainable=[vit]"])
+
+
+def test_override_applies_and_types_are_checked():
+    """Overrides are YAML-typed and type-checked."""
+    r = get_recipe("tiny", ["model.llm.num_layers=3", "train.stage2.optim.lr=0.01"])
+    assert r.model.llm.num_layers == 3 and r.train.stage2.optim.lr == 0.01
+    with pytest.raises(ConfigError, match=r"model\.llm\.num_layers: expected an integer, got 'three'"):
+        get_recipe("tiny", ["model.llm.num_layers=three"])
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        get_recipe("huge")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_roundtrip_through_dict(name):
+    """Every recipe serialises and rebuilds identically (the hand-off config)."""
+    r = get_recipe(name)
+    assert from_dict(Recipe, to_dict(r)) == r
+
+
+def test_recipes_derive_and_follow_paper_stages():
+    """Stage I trains vision+adapter at LR 1e-3 (ViT 1e-5); stages II/III train all at 1e-5."""
+    r = get_recipe("unitoken-7b")
+    s1, s2, s3 = r.train.stage1, r.train.stage2, r.train.stage3
+    assert set(s1.trainable) == {"vision", "adapter"}
+    assert (s1.optim.lr, s1.optim.vision_lr) == (1e-3, 1e-5)
+    assert set(s2.trainable) == set(s3.trainable) == {"vision", "adapter", "llm", "lm_head"}
+    assert s2.optim.lr == s3.optim.lr == 1e-5
+    assert s2.optim.betas == (0.9, 0.95) and s2.optim.weight_decay == 0.1 and s2.optim.grad_clip == 4.0
+    assert r.model.z_loss_weight == 1e-5 and r.train.dropout == 0.05
+    assert s2.understanding_ratio == s2.generation_ratio
+    anyres = get_recipe("unitoken-7b-anyres")
+    assert anyres.model.vision.anyres and dataclasses.replace(anyres.model.vision, anyres=False) == r.model.vision
+
+
+def test_stage_ratios_validated():
+    with pytest.raises(ConfigError, match="understanding_ratio"):
+        StageConfig(trainable=("llm",), optim=OptimConfig(lr=1, vision_lr=1), max_steps=1, batch_size=1,
+                    understanding_ratio=0, generation_ratio=0)
+
+
+def test_apply_overrides_revalidates_nested():
+    r = get_recipe("tiny")
+    with pytest.raises(ConfigError, match="betas"):
+        apply_overrides(r, ["train.stage1.optim.betas=[0.9, 1.5]"])

@@ -1,0 +1,212 @@
+"""The ``unitoken`` command (contract: shared/CLI.md).
+
+Exit codes: 0 success, 1 error (one line naming the problem and the fix; traceback only with
+``--debug``), 2 usage error, 3 a gate or validation said no.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+EXAMPLES = {
+    "model init": "unitoken model init --recipe tiny --out m",
+    "model summary": "unitoken model summary --recipe unitoken-7b",
+    "generate": 'unitoken generate --model m --prompt "a red circle" --out g.png',
+    "chat": 'unitoken chat --model m --image g.png --prompt "What is this?"',
+}
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="unitoken", description="UniToken training platform.",
+                                epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()), formatter_class=fmt)
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="create and inspect models")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    init = msub.add_parser("init", help="a model from a recipe (random, trained VQ tokenizer, released weights)",
+                           epilog="example:\n  " + EXAMPLES["model init"], formatter_class=fmt)
+    init.add_argument("--recipe", required=True, help="tiny | small | unitoken-7b | unitoken-7b-anyres")
+    init.add_argument("--out", required=True, type=Path, help="model directory to write (hand-off format)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--tokenizer", type=Path, help="VQ-GAN directory (vqgan.yaml + vqgan.ckpt) to use")
+    init.add_argument("--pretrained", type=Path, nargs="+", default=[],
+                      help="released weights: Lumina-mGPT/Chameleon HF dir, SigLIP HF dir, VQ-GAN dir")
+    init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="recipe override, e.g. --set model.encoder_mode=discrete")
+    summary = msub.add_parser("summary", help="parameter counts of a recipe, built on the meta device",
+                              epilog="example:\n  " + EXAMPLES["model summary"], formatter_class=fmt)
+    summary.add_argument("--recipe", required=True)
+    summary.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
+                         formatter_class=fmt)
+    gen.add_argument("--model", required=True, help="model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, type=Path, help="PNG to write")
+    gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1.0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k best image tokens (0 = all)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    chat = sub.add_parser("chat", help="answer a question about images", epilog="example:\n  " + EXAMPLES["chat"],
+                          formatter_class=fmt)
+    chat.add_argument("--model", required=True, help="model directory")
+    chat.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    chat.add_argument("--prompt", required=True)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's setting)")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--device", default="auto")
+    return p
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _params_table(title: str, counts: dict[str, int]) -> Table:
+    table = Table(title=title)
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,}")
+    return table
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_model_init(args) -> int:
+    from unitoken.model.io import detect_format, init_model, save_model
+    from unitoken.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.overrides)
+    pretrained = list(args.pretrained)
+    if args.tokenizer:
+        if detect_format(args.tokenizer) != "vqgan":
+            raise ValueError(f"--tokenizer {args.tokenizer}: expected a VQ-GAN directory (vqgan.yaml + vqgan.ckpt)")
+        pretrained.append(args.tokenizer)
+    with console.status(f"building {recipe.name} model"):
+        model, tokenizer = init_model(recipe.model, pretrained, seed=args.seed)
+        save_model(model, tokenizer, args.out)
+    console.print(_params_table(f"{recipe.name} -> {args.out}", model.num_parameters()))
+    return 0
+
+
+def cmd_model_summary(args) -> int:
+    import torch
+
+    from unitoken.model.tokens import build_tokenizer
+    from unitoken.model.unitoken import UniToken
+    from unitoken.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.overrides)
+    cfg = recipe.model
+    tokenizer = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = UniToken(cfg, tokenizer.get_vocab())
+    counts = model.num_parameters()
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "parameters": counts}))
+    else:
+        console.print(_params_table(f"{recipe.name} ({recipe.description})", counts))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from rich.progress import Progress
+
+    from unitoken.model.generation import decode_image, generate_image_codes
+    from unitoken.model.io import load_model
+    from unitoken.model.sequence import SequenceBuilder
+
+    model, tokenizer = load_model(args.model, device=_device(args.device))
+    builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+    start = time.perf_counter()
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("generating rows", total=model.config.vq.codes_per_side)
+        codes = generate_image_codes(model, builder, args.prompt, cfg_scale=args.cfg, temperature=args.temperature,
+                                     top_k=args.top_k, seed=args.seed,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+    image = decode_image(model, codes)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    console.print(f"wrote {args.out} ({image.width}x{image.height}, {codes.numel()} VQ ids, "
+                  f"{time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from PIL import Image
+
+    from unitoken.model.generation import generate_text
+    from unitoken.model.io import load_model
+    from unitoken.model.sequence import SequenceBuilder
+
+    images = []
+    for path in args.image:
+        if not path.is_file():
+            raise FileNotFoundError(f"--image {path}: no such file")
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    model, tokenizer = load_model(args.model, device=_device(args.device))
+    builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+    answer = generate_text(model, builder, args.prompt, images, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed)
+    print(answer)
+    return 0
+
+
+COMMANDS = {
+    ("model", "init"): cmd_model_init,
+    ("model", "summary"): cmd_model_summary,
+    ("generate", None): cmd_generate,
+    ("chat", None): cmd_chat,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    key = (args.command, getattr(args, f"{args.command}_command", None))
+    try:
+        return COMMANDS[key](args)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI boundary: one clear line, exit 1
+        if args.debug:
+            raise
+        err_console.print(f"[red]error:[/red] {type(err).__name__}: {err}", highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

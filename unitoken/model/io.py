@@ -245,6 +245,14 @@ def _load_siglip(model: UniToken, path: Path) -> None:
 
     if model.vision is None:
         raise ValueError("encoder mode 'discrete' has no vision tower to load SigLIP into")
-    tower = SiglipVisionModel.from_pretrained(str(path))
-    state = {k: v for k, v in tower.state_dict().items() if not k.startswith("vision_model.head.")}
-    _load_exact(model.vision, state, str(path))
+    from transformers.utils import logging as hf_logging
+
+    # A released SigLIP dir holds the text tower too; transformers reports those keys as
+    # unexpected, which is expected here. Our strict check below is the one that counts.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tower = SiglipVisionModel.from_pretrained(str(path), vision_use_head=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _load_exact(model.vision, tower.state_dict(), str(path))

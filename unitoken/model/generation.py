@@ -81,7 +81,7 @@ def generate_text(model: UniToken, builder: SequenceBuilder, prompt: str, images
     stream = _Stream(model, ids, cont)
     t = model.tokens
     allowed = t.text_token_mask(builder.tokenizer.all_special_ids)  # a text answer: no VQ ids
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(sample_token(stream.logits, temperature, top_k, _pad(allowed, stream.logits), generator))
@@ -117,7 +117,7 @@ def generate_image_codes(model: UniToken, builder: SequenceBuilder, prompt: str,
     cond = _Stream(model, builder.t2i_prompt(prompt) + head, None)
     uncond = _Stream(model, builder.t2i_prompt("") + head, None) if cfg_scale != 1.0 else None
     allowed = _pad(t.image_token_mask, cond.logits)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     codes = torch.empty(side, side, dtype=torch.long)
     for r in range(side):
         for c in range(side):

@@ -241,7 +241,7 @@ def _load_chameleon(model: UniToken, path: Path, vq_from_llm: bool) -> None:
 
 
 def _load_siglip(model: UniToken, path: Path) -> None:
-    from transformers import SiglipVisionModel
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
     if model.vision is None:
         raise ValueError("encoder mode 'discrete' has no vision tower to load SigLIP into")
@@ -252,7 +252,9 @@ def _load_siglip(model: UniToken, path: Path) -> None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tower = SiglipVisionModel.from_pretrained(str(path), vision_use_head=False)
+        config = SiglipVisionConfig.from_pretrained(str(path))
+        config.vision_use_head = False  # set on the config: older transformers refuse it as a kwarg
+        tower = SiglipVisionModel.from_pretrained(str(path), config=config)
     finally:
         hf_logging.set_verbosity(verbosity)
     _load_exact(model.vision, tower.state_dict(), str(path))

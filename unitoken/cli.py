@@ -25,6 +25,8 @@ EXAMPLES = {
     "model summary": "unitoken model summary --recipe unitoken-7b",
     "generate": 'unitoken generate --model m --prompt "a red circle" --out g.png',
     "chat": 'unitoken chat --model m --image g.png --prompt "What is this?"',
+    "data synth": "unitoken data synth --out d --n 500",
+    "data validate": "unitoken data validate d/manifest.jsonl --out v",
 }
 
 
@@ -56,6 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--recipe", required=True)
     summary.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    data = sub.add_parser("data", help="synthesise, validate and pre-tokenise data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="synthetic shapes data set (manifest + images + annotations)",
+                            epilog="example:\n  " + EXAMPLES["data synth"], formatter_class=fmt)
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--n", required=True, type=int, help="number of scenes")
+    synth.add_argument("--size", type=int, default=64, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    val = dsub.add_parser("validate", help="great-expectations validation with quarantine",
+                          epilog="example:\n  " + EXAMPLES["data validate"], formatter_class=fmt)
+    val.add_argument("manifest", type=Path)
+    val.add_argument("--out", required=True, type=Path)
+    val.add_argument("--max-reject-fraction", type=float, default=0.01)
+    val.add_argument("--data-root", type=Path, help="images must stay under this directory (default: the manifest's)")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -181,7 +198,62 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _progress(description: str):
+    """A rich progress bar usable as a ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=err_console, transient=True)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def cmd_data_synth(args) -> int:
+    from unitoken.data.synth import synthesize
+
+    bar, update = _progress("rendering scenes")
+    with bar:
+        counts = synthesize(args.out, args.n, size=args.size, seed=args.seed, progress=update)
+    table = Table(title=f"synthetic shapes -> {args.out}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in counts.items():
+        table.add_row(key, f"{value:,}")
+    console.print(table)
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from unitoken.data.validate import validate_manifest
+
+    if not 0 <= args.max_reject_fraction <= 1:
+        raise ValueError(f"--max-reject-fraction {args.max_reject_fraction}: use a fraction in [0, 1]")
+    bar, update = _progress("checking rows")
+    with bar:
+        res = validate_manifest(args.manifest, args.out, data_root=args.data_root, progress=update)
+    table = Table(title=f"validation of {args.manifest}")
+    table.add_column("reason")
+    table.add_column("rows", justify="right")
+    for reason, n in sorted(res.reasons.items()):
+        table.add_row(reason, str(n))
+    table.add_row("[bold]clean", f"[bold]{res.clean_rows}")
+    table.add_row("[bold]rejected", f"[bold]{res.rejected_rows} ({100 * res.reject_fraction:.2f} %)")
+    console.print(table)
+    console.print(f"report {res.report_path} sha256 {res.report_sha256}")
+    if res.reject_fraction > args.max_reject_fraction:
+        err_console.print(f"rejected fraction {res.reject_fraction:.4f} > --max-reject-fraction "
+                          f"{args.max_reject_fraction}: see {args.out / 'rejected.jsonl'}")
+        return 3
+    return 0
+
+
 COMMANDS = {
+    ("data", "synth"): cmd_data_synth,
+    ("data", "validate"): cmd_data_validate,
     ("model", "init"): cmd_model_init,
     ("model", "summary"): cmd_model_summary,
     ("generate", None): cmd_generate,

@@ -27,6 +27,7 @@ EXAMPLES = {
     "chat": 'unitoken chat --model m --image g.png --prompt "What is this?"',
     "data synth": "unitoken data synth --out d --n 500",
     "data validate": "unitoken data validate d/manifest.jsonl --out v",
+    "data pretokenize": "unitoken data pretokenize v/clean.jsonl --model m --out p",
 }
 
 
@@ -73,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--out", required=True, type=Path)
     val.add_argument("--max-reject-fraction", type=float, default=0.01)
     val.add_argument("--data-root", type=Path, help="images must stay under this directory (default: the manifest's)")
+
+    pre = dsub.add_parser("pretokenize", help="VQ-encode images into resumable shards",
+                          epilog="example:\n  " + EXAMPLES["data pretokenize"], formatter_class=fmt)
+    pre.add_argument("manifest", type=Path, help="a validated manifest (clean.jsonl)")
+    pre.add_argument("--model", required=True, help="model directory whose VQ-GAN and vision config to use")
+    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+    pre.add_argument("--batch-size", type=int, default=64, help="images per VQ forward pass")
+    pre.add_argument("--device", default="auto")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -251,7 +261,25 @@ def cmd_data_validate(args) -> int:
     return 0
 
 
+def cmd_data_pretokenize(args) -> int:
+    from unitoken.data.pretokenize import pretokenize
+    from unitoken.model.io import load_model
+
+    model, _ = load_model(args.model)
+    bar, update = _progress("pre-tokenising shards")
+    with bar:
+        summary = pretokenize(args.manifest, model, args.out, shard_size=args.shard_size,
+                              batch_size=args.batch_size, device=args.device, progress=update)
+    table = Table(title=f"pre-tokenised -> {args.out}")
+    for key in summary:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_row(*[str(v) for v in summary.values()])
+    console.print(table)
+    return 0
+
+
 COMMANDS = {
+    ("data", "pretokenize"): cmd_data_pretokenize,
     ("data", "synth"): cmd_data_synth,
     ("data", "validate"): cmd_data_validate,
     ("model", "init"): cmd_model_init,

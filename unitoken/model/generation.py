@@ -143,13 +143,13 @@ def decode_image(model: UniToken, codes: torch.Tensor) -> Image.Image:
 
 def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[ImageInput], ContinuousImages | None]:
     """PIL images -> sequence inputs (VQ codes + continuous counts) and the continuous batch."""
-    from unitoken.model.vision import num_continuous_features, preprocess_continuous, to_tensor
+    from unitoken.model.vision import num_continuous_features, preprocess_continuous, vq_pixels
 
     cfg = model.config
     device = model.lm_head.weight.device
     inputs, tiles, grids = [], [], []
     for img in images:
-        pix = to_tensor(img, (cfg.vq.resolution, cfg.vq.resolution)).unsqueeze(0).to(device)
+        pix = vq_pixels(img, cfg.vq.resolution).unsqueeze(0).to(device)
         codes = model.vq.encode(pix)[0].cpu()
         n_cont = 0
         if cfg.encoder_mode != "discrete":

@@ -54,6 +54,7 @@ class SequenceBuilder:
     def __init__(self, tokens: SpecialTokens, tokenizer, cfg: ModelConfig) -> None:
         self.tokens = tokens
         self.tokenizer = tokenizer
+        self.cfg = cfg
         self.mode = cfg.encoder_mode
         self.downsample = cfg.vq.downsample
         self.grid_unit_px = cfg.vq.grid_unit_px

@@ -76,6 +76,19 @@ def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def square(image: Image.Image) -> Image.Image:
+    """Centre crop to a square (the discrete path has a fixed square grid)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def vq_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """[3, r, r] in [-1, 1]: what the VQ-GAN encodes (centre square, resized)."""
+    return to_tensor(square(image.convert("RGB")), (resolution, resolution))
+
+
 def preprocess_continuous(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> (tiles [1 + rows*cols, 3, s, s], (rows, cols)); (0, 0) when AnyRes is off."""
     s = cfg.image_size

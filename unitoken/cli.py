@@ -28,6 +28,7 @@ EXAMPLES = {
     "data synth": "unitoken data synth --out d --n 500",
     "data validate": "unitoken data validate d/manifest.jsonl --out v",
     "data pretokenize": "unitoken data pretokenize v/clean.jsonl --model m --out p",
+    "tokenizer train": "unitoken tokenizer train --data d --out vq --recipe tiny",
 }
 
 
@@ -83,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     pre.add_argument("--batch-size", type=int, default=64, help="images per VQ forward pass")
     pre.add_argument("--device", default="auto")
+
+    tk = sub.add_parser("tokenizer", help="train a VQ tokenizer where no released one fits")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="train the recipe's VQ-GAN on a data set's images",
+                         epilog="example:\n  " + EXAMPLES["tokenizer train"], formatter_class=fmt)
+    tt.add_argument("--data", required=True, type=Path, help="data dir (manifest.jsonl) or a manifest")
+    tt.add_argument("--out", required=True, type=Path)
+    tt.add_argument("--recipe", default="tiny")
+    tt.add_argument("--steps", type=int, default=2000)
+    tt.add_argument("--batch-size", type=int, default=32)
+    tt.add_argument("--lr", type=float, default=1e-3)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--device", default="auto")
+    tt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -278,7 +293,27 @@ def cmd_data_pretokenize(args) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args) -> int:
+    from unitoken.data.tokenizer_train import train_tokenizer
+    from unitoken.recipes import get_recipe
+
+    cfg = get_recipe(args.recipe, args.overrides).model.vq
+    bar, update = _progress("training VQ-GAN")
+    with bar:
+        report = train_tokenizer(args.data, args.out, cfg, steps=args.steps, batch_size=args.batch_size,
+                                 lr=args.lr, seed=args.seed, device=args.device,
+                                 progress=lambda done, total, loss: update(done, total))
+    table = Table(title=f"VQ tokenizer -> {args.out}")
+    for key in ("steps", "train_seconds", "psnr_db", "codebook_used", "codebook_usage", "recognition_rate"):
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_row(*[str(report.get(k)) for k in ("steps", "train_seconds", "psnr_db", "codebook_used",
+                                                 "codebook_usage", "recognition_rate")])
+    console.print(table)
+    return 0
+
+
 COMMANDS = {
+    ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "pretokenize"): cmd_data_pretokenize,
     ("data", "synth"): cmd_data_synth,
     ("data", "validate"): cmd_data_validate,

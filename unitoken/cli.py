@@ -29,6 +29,7 @@ EXAMPLES = {
     "data validate": "unitoken data validate d/manifest.jsonl --out v",
     "data pretokenize": "unitoken data pretokenize v/clean.jsonl --model m --out p",
     "tokenizer train": "unitoken tokenizer train --data d --out vq --recipe tiny",
+    "train": "unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m",
 }
 
 
@@ -98,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--device", default="auto")
     tt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    tr = sub.add_parser("train", help="run one training stage on DeepSpeed",
+                        epilog="example:\n  " + EXAMPLES["train"] + "\n  unitoken train --stage 2 --recipe tiny "
+                        "--data p --out runs/stage2 --init runs/stage1/handoff", formatter_class=fmt)
+    tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    tr.add_argument("--recipe", required=True)
+    tr.add_argument("--data", type=Path, help="pre-tokenised directory (unitoken data pretokenize)")
+    tr.add_argument("--out", type=Path, help="stage output: checkpoints/, handoff/, metrics.jsonl, loss.png")
+    tr.add_argument("--init", help="model to start from: `model init` dir (stage 1) or the previous stage's handoff")
+    tr.add_argument("--resume", choices=("auto", "never"), default="auto")
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="build the model on the meta device and the DeepSpeed config, then stop")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -312,7 +328,53 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from unitoken.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return _train_dry_run(recipe, args.stage)
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out), ("--init", args.init)) if not value]
+    if missing:
+        raise UsageError(f"train needs {', '.join(missing)} (or --dry-run)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
+    from unitoken.train.train import main as train_stage
+
+    result = train_stage(args.stage, recipe, args.data, args.out, args.init, resume=args.resume,
+                         max_steps=args.max_steps, track=not args.no_track)
+    table = Table(title=f"stage {result.stage} ({recipe.name})")
+    for col in ("steps", "first loss", "final loss", "seconds", "hand-off", "MLflow run"):
+        table.add_column(col)
+    table.add_row(str(result.steps), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", f"{result.seconds:.1f}",
+                  str(result.handoff), str(result.mlflow_run_id))
+    console.print(table)
+    return 0
+
+
+def _train_dry_run(recipe, stage_n: int) -> int:
+    """Model on the meta device + the DeepSpeed config, validated by DeepSpeed; no data, no GPU."""
+    import torch
+
+    from unitoken.model.tokens import build_tokenizer
+    from unitoken.model.unitoken import UniToken
+    from unitoken.train.parallel import ds_config, validate_ds_config
+
+    cfg = recipe.model
+    stage = recipe.train.stage(stage_n)
+    tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    with torch.device("meta"):
+        model = UniToken(cfg, tok.get_vocab())
+    counts = model.freeze_except(stage.trainable)
+    ds = ds_config(recipe.train, stage)
+    validate_ds_config(ds)
+    print(json.dumps({"recipe": recipe.name, "stage": stage_n, "parameters": model.num_parameters(),
+                      "trainable": counts["trainable"], "frozen": counts["frozen"], "deepspeed": ds}, indent=2))
+    return 0
+
+
 COMMANDS = {
+    ("train", None): cmd_train,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "pretokenize"): cmd_data_pretokenize,
     ("data", "synth"): cmd_data_synth,
@@ -333,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, getattr(args, f"{args.command}_command", None))
     try:
         return COMMANDS[key](args)
+    except UsageError as err:
+        err_console.print(f"[red]usage error:[/red] {err}", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -206,9 +206,11 @@ class StageConfig:
     generation_ratio: float = 0.0
     text_ratio: float = 0.0
     max_seq_len: int = 4096
+    sources: tuple[str, ...] = ()  # manifest `source` values this stage trains on; () = all
 
     def __post_init__(self) -> None:
         self.trainable = tuple(self.trainable)
+        self.sources = tuple(self.sources)
         unknown = sorted(set(self.trainable) - set(FREEZE_PREFIXES))
         _require(not unknown, "trainable", f"unknown module prefixes {unknown}",
                  f"use a subset of {list(FREEZE_PREFIXES)}")
@@ -231,6 +233,9 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 1000
     activation_checkpointing: bool = True
+    packing: bool = True  # pack samples into max_seq_len rows (False: pad to the longest)
+    cfg_dropout: float = 0.1  # share of generation samples whose prompt is dropped (for CFG)
+    log_every: int = 1
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"got {self.zero_stage}",
@@ -238,7 +243,8 @@ class TrainConfig:
         _require(self.precision in ("fp32", "bf16"), "precision", f"got {self.precision!r}",
                  "use fp32 (CPU) or bf16 (GPU)")
         _require(0 <= self.dropout < 1, "dropout", f"got {self.dropout}", "use 0.05")
-        _positive(self, "save_every")
+        _require(0 <= self.cfg_dropout < 1, "cfg_dropout", f"got {self.cfg_dropout}", "use 0.1")
+        _positive(self, "save_every", "log_every")
 
     def stage(self, n: int) -> StageConfig:
         _require(n in (1, 2, 3), "stage", f"got {n}", "use 1, 2 or 3")

@@ -26,6 +26,11 @@ from unitoken.config import (
 from unitoken.model.tokens import min_vocab_size
 
 ALL = ("vision", "adapter", "llm", "lm_head")
+# Stage data of the synthetic shapes set (`unitoken data synth`): captions to align vision;
+# VQA + all text-to-image for joint training; dialogues + fine-grained text-to-image to tune.
+SYNTH_STAGE1 = ("synth-caption",)
+SYNTH_STAGE2 = ("synth-vqa", "synth-t2i", "synth-t2i-fine")
+SYNTH_STAGE3 = ("synth-dialogue", "synth-t2i-fine")
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
@@ -87,9 +92,9 @@ def small() -> Recipe:
     fast = OptimConfig(lr=3e-4, vision_lr=1e-4)  # from scratch, short runs: far above the paper's 1e-5
     train = dataclasses.replace(
         base.train,
-        stage1=dataclasses.replace(base.train.stage1, max_steps=300, batch_size=32),
-        stage2=dataclasses.replace(base.train.stage2, optim=fast, max_steps=2000, batch_size=32),
-        stage3=dataclasses.replace(base.train.stage3, optim=fast, max_steps=500, batch_size=32),
+        stage1=dataclasses.replace(base.train.stage1, max_steps=300, batch_size=32, sources=SYNTH_STAGE1),
+        stage2=dataclasses.replace(base.train.stage2, optim=fast, max_steps=2000, batch_size=32, sources=SYNTH_STAGE2),
+        stage3=dataclasses.replace(base.train.stage3, optim=fast, max_steps=500, batch_size=32, sources=SYNTH_STAGE3),
         zero_stage=2, save_every=500,
     )
     return Recipe(name="small", model=model, train=train, description="one GPU, ~130M parameters")

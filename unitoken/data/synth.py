@@ -5,8 +5,9 @@ Per scene (1-4 objects in a 2x2 grid; shape x colour x size x cell):
     * question-answer pairs: colour, shape, count, position, multiple choice
                                                (source synth-vqa,      stage 2 understanding)
     * a text-to-image prompt of a GenEval-style category: single_object, two_objects,
-      counting, colors, position, color_attr, or a fine-grained full description
-                                               (source synth-t2i,      stage 2/3 generation)
+      colors                                   (source synth-t2i,      stage 2 generation)
+      or fine-grained: counting, position, color_attr, full description
+                                               (source synth-t2i-fine, stage 2/3 generation)
     * a multi-turn dialogue                    (source synth-dialogue, stage 3)
 
 Files: ``DIR/manifest.jsonl`` (reference conversation format + task/source/split/meta),
@@ -26,6 +27,7 @@ from unitoken.model.sequence import T2I_TEMPLATE
 from unitoken.model.tokens import IMAGE_PLACEHOLDER
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr", "full")
+FINE_GRAINED = ("counting", "position", "color_attr", "full")  # stage-3 generation data
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -136,7 +138,8 @@ def scene_records(scene: Scene, image_rel: str, rng: random.Random) -> list[dict
                            [{"from": "human", "value": f"{img}\n{q['question']}"},
                             {"from": "gpt", "value": q["answer"]}],
                            qtype=q["type"], answer=q["answer"], **({"options": q["options"]} if "options" in q else {})))
-    out.append(_record(f"{scene.id}-t2i", scene, image_rel, "generation", "synth-t2i",
+    fine = scene.category in FINE_GRAINED
+    out.append(_record(f"{scene.id}-t2i", scene, image_rel, "generation", "synth-t2i-fine" if fine else "synth-t2i",
                        [{"from": "human", "value": T2I_TEMPLATE.format(prompt=scene.prompt)},
                         {"from": "gpt", "value": img}],
                        category=scene.category, prompt=scene.prompt))

@@ -36,8 +36,11 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
-def save_model(model: UniToken, tokenizer, out: str | Path) -> Path:
-    """Write ``model`` in the hand-off format (temporary dir, then rename: never half-written)."""
+def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` in the hand-off format (temporary dir, then rename: never half-written).
+
+    ``state`` replaces ``model.state_dict()`` (weights gathered from a ZeRO-3 engine).
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -45,7 +48,7 @@ def save_model(model: UniToken, tokenizer, out: str | Path) -> Path:
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
     (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,113 @@
+"""The ONLY module that imports deepspeed: config builder, engine wrapping, checkpoints.
+
+One process on a CPU (gloo), or many under ``deepspeed``/``torchrun`` (NCCL), through the same
+entry point. The DeepSpeed JSON is built from ``TrainConfig``/``StageConfig``, never edited by
+hand, and logged as an artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from unitoken.config import StageConfig, TrainConfig
+
+
+def ds_config(train: TrainConfig, stage: StageConfig, world_size: int = 1) -> dict:
+    """DeepSpeed configuration for one stage (batch sizes are per optimizer step)."""
+    micro = max(1, stage.batch_size // world_size)
+    cfg = {
+        "train_batch_size": micro * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": stage.optim.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # The optimizer is ours (AdamW with a separate ViT learning rate), not DeepSpeed's.
+        "zero_allow_untested_optimizer": True,
+    }
+    if train.zero_stage == 3:
+        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True,
+                                         "overlap_comm": True, "contiguous_gradients": True})
+    elif train.zero_stage in (1, 2):
+        cfg["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
+    return cfg
+
+
+def validate_ds_config(cfg: dict) -> None:
+    """Let DeepSpeed itself parse the config (no process group needed)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    DeepSpeedConfig(dict(cfg), mpu=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start (or join) the process group: returns (rank, world_size, device).
+
+    A plain single process gets the environment a launcher would set (else DeepSpeed looks
+    for mpi4py or asserts on LOCAL_RANK).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def wrap(model: torch.nn.Module, optimizer, scheduler, config: dict):
+    """deepspeed.initialize with our optimizer and schedule -> engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def save_checkpoint(engine, directory: Path, client_state: dict) -> None:
+    """Model, optimizer and schedule state, plus ``client_state``, into ``directory``/ckpt."""
+    engine.save_checkpoint(str(directory), tag="ckpt", client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine, directory: Path) -> dict:
+    path, client_state = engine.load_checkpoint(str(directory), tag="ckpt", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+    return client_state
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """All weights of the wrapped module on CPU (gathered from ZeRO-3 partitions if needed)."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,367 @@
+"""The three UniToken training stages on DeepSpeed.
+
+    unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m
+    unitoken train --stage 2 --recipe tiny --data p --out runs/stage2 --init runs/stage1/handoff
+    deepspeed --num_gpus 8 -m unitoken.cli train --stage 2 --recipe unitoken-7b ...   # same entry point
+
+Stages differ only through recipe data: ``trainable`` prefixes (stage 1: vision + adapter, LLM
+frozen), learning rates (stage 1: 1e-3 with the ViT at 1e-5, because 5e-4 collapsed SigLIP in
+the tech report §4), the task ratio and the manifest sources. ``main`` builds, ``fit`` loops,
+the end of a stage writes the hand-off checkpoint that the next stage verifies and loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unitoken.config import Recipe, StageConfig, config_hash, to_dict
+from unitoken.data.dataset import MixtureSampler, Sample, ShardDataset, pack_samples, pad_samples
+from unitoken.data.pretokenize import sha256_file
+from unitoken.model.io import is_handoff_dir, load_model, save_model
+from unitoken.model.sequence import T2I_TEMPLATE, SequenceBuilder
+from unitoken.train import checkpoint as ckpt
+from unitoken.train import parallel
+from unitoken.train.tracking import MLflowTracker, NullTracker
+
+log = logging.getLogger(__name__)
+H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, spec sheet
+
+
+@dataclass
+class StageResult:
+    stage: int
+    steps: int
+    handoff: Path
+    losses: list[float]
+    mlflow_run_id: str | None
+    seconds: float
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_optimizer(model: torch.nn.Module, stage: StageConfig):
+    """AdamW with the ViT in its own group (its own LR), no decay on biases/norms; warmup + cosine."""
+    groups = {"vision": ([], []), "rest": ([], [])}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "vision" if name.startswith("vision.") else "rest"
+        groups[key][0 if p.ndim >= 2 and "embed" not in name else 1].append(p)
+    o = stage.optim
+    params = []
+    for key, (decay, no_decay) in groups.items():
+        lr = o.vision_lr if key == "vision" else o.lr
+        for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
+            if ps:
+                params.append({"params": ps, "lr": lr, "weight_decay": wd, "name": f"{key}{'' if wd else '_no_decay'}"})
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    warmup = max(1, round(o.warmup_fraction * stage.max_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, stage.max_steps - warmup))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _drop_prompt(dataset: ShardDataset, index: int) -> Sample:
+    """The same generation sample with an empty prompt: the unconditional branch of CFG."""
+    s, j, rec = dataset.records[index]
+    turns = [dict(t, value=T2I_TEMPLATE.format(prompt="")) if t["from"] == "human" else t for t in rec["conversations"]]
+    dataset.records[index] = (s, j, dict(rec, conversations=turns))
+    try:
+        return dataset[index]
+    finally:
+        dataset.records[index] = (s, j, rec)
+
+
+def draw_batch(dataset, sampler, global_batch: int, rank: int, world: int, draws: int, seed: int,
+               cfg_dropout: float) -> tuple[list[Sample], int]:
+    """This rank's share of the next global batch (every rank advances the same sampler)."""
+    samples = []
+    for k in range(global_batch):
+        idx = next(sampler)
+        if k % world == rank:
+            task = dataset.records[idx][2].get("task")
+            drop = task == "generation" and random.Random(f"{seed}-cfg-{draws + k}").random() < cfg_dropout
+            samples.append(_drop_prompt(dataset, idx) if drop else dataset[idx])
+    return samples, draws + global_batch
+
+
+def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device) -> dict:
+    batch = pack_samples(samples, stage.max_seq_len, pad_id) if packing else pad_samples(samples, pad_id)
+    batch.pop("seq_lens", None)
+    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    if out.get("images") is not None:
+        out["images"].pixel_values = out["images"].pixel_values.to(device)
+    return out
+
+
+def model_flops_per_token(model, trainable_only: bool = False) -> float:
+    """6N per trained token (forward + backward), N = parameters that see the token."""
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if not name.startswith("vq.") and (p.requires_grad or not trainable_only))
+    return 6.0 * n
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
+         max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> StageResult:
+    """Run one stage end to end and write ``out/handoff``."""
+    stage = recipe.train.stage(stage_n)
+    if max_steps is not None:
+        stage = dataclasses.replace(stage, max_steps=max_steps)
+    rank, world, device = parallel.init_distributed()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    init = Path(init)
+
+    # --- the starting point: verify before loading
+    if stage_n > 1:
+        parent = ckpt.verify_handoff(init, expect_stage=stage_n - 1, expect_config_hash=config_hash(recipe.model))
+    elif (init / ckpt.HANDOFF).is_file():
+        parent = ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
+    elif is_handoff_dir(init):
+        parent = {"stage": 0, "files": {}}
+    else:
+        raise FileNotFoundError(f"--init {init}: not a model directory; create one with `unitoken model init`")
+    parent_digest = ckpt.handoff_digest(init)
+    model, tokenizer = load_model(init)
+    if config_hash(model.config) != config_hash(recipe.model):
+        raise ValueError(f"--init {init} was built with a different model config than recipe {recipe.name!r}; "
+                         "use the recipe it was created with (or --set the same overrides)")
+    torch.manual_seed(recipe.train.seed + stage_n)
+    counts = model.freeze_except(stage.trainable)
+    for layer in model.llm.layers:  # dropout 0.05 (tech report scripts), a training-time setting
+        layer.self_attn.attention_dropout = recipe.train.dropout
+    frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen_before = ckpt.tensor_digest(model.state_dict(), frozen_names)
+    model.to(device)
+    model.vq.float()
+    builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+
+    dataset = ShardDataset(data, builder, sources=list(stage.sources) or None, splits=["train"])
+    if len(dataset) == 0:
+        raise ValueError(f"{data}: no training records for stage {stage_n} (sources {list(stage.sources) or 'all'})")
+    ratios = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
+              "text": stage.text_ratio}
+    sampler = MixtureSampler(dataset.tasks(), ratios, seed=recipe.train.seed + 1000 * stage_n)
+    data_digest = sha256_file(Path(data) / "index.json")
+
+    opt, sched = build_optimizer(model, stage)
+    ds_cfg = parallel.ds_config(recipe.train, stage, world)
+    engine = parallel.wrap(model, opt, sched, ds_cfg)
+
+    # --- resume
+    ckpt_root = out / "checkpoints"
+    start_step, draws, run_id = 0, 0, None
+    if rank == 0:
+        ckpt.clean_debris(ckpt_root)
+    parallel.barrier()
+    found = ckpt.complete_checkpoints(ckpt_root)
+    if resume == "auto" and found:
+        step_done, path = found[-1]
+        state = parallel.load_checkpoint(engine, path)
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start_step, draws, run_id = state["step"], state["draws"], state.get("mlflow_run_id")
+        log.warning("resuming stage %d from %s (step %d)", stage_n, path, start_step)
+    elif resume == "never" and found:
+        raise ValueError(f"{out} already holds checkpoints (up to step {found[-1][0]}); use --resume auto or a new --out")
+
+    tracker = NullTracker()
+    if rank == 0 and track:
+        tracker = MLflowTracker(f"stage{stage_n}", out, run_id=run_id,
+                                tags={"unitoken.stage": str(stage_n), "unitoken.recipe": recipe.name})
+        if run_id is None:
+            _log_stage_start(tracker, recipe, stage_n, stage, ds_cfg, out, init, parent_digest, data, data_digest,
+                             dataset, counts, world, device)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+
+    # --- fit
+    flops_per_token = model_flops_per_token(model)
+    start_time = time.perf_counter()
+    losses = fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device,
+                 tracker, metrics_path, ckpt_root, flops_per_token, run_getter=lambda: tracker.run_id,
+                 show_progress=show_progress and rank == 0)
+    seconds = time.perf_counter() - start_time
+
+    # --- hand-off
+    state = parallel.full_state_dict(engine)
+    handoff = out / "handoff"
+    if rank == 0:
+        save_model(model, tokenizer, handoff, state=state)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        doc = ckpt.write_handoff(handoff, {
+            "stage": stage_n, "step": stage.max_steps, "recipe": recipe.name,
+            "model_config_hash": config_hash(recipe.model), "recipe_hash": config_hash(recipe),
+            "data_dir": str(Path(data).resolve()), "data_digest": data_digest,
+            "parent": str(init.resolve()), "parent_stage": parent.get("stage", 0), "parent_digest": parent_digest,
+            "mlflow_run_id": tracker.run_id, "trainable": list(stage.trainable),
+        }, state, trainable)
+        if doc["frozen_digest"] != frozen_before:  # e.g. stage 1 must leave the LLM bit-identical
+            raise RuntimeError(f"stage {stage_n}: frozen weights changed during training; hand-off refused")
+        curve = plot_losses(metrics_path, out / "loss.png", f"stage {stage_n} ({recipe.name})")
+        digest = ckpt.handoff_digest(handoff)
+        hours = seconds * world / 3600
+        tracker.log_metrics({f"{device.type}_hours": hours, "final_loss": losses[-1] if losses else float("nan")},
+                            step=stage.max_steps)
+        tracker.set_tags({"unitoken.handoff_uri": handoff.resolve().as_uri(), "unitoken.handoff_sha256": digest,
+                          "unitoken.trainable_digest": doc["trainable_digest"],
+                          "unitoken.frozen_digest": doc["frozen_digest"]})
+        tracker.log_artifact(handoff / ckpt.HANDOFF, "handoff")
+        tracker.log_artifact(curve)
+        tracker.log_artifact(metrics_path)
+        tracker.close("FINISHED")
+    parallel.barrier()
+    return StageResult(stage_n, stage.max_steps, handoff, losses, tracker.run_id, seconds)
+
+
+def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device, tracker,
+        metrics_path: Path, ckpt_root: Path, flops_per_token: float, run_getter, show_progress: bool) -> list[float]:
+    """The loop: draw -> pack -> forward/backward/step -> log -> periodic checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    train = recipe.train
+    pad = model.tokens.pad
+    losses = _read_losses(metrics_path)
+    bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                   TimeRemainingColumn(), disable=not show_progress, transient=False)
+    engine.train()
+    with bar, open(metrics_path, "a") as metrics_file:
+        task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
+        for step in range(start_step, stage.max_steps):
+            t0 = time.perf_counter()
+            samples, draws = draw_batch(dataset, sampler, stage.batch_size, rank, world, draws, train.seed,
+                                        train.cfg_dropout)
+            batch = collate(samples, stage, train.packing, pad, device)
+            out = engine(**batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {stage_n}: non-finite loss ({loss.item()}) at step {step + 1}")
+            engine.backward(loss)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = _grad_norm(model)
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+            engine.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tokens = sum(len(x) for x in samples) * world  # real tokens (no padding), all ranks
+            row = {"step": step + 1, "loss": round(loss.item(), 6), "ce": round(out["ce"].item(), 6),
+                   "z_loss": round(out["z_loss"].item(), 4), "lr": lrs.get("rest", next(iter(lrs.values()))),
+                   "grad_norm": round(float(grad_norm), 6), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
+                   "step_s": round(dt, 4)}
+            if "vision" in lrs:
+                row["vision_lr"] = lrs["vision"]
+            if device.type == "cuda":
+                row["mfu"] = round(flops_per_token * tokens / dt / (H200_PEAK_BF16 * world), 4)
+            losses.append(row["loss"])
+            if rank == 0:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if (step + 1) % train.log_every == 0 or step + 1 == stage.max_steps:
+                    drawn = {f"data_drawn_{k}": v for k, v in sampler.drawn.items()}
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | drawn, step=step + 1)
+            bar.update(task, completed=step + 1, loss=row["loss"], tps=row["tokens_per_s"])
+            if (step + 1) % train.save_every == 0 and step + 1 < stage.max_steps:
+                client = {"step": step + 1, "draws": draws, "sampler": sampler.state_dict(),
+                          "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                          "mlflow_run_id": run_getter()}
+                tmp = ckpt.prepare_tmp(ckpt_root, step + 1) if rank == 0 else ckpt.tmp_dir(ckpt_root, step + 1)
+                parallel.barrier()
+                parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes its part
+                parallel.barrier()
+                if rank == 0:
+                    ckpt.publish(ckpt_root, step + 1, {"step": step + 1, "stage": stage_n, "recipe": recipe.name})
+                parallel.barrier()
+    return losses
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _read_losses(path: Path) -> list[float]:
+    if not path.is_file():
+        return []
+    return [json.loads(x)["loss"] for x in path.read_text().splitlines() if x.strip()]
+
+
+def _truncate_metrics(path: Path, keep_steps: int) -> None:
+    """Drop metric rows past the checkpoint we resume from (they are recomputed identically)."""
+    if not path.is_file():
+        return
+    rows = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= keep_steps]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _log_stage_start(tracker, recipe, stage_n, stage, ds_cfg, out, init, parent_digest, data, data_digest, dataset,
+                     counts, world, device) -> None:
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk("", {"model": to_dict(recipe.model), "train": to_dict(recipe.train)})
+    flat.update({"stage": stage_n, "recipe": recipe.name, "init": str(init), "init_digest": parent_digest,
+                 "data": str(data), "world_size": world, "device": device.type,
+                 "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
+                 **{f"stage.{k}": v for k, v in flat.items() if k.startswith(f"train.stage{stage_n}.")}})
+    tracker.log_params(flat)
+    (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2))
+    (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
+    tracker.log_artifact(out / "deepspeed.json")
+    tracker.log_artifact(out / "recipe.json")
+    index = json.loads((Path(data) / "index.json").read_text())
+    rows = [{"shard": s["name"], "records": s["records"], "images": s["images"]} for s in index["shards"]]
+    tracker.log_dataset(f"pretokenized:{Path(data).name}", data_digest[:16], str(Path(data).resolve()), rows)
+    tracker.set_tags({"unitoken.data_digest": data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],
+                      "unitoken.train_records": str(len(dataset))})
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png

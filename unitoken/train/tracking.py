@@ -158,28 +158,34 @@ class MLflowTracker(NullTracker):
         if self.queue:
             pending = self.out_dir / "pending.jsonl"
             with open(pending, "a") as fh:
+                fh.write(json.dumps({"op": "run", "run_name": self.run_name, "experiment": self.experiment,
+                                     "run_id": self.run_id, "parent": self.parent, "tags": self.tags}) + "\n")
                 for op, args, stamp in self.queue:
-                    fh.write(json.dumps({"op": op, "args": args, "time": stamp, "run_id": self.run_id},
-                                        default=str) + "\n")
+                    fh.write(json.dumps({"op": op, "args": args, "time": stamp}, default=str) + "\n")
             log.warning("MLflow stayed unreachable: %d calls written to %s (replay with "
                         "`python -m unitoken.train.tracking replay %s`)", len(self.queue), pending, pending)
             self.queue.clear()
 
 
 def replay(pending: Path, tracking_uri: str | None = None) -> int:
-    """Send the calls a stage could not deliver (``pending.jsonl``) once MLflow is back."""
-    lines = [json.loads(x) for x in Path(pending).read_text().splitlines() if x.strip()]
-    if not lines:
-        return 0
-    tracker = MLflowTracker.__new__(MLflowTracker)
-    from mlflow import MlflowClient
+    """Send the calls a stage could not deliver (``pending.jsonl``) once MLflow is back.
 
-    tracker.client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    Returns the number of calls sent; the file is removed only when all of them went through.
+    """
+    lines = [json.loads(x) for x in Path(pending).read_text().splitlines() if x.strip()]
+    sent, tracker = 0, None
     for line in lines:
-        tracker.run_id = line["run_id"]
-        tracker._send(line["op"], tuple(line["args"]), line["time"])
+        if line["op"] == "run":
+            tracker = MLflowTracker(line["run_name"], Path(pending).parent, experiment=line["experiment"],
+                                    tracking_uri=tracking_uri, run_id=line["run_id"], parent_run_id=line["parent"],
+                                    tags=line["tags"])
+            continue
+        tracker.queue.append((line["op"], tuple(line["args"]), line["time"]))
+        sent += 1
+    if tracker is None or not tracker.flush(force=True):
+        raise ConnectionError(f"MLflow still unreachable; {pending} kept")
     Path(pending).unlink()
-    return len(lines)
+    return sent
 
 
 if __name__ == "__main__":

@@ -18,5 +18,12 @@ done
 $U data synth --out "$OUT/d128" --n 400 --size 128 > /dev/null
 $U model init --recipe small --out "$OUT/m_small" > /dev/null
 $U data pretokenize "$OUT/d128/manifest.jsonl" --model "$OUT/m_small" --out "$OUT/p128" > /dev/null
-$U train --stage 2 --recipe small --data "$OUT/p128" --out "$OUT/small_s2" --init "$OUT/m_small" --no-track \
-   --max-steps 50 --set train.stage1.sources=[] 2>&1 | tail -8 || true
+$U train --stage 1 --recipe small --data "$OUT/p128" --out "$OUT/small_s1" --init "$OUT/m_small" --no-track --max-steps 2
+$U train --stage 2 --recipe small --data "$OUT/p128" --out "$OUT/small_s2" --init "$OUT/small_s1/handoff" --no-track \
+   --max-steps 50
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+rows = [json.loads(x) for x in open(f"{sys.argv[1]}/small_s2/metrics.jsonl")][10:]
+print("small stage 2 (steps 11-50): median tokens/s", statistics.median(r["tokens_per_s"] for r in rows),
+      "median MFU", statistics.median(r.get("mfu", 0) for r in rows), "final loss", rows[-1]["loss"])
+PY

@@ -97,15 +97,37 @@ def load_checkpoint(engine, directory: Path) -> dict:
     return client_state
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """All weights of the wrapped module on CPU (gathered from ZeRO-3 partitions if needed)."""
-    import deepspeed
+def full_state_dict(engine, trainable: set[str], frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights to hand off, on CPU, in fp32 where training happened in bf16.
+
+    Trainable parameters come from the optimizer's fp32 master copy (gathered across ZeRO
+    partitions; collective, so every rank calls this). Frozen ones are ``frozen``, the exact
+    values the stage started from: bf16 training casts the module, and handing off that cast
+    would silently round the frozen LLM.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
+    params = dict(module.named_parameters())
+    state = {}
+    for name in module.state_dict().keys():
+        if name in trainable:
+            full = safe_get_full_fp32_param(params[name])
+            state[name] = (full if full is not None else params[name]).detach().float().cpu().clone()
+        elif name in frozen:
+            state[name] = frozen[name]
+        else:  # a buffer
+            state[name] = module.state_dict()[name].detach().cpu().clone()
+    return state
+
+
+def check_frozen(engine, frozen: dict[str, torch.Tensor]) -> list[str]:
+    """Names of frozen parameters whose module value is not the start value (at the module's dtype)."""
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return []  # partitioned; frozen params are outside the optimizer and receive no update
+    params = dict(engine.module.named_parameters())
+    return [n for n, v in frozen.items() if n in params
+            and not torch.equal(params[n].detach().cpu(), v.to(params[n].dtype))]
 
 
 def barrier() -> None:

@@ -148,8 +148,8 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     counts = model.freeze_except(stage.trainable)
     for layer in model.llm.layers:  # dropout 0.05 (tech report scripts), a training-time setting
         layer.self_attn.attention_dropout = recipe.train.dropout
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
-    frozen_before = ckpt.tensor_digest(model.state_dict(), frozen_names)
     model.to(device)
     model.vq.float()
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
@@ -203,8 +203,13 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
                  show_progress=show_progress and rank == 0)
     seconds = time.perf_counter() - start_time
 
-    # --- hand-off
-    state = parallel.full_state_dict(engine)
+    # --- hand-off: frozen weights are re-read from the file the stage started from (exact fp32
+    # values, no copy held in memory during training)
+    frozen_start = _read_tensors(init / "model.safetensors", frozen_names)
+    changed = parallel.check_frozen(engine, frozen_start)
+    if changed:  # e.g. stage 1 must leave the LLM bit-identical
+        raise RuntimeError(f"stage {stage_n}: frozen weights changed during training ({changed[:3]}); hand-off refused")
+    state = parallel.full_state_dict(engine, trainable_names, frozen_start)
     handoff = out / "handoff"
     if rank == 0:
         save_model(model, tokenizer, handoff, state=state)
@@ -216,8 +221,6 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
             "parent": str(init.resolve()), "parent_stage": parent.get("stage", 0), "parent_digest": parent_digest,
             "mlflow_run_id": tracker.run_id, "trainable": list(stage.trainable),
         }, state, trainable)
-        if doc["frozen_digest"] != frozen_before:  # e.g. stage 1 must leave the LLM bit-identical
-            raise RuntimeError(f"stage {stage_n}: frozen weights changed during training; hand-off refused")
         curve = plot_losses(metrics_path, out / "loss.png", f"stage {stage_n} ({recipe.name})")
         digest = ckpt.handoff_digest(handoff)
         hours = seconds * world / 3600
@@ -304,6 +307,13 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {n: f.get_tensor(n) for n in names}
 
 
 def _read_losses(path: Path) -> list[float]:

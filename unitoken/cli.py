@@ -30,6 +30,8 @@ EXAMPLES = {
     "data pretokenize": "unitoken data pretokenize v/clean.jsonl --model m --out p",
     "tokenizer train": "unitoken tokenizer train --data d --out vq --recipe tiny",
     "train": "unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m",
+    "eval": "unitoken eval --model runs/stage3/handoff --suite shapes-vqa,shapes-geneval --data d --out e",
+    "gate": "unitoken gate --candidate e --champion e_prev --policy gate.yaml --out decision.json",
 }
 
 
@@ -114,6 +116,28 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     tr.add_argument("--dry-run", action="store_true",
                     help="build the model on the meta device and the DeepSpeed config, then stop")
+
+    ev = sub.add_parser("eval", help="evaluate understanding and generation suites",
+                        epilog="example:\n  " + EXAMPLES["eval"], formatter_class=fmt)
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--suite", required=True, help="comma list: shapes-vqa, shapes-geneval, mc, geneval")
+    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--data", type=Path, help="synthetic data dir for the shapes suites")
+    ev.add_argument("--limit", type=int, help="at most N items per suite")
+    ev.add_argument("--mc-file", type=Path, help="MMBench/SEED/MMStar-style JSONL for the mc suite")
+    ev.add_argument("--circular", action="store_true", help="circular evaluation for the mc suite")
+    ev.add_argument("--geneval-metadata", type=Path, help="GenEval evaluation_metadata.jsonl for the geneval suite")
+    ev.add_argument("--detector", help="module:Class detector for generated images (default: the shapes detector)")
+    ev.add_argument("--cfg", type=float, default=3.0)
+    ev.add_argument("--top-k", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    gt = sub.add_parser("gate", help="two-track promotion gate against the champion",
+                        epilog="example:\n  " + EXAMPLES["gate"], formatter_class=fmt)
+    gt.add_argument("--candidate", required=True, type=Path, help="evaluation dir of the candidate")
+    gt.add_argument("--champion", type=Path, help="evaluation dir, or a model dir (evaluated like the candidate)")
+    gt.add_argument("--policy", type=Path, help="YAML: floors, margins, primary, min_improvement, bootstrap")
+    gt.add_argument("--out", required=True, type=Path, help="decision JSON")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -373,7 +397,57 @@ def _train_dry_run(recipe, stage_n: int) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from unitoken.eval.runner import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: must be >= 1")
+    report = evaluate(args.model, [s.strip() for s in args.suite.split(",") if s.strip()], args.out, data=args.data,
+                      limit=args.limit, mc_file=args.mc_file, circular=args.circular,
+                      geneval_metadata=args.geneval_metadata, detector=args.detector, cfg_scale=args.cfg,
+                      top_k=args.top_k, seed=args.seed, device=_device(args.device),
+                      progress_factory=lambda name: _progress(name))
+    table = Table(title=f"evaluation -> {args.out}")
+    for col in ("suite", "task", "score", "chance", "items", "categories"):
+        table.add_column(col)
+    for name, s in report["suites"].items():
+        table.add_row(name, s["task"], f"{s['overall']:.4f}", f"{s['chance']:.3f}", str(s["n"]),
+                      ", ".join(f"{k} {v:.2f}" for k, v in s["categories"].items()))
+    console.print(table)
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from unitoken.eval.gate import GatePolicy, decide, write_decision
+    from unitoken.model.io import is_handoff_dir
+
+    policy = GatePolicy.from_yaml(args.policy)
+    champion = args.champion
+    if champion is not None and is_handoff_dir(champion):
+        from unitoken.eval.runner import evaluate, load_eval
+
+        cand, _ = load_eval(args.candidate)
+        st = cand["settings"]
+        champion = args.out.parent / (args.out.stem + "-champion-eval")
+        evaluate(args.champion, list(cand["suites"]), champion, data=Path(st["data"]) if st["data"] != "None" else None,
+                 limit=st["limit"], cfg_scale=st["cfg_scale"], top_k=st["top_k"], seed=st["seed"],
+                 device=_device("auto"))
+    decision = decide(args.candidate, champion, policy)
+    write_decision(decision, args.out)
+    table = Table(title=f"gate: {'PASS' if decision['passed'] else 'FAIL'}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("reason")
+    for c in decision["checks"]:
+        table.add_row(c["check"] + (f" ({c['task']})" if "task" in c else ""),
+                      "[green]pass" if c["passed"] else "[red]fail", c["reason"])
+    console.print(table)
+    return 0 if decision["passed"] else 3
+
+
 COMMANDS = {
+    ("eval", None): cmd_eval,
+    ("gate", None): cmd_gate,
     ("train", None): cmd_train,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "pretokenize"): cmd_data_pretokenize,

@@ -1,0 +1,130 @@
+"""Evaluation suites and the two-track gate."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from tests.conftest import build_tiny
+from unitoken.cli import main
+from unitoken.data.synth import synthesize
+from unitoken.eval.gate import GatePolicy, decide
+from unitoken.eval.generation import ShapesDetector, check, geneval_items, shapes_geneval_items
+from unitoken.eval.understanding import extract_letter, normalize, shapes_vqa_items
+from unitoken.model.io import save_model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evdata")
+    synthesize(d, 300, seed=11)
+    return d
+
+
+def test_detector_scores_ground_truth_test_images(data):
+    """The GenEval-style checks pass on the rendered ground truth of the test split (>= 99 %)."""
+    items = shapes_geneval_items(data)
+    assert len({i["category"] for i in items}) == 7
+    detector = ShapesDetector()
+    scores = []
+    for item in items:
+        with Image.open(item["reference"]) as im:
+            ok, reason = check(item["include"], detector(im.convert("RGB")))
+        scores.append(ok)
+    assert sum(scores) / len(scores) >= 0.99, f"{sum(scores)}/{len(scores)}"
+
+
+def test_checks_explain_failures(data):
+    item = next(i for i in shapes_geneval_items(data) if i["category"] == "counting")
+    blank = Image.new("RGB", (64, 64), (245, 245, 245))
+    ok, reason = check(item["include"], ShapesDetector()(blank))
+    assert not ok and reason.startswith("expected") and "found 0" in reason
+
+
+def test_answer_normalisation():
+    assert normalize(" Two.") == "2" and normalize("the Top left") == "top left"
+    assert extract_letter("B. red", "ABCD") == "B" and extract_letter("(C)", "ABC") == "C"
+    assert extract_letter("red", "ABCD") is None
+
+
+def test_geneval_metadata_loader(tmp_path):
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "counting", "include": [{"class": "circle", "count": 3}],
+                                "prompt": "a photo of three circles"}) + "\n" + json.dumps(
+        {"tag": "position", "include": [{"class": "square", "count": 1},
+                                        {"class": "circle", "count": 1, "position": ["left of", 0]}],
+         "prompt": "a photo of a circle left of a square"}) + "\n")
+    items = geneval_items(meta)
+    assert items[0]["include"][0]["exact"] and items[1]["include"][1]["position"] == ("left of", 0)
+
+
+def test_random_tiny_model_is_at_chance(data, tmp_path):
+    """An untrained model answers and draws at (or below) chance; the report files exist."""
+    model, tok, _ = build_tiny()
+    save_model(model, tok, tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--suite", "shapes-vqa,shapes-geneval", "--data", str(data),
+                 "--out", str(tmp_path / "e"), "--limit", "20", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    vqa, gen = report["suites"]["shapes-vqa"], report["suites"]["shapes-geneval"]
+    assert vqa["n"] == 20 and gen["n"] == 20
+    assert vqa["overall"] <= vqa["chance"] + 0.1 and gen["overall"] <= 0.1
+    items = (tmp_path / "e" / "items.jsonl").read_text().splitlines()
+    assert len(items) == 40
+    html = (tmp_path / "e" / "report.html").read_text()
+    assert html.count("<figure") == 20 and "data:image/png;base64," in html
+    assert all((tmp_path / "e" / json.loads(x)["image"]).is_file() for x in items if '"image"' in x)
+
+
+def _fake_eval(root, und_scores, gen_scores):
+    """An evaluation directory with the given per-item scores (as `unitoken eval` writes it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    items = [{"suite": "shapes-vqa", "task": "understanding", "id": f"q{i}", "category": "color", "score": s}
+             for i, s in enumerate(und_scores)]
+    items += [{"suite": "shapes-geneval", "task": "generation", "id": f"g{i}", "category": "colors", "score": s}
+              for i, s in enumerate(gen_scores)]
+    metrics = {"shapes-vqa/overall": sum(und_scores) / len(und_scores),
+               "shapes-geneval/overall": sum(gen_scores) / len(gen_scores)}
+    (root / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (root / "report.json").write_text(json.dumps({"metrics": metrics, "suites": {}, "settings": {}}))
+    return root
+
+
+def test_gate_passes_candidate_against_itself_with_margin_zero(tmp_path):
+    ev = _fake_eval(tmp_path / "e", [1, 0, 1, 1, 0] * 20, [1, 1, 0, 0, 1] * 20)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("margins: {understanding: 0, generation: 0}\n")
+    assert main(["gate", "--candidate", str(ev), "--champion", str(ev), "--policy", str(policy),
+                 "--out", str(tmp_path / "d.json")]) == 0
+    decision = json.loads((tmp_path / "d.json").read_text())
+    assert decision["passed"] and {c["check"] for c in decision["checks"]} == {"non_inferiority", "improvement"}
+
+
+def test_gate_fails_when_generation_degrades_while_understanding_improves(tmp_path):
+    champ = _fake_eval(tmp_path / "champ", [1, 0, 1, 0] * 25, [1, 1, 1, 0] * 25)
+    cand = _fake_eval(tmp_path / "cand", [1, 1, 1, 0] * 25, [1, 0, 0, 0] * 25)
+    assert main(["gate", "--candidate", str(cand), "--champion", str(champ), "--out", str(tmp_path / "d.json")]) == 3
+    decision = json.loads((tmp_path / "d.json").read_text())
+    by_task = {c.get("task"): c for c in decision["checks"] if c["check"] == "non_inferiority"}
+    assert by_task["understanding"]["passed"] and by_task["understanding"]["mean_diff"] == pytest.approx(0.25)
+    gen = by_task["generation"]
+    assert not gen["passed"] and gen["mean_diff"] == pytest.approx(-0.5) and gen["ci"][1] < 0
+    assert decision["reasons"] == [gen["reason"]] and "generation" in gen["reason"] and "below margin" in gen["reason"]
+
+
+def test_gate_floors_alone_without_champion(tmp_path):
+    ev = _fake_eval(tmp_path / "e", [1, 0] * 10, [0, 0, 0, 1] * 5)
+    policy = GatePolicy(floors={"shapes-vqa/overall": 0.4, "shapes-geneval/overall": 0.3})
+    decision = decide(ev, None, policy)
+    assert not decision["passed"]
+    assert decision["reasons"] == ["shapes-geneval/overall = 0.25 < floor 0.3"]
+
+
+def test_gate_policy_errors_name_the_field(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("margin: {generation: 0.1}\n")
+    with pytest.raises(ValueError, match="unknown policy field 'margin'"):
+        GatePolicy.from_yaml(bad)
+    bad.write_text("margins: {speech: 0.1}\n")
+    with pytest.raises(ValueError, match=r"margins\.speech: unknown task"):
+        GatePolicy.from_yaml(bad)

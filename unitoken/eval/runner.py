@@ -1,0 +1,151 @@
+"""``unitoken eval``: run suites, keep per-item results, write JSON + HTML reports.
+
+``OUT/report.json``   {"model", "suites": {name: {"task", "overall", "categories", "n", "chance"}},
+                       "metrics": {"shapes-vqa/overall": ..., "shapes-vqa/color": ...}}
+``OUT/items.jsonl``   one line per item: {suite, task, id, category, score, ...} (paired statistics)
+``OUT/report.html``   per-category bar charts and a grid of generated images with prompts and verdicts
+"""
+
+from __future__ import annotations
+
+import base64
+from contextlib import nullcontext
+import hashlib
+import html
+import io
+import json
+from pathlib import Path
+
+SUITES = {
+    "shapes-vqa": "understanding",
+    "shapes-geneval": "generation",
+    "mc": "understanding",
+    "geneval": "generation",
+}
+
+
+def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: Path | None = None,
+             limit: int | None = None, mc_file: Path | None = None, circular: bool = False,
+             geneval_metadata: Path | None = None, detector: str | None = None, cfg_scale: float = 3.0,
+             top_k: int = 0, seed: int = 0, device: str = "cpu", progress_factory=None) -> dict:
+    from unitoken.eval import generation as gen
+    from unitoken.eval import understanding as und
+    from unitoken.model.io import load_model
+    from unitoken.model.sequence import SequenceBuilder
+
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"--suite {','.join(unknown)}: unknown; use {', '.join(SUITES)}")
+    if any(s.startswith("shapes-") for s in suites) and data is None:
+        raise ValueError("the shapes suites need --data (a directory made by `unitoken data synth`)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(model_path, device=device)
+    builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+    all_items, summary = [], {}
+    for suite in suites:
+        bar, update = progress_factory(suite) if progress_factory else (None, None)
+        if suite in ("shapes-vqa", "mc"):
+            items = und.shapes_vqa_items(data, limit) if suite == "shapes-vqa" else \
+                und.mc_file_items(_need(mc_file, "--mc-file"), circular, limit)
+            with bar or nullcontext():
+                results = und.run_understanding(model, builder, items, progress=update)
+            chance = und.chance_level(items)
+        else:
+            items = gen.shapes_geneval_items(data, limit) if suite == "shapes-geneval" else \
+                gen.geneval_items(_need(geneval_metadata, "--geneval-metadata"), limit)
+            with bar or nullcontext():
+                results = gen.run_generation(model, builder, items, out, gen.load_detector(detector),
+                                             cfg_scale=cfg_scale, top_k=top_k, seed=seed, progress=update)
+            chance = 0.0
+        for r in results:
+            all_items.append({"suite": suite, "task": SUITES[suite], **r})
+        summary[suite] = summarize(results, SUITES[suite], chance)
+    metrics = {f"{s}/overall": v["overall"] for s, v in summary.items()}
+    metrics.update({f"{s}/{c}": x for s, v in summary.items() for c, x in v["categories"].items()})
+    weights = Path(model_path) / "model.safetensors"
+    report = {"model": str(Path(model_path).resolve()), "suites": summary, "metrics": metrics,
+              "model_sha256": _sha256(weights) if weights.is_file() else None,
+              "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "data": str(data)}}
+    (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in all_items))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.html").write_text(render_html(report, all_items, out))
+    return report
+
+
+def _need(value, flag):
+    if value is None:
+        raise ValueError(f"this suite needs {flag}")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def summarize(results: list[dict], task: str, chance: float) -> dict:
+    cats: dict[str, list[float]] = {}
+    for r in results:
+        cats.setdefault(r["category"], []).append(r["score"])
+    per_cat = {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())}
+    overall = round(sum(r["score"] for r in results) / len(results), 4) if results else 0.0
+    return {"task": task, "overall": overall, "categories": per_cat, "n": len(results), "chance": round(chance, 4)}
+
+
+def load_eval(path: str | Path) -> tuple[dict, list[dict]]:
+    path = Path(path)
+    if not (path / "report.json").is_file() or not (path / "items.jsonl").is_file():
+        raise FileNotFoundError(f"{path}: not an evaluation directory (report.json + items.jsonl); run `unitoken eval`")
+    report = json.loads((path / "report.json").read_text())
+    items = [json.loads(x) for x in (path / "items.jsonl").read_text().splitlines() if x.strip()]
+    return report, items
+
+
+def _chart(summary: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.2), dpi=100, squeeze=False)
+    for ax, (suite, s) in zip(axes[0], summary.items()):
+        names = list(s["categories"])
+        ax.bar(names, [s["categories"][n] for n in names], color="#4C72B0")
+        ax.axhline(s["chance"], color="#C44E52", ls="--", lw=1, label=f"chance {s['chance']:.2f}")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{suite}: {s['overall']:.3f} (n={s['n']})")
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(report: dict, items: list[dict], out: Path) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(s)}</td><td>{v['task']}</td><td>{v['overall']:.4f}</td><td>{v['chance']:.4f}</td>"
+                   f"<td>{v['n']}</td></tr>" for s, v in report["suites"].items())
+    grid = "".join(
+        f"<figure class={'ok' if i['score'] else 'bad'}><img src='{esc(i['image'])}' width=128>"
+        f"<figcaption>{esc(i['prompt'])}<br><b>{'pass' if i['score'] else 'fail'}</b>: {esc(i['reason'])}</figcaption></figure>"
+        for i in items if "image" in i)
+    answers = "".join(f"<tr class={'ok' if i['score'] else 'bad'}><td>{esc(i['id'])}</td><td>{esc(i['category'])}</td>"
+                      f"<td>{esc(str(i['answer']))}</td><td>{esc(str(i['prediction']))[:80]}</td></tr>"
+                      for i in items if "prediction" in i)
+    chart = _chart(report["suites"]) if report["suites"] else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation</title><style>
+body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}
+figure{{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}}
+.ok{{background:#e8f6e8}}.bad{{background:#fbe9e9}}</style></head><body>
+<h1>Evaluation of <code>{esc(report['model'])}</code></h1>
+<table><tr><th>suite</th><th>task</th><th>score</th><th>chance</th><th>items</th></tr>{rows}</table>
+<img src="data:image/png;base64,{chart}">
+<h2>Generated images</h2>{grid or '<p>none</p>'}
+<h2>Answers</h2><table><tr><th>id</th><th>category</th><th>answer</th><th>prediction</th></tr>{answers}</table>
+</body></html>"""

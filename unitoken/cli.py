@@ -408,12 +408,14 @@ def cmd_eval(args) -> int:
                       top_k=args.top_k, seed=args.seed, device=_device(args.device),
                       progress_factory=lambda name: _progress(name))
     table = Table(title=f"evaluation -> {args.out}")
-    for col in ("suite", "task", "score", "chance", "items", "categories"):
+    for col in ("suite", "task", "score", "chance*", "items", "categories"):
         table.add_column(col)
     for name, s in report["suites"].items():
         table.add_row(name, s["task"], f"{s['overall']:.4f}", f"{s['chance']:.3f}", str(s["n"]),
                       ", ".join(f"{k} {v:.2f}" for k, v in s["categories"].items()))
     console.print(table)
+    console.print("* chance: uniform guessing within each question's answer space (understanding); "
+                  "random VQ codes through the same decoder and detector (generation)")
     return 0
 
 

@@ -123,6 +123,22 @@ def check(include: list[dict], detections: list[Detection]) -> tuple[bool, str]:
     return True, "all requirements met"
 
 
+def random_code_baseline(model, items: list[dict], detector: Detector, seed: int = 0) -> float:
+    """Chance level of a generation suite: score of uniformly random VQ codes through the same
+    decoder and detector (random blobs do sometimes pass a lenient check)."""
+    import torch
+
+    from unitoken.model.generation import decode_image
+
+    g = torch.Generator().manual_seed(seed)
+    side = model.config.vq.codes_per_side
+    hits = 0
+    for item in items:
+        codes = torch.randint(0, model.config.vq.num_codes, (side, side), generator=g)
+        hits += check(item["include"], detector(decode_image(model, codes)))[0]
+    return hits / len(items) if items else 0.0
+
+
 def run_generation(model, builder, items: list[dict], out_dir: Path, detector: Detector, cfg_scale: float = 3.0,
                    top_k: int = 0, temperature: float = 1.0, seed: int = 0, progress=None) -> list[dict]:
     """Generate one image per prompt (saved under ``out_dir/images``) and check it."""

@@ -54,10 +54,11 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         else:
             items = gen.shapes_geneval_items(data, limit) if suite == "shapes-geneval" else \
                 gen.geneval_items(_need(geneval_metadata, "--geneval-metadata"), limit)
+            det = gen.load_detector(detector)
             with bar or nullcontext():
-                results = gen.run_generation(model, builder, items, out, gen.load_detector(detector),
-                                             cfg_scale=cfg_scale, top_k=top_k, seed=seed, progress=update)
-            chance = 0.0
+                results = gen.run_generation(model, builder, items, out, det, cfg_scale=cfg_scale, top_k=top_k,
+                                             seed=seed, progress=update)
+            chance = gen.random_code_baseline(model, items, det, seed)
         for r in results:
             all_items.append({"suite": suite, "task": SUITES[suite], **r})
         summary[suite] = summarize(results, SUITES[suite], chance)

@@ -32,6 +32,8 @@ EXAMPLES = {
     "train": "unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m",
     "eval": "unitoken eval --model runs/stage3/handoff --suite shapes-vqa,shapes-geneval --data d --out e",
     "gate": "unitoken gate --candidate e --champion e_prev --policy gate.yaml --out decision.json",
+    "registry": "unitoken registry register --model runs/stage3/handoff --eval e --gate decision.json --name shapes",
+    "lineage": "unitoken lineage models:/shapes@champion",
 }
 
 
@@ -138,6 +140,34 @@ def _parser() -> argparse.ArgumentParser:
     gt.add_argument("--champion", type=Path, help="evaluation dir, or a model dir (evaluated like the candidate)")
     gt.add_argument("--policy", type=Path, help="YAML: floors, margins, primary, min_improvement, bootstrap")
     gt.add_argument("--out", required=True, type=Path, help="decision JSON")
+
+    reg = sub.add_parser("registry", help="register, promote, roll back models (MLflow registry)",
+                         epilog="example:\n  " + EXAMPLES["registry"], formatter_class=fmt)
+    rsub = reg.add_subparsers(dest="registry_command", required=True)
+    rr = rsub.add_parser("register", help="register a gated model with its passport (alias challenger)")
+    rr.add_argument("--model", required=True, type=Path)
+    rr.add_argument("--eval", required=True, type=Path)
+    rr.add_argument("--gate", required=True, type=Path)
+    rr.add_argument("--name", required=True)
+    rr.add_argument("--force", action="store_true", help="register although the gate failed (needs --reason)")
+    rr.add_argument("--reason")
+    rp = rsub.add_parser("promote", help="compare-and-swap an alias onto a version")
+    rp.add_argument("name")
+    rp.add_argument("--version", required=True)
+    rp.add_argument("--alias", default="champion")
+    rp.add_argument("--expect-current", help="fail unless the alias is held by this version ('none' if unset)")
+    rp.add_argument("--reason", default="")
+    rb = rsub.add_parser("rollback", help="move an alias back to its previous holder")
+    rb.add_argument("name")
+    rb.add_argument("--alias", default="champion")
+    rb.add_argument("--reason", default="rollback")
+    rh = rsub.add_parser("history", help="timeline of an alias")
+    rh.add_argument("name")
+    rh.add_argument("--alias", default="champion")
+    lin = sub.add_parser("lineage", help="data-to-model lineage tree, every digest re-verified",
+                         epilog="example:\n  " + EXAMPLES["lineage"], formatter_class=fmt)
+    lin.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    lin.add_argument("--json", action="store_true")
 
     gen = sub.add_parser("generate", help="text-to-image", epilog="example:\n  " + EXAMPLES["generate"],
                          formatter_class=fmt)
@@ -447,7 +477,79 @@ def cmd_gate(args) -> int:
     return 0 if decision["passed"] else 3
 
 
+def cmd_registry(args) -> int:
+    from unitoken import registry
+
+    if args.registry_command == "register":
+        if args.force and not args.reason:
+            raise UsageError("--force needs --reason TEXT (it is recorded in the passport)")
+        info = registry.register(args.model, args.eval, args.gate, args.name, force=args.force, reason=args.reason)
+        console.print(f"registered {info['uri']} (alias challenger), passport {info['passport_sha256'][:16]}...")
+        print(json.dumps(info))
+        return 0
+    if args.registry_command == "promote":
+        expect = None if args.expect_current is None else (None if args.expect_current == "none" else args.expect_current)
+        if args.expect_current == "none":
+            from unitoken.registry import _client, _holder
+
+            if _holder(_client(), args.name, args.alias) is not None:
+                raise registry.ConflictError(f"alias {args.alias!r} of {args.name} is already held")
+        entry = registry.promote(args.name, args.version, args.alias, expect, args.reason)
+        console.print(f"{args.name}@{args.alias}: {entry['from']} -> {entry['to']}")
+        return 0
+    if args.registry_command == "rollback":
+        entry = registry.rollback(args.name, args.alias, args.reason)
+        console.print(f"{args.name}@{args.alias}: rolled back {entry['from']} -> {entry['to']}")
+        return 0
+    moves = registry.history(args.name, args.alias)
+    table = Table(title=f"{args.name}@{args.alias}")
+    for col in ("#", "when", "action", "from", "to", "who", "reason"):
+        table.add_column(col)
+    for m in moves:
+        table.add_row(str(m["seq"]), m["when"], m["action"], str(m["from"]), str(m["to"]), m["who"], m["reason"])
+    console.print(table)
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from rich.tree import Tree
+
+    from unitoken.registry import lineage
+
+    info = lineage(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info["ok"] else 1
+    broken = " ".join(info["problems"])
+    p = {e["kind"]: e for e in info["passport"] if e["kind"] != "stage"}
+    stages = [e for e in info["passport"] if e["kind"] == "stage"]
+
+    def style(text: str, keys: tuple[str, ...]) -> str:
+        return f"[red]{text}[/red]" if any(k in broken for k in keys) else text
+
+    tree = Tree(style(f"[bold]{info['name']} v{info['version']}[/bold] aliases: {', '.join(info['aliases']) or '-'}",
+                      ("passport",)))
+    node = tree.add(f"data manifest {str(p['data']['manifest_sha256'])[:12]} -> validation report "
+                    f"{str(p['data']['validation_report_sha256'])[:12]} -> shards {str(p['data']['pretokenized_sha256'])[:12]}")
+    for st in stages:
+        node = node.add(style(f"stage {st['stage']}: run {st['mlflow_run_id']} hand-off {st['handoff_sha256'][:12]} "
+                              f"({st['compute_hours']} h)", (f"stage {st['stage']}", "stored model")))
+    node = node.add(style(f"evaluation report {p['eval']['report_sha256'][:12]}", ("evaluation",)))
+    node = node.add(style(f"gate {'passed' if p['gate']['passed'] else 'FORCED: ' + str(p['gate']['forced_reason'])} "
+                          f"({p['gate']['decision_sha256'][:12]})", ("gate",)))
+    node.add(f"version {info['version']} (unitoken {p['build']['package_version']}, commit {p['build']['git_commit'][:10]})")
+    console.print(tree)
+    for problem in info["problems"]:
+        console.print(f"[red]broken link:[/red] {problem}")
+    return 0 if info["ok"] else 1
+
+
 COMMANDS = {
+    ("registry", "register"): cmd_registry,
+    ("registry", "promote"): cmd_registry,
+    ("registry", "rollback"): cmd_registry,
+    ("registry", "history"): cmd_registry,
+    ("lineage", None): cmd_lineage,
     ("eval", None): cmd_eval,
     ("gate", None): cmd_gate,
     ("train", None): cmd_train,

@@ -64,15 +64,15 @@ def test_random_tiny_model_is_at_chance(data, tmp_path):
     model, tok, _ = build_tiny()
     save_model(model, tok, tmp_path / "m")
     assert main(["eval", "--model", str(tmp_path / "m"), "--suite", "shapes-vqa,shapes-geneval", "--data", str(data),
-                 "--out", str(tmp_path / "e"), "--limit", "20", "--device", "cpu"]) == 0
+                 "--out", str(tmp_path / "e"), "--limit", "8", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     vqa, gen = report["suites"]["shapes-vqa"], report["suites"]["shapes-geneval"]
-    assert vqa["n"] == 20 and gen["n"] == 20
+    assert vqa["n"] == 8 and gen["n"] == 8
     assert vqa["overall"] <= vqa["chance"] + 0.1 and gen["overall"] <= 0.1
     items = (tmp_path / "e" / "items.jsonl").read_text().splitlines()
-    assert len(items) == 40
+    assert len(items) == 16
     html = (tmp_path / "e" / "report.html").read_text()
-    assert html.count("<figure") == 20 and "data:image/png;base64," in html
+    assert html.count("<figure") == 8 and "data:image/png;base64," in html
     assert all((tmp_path / "e" / json.loads(x)["image"]).is_file() for x in items if '"image"' in x)
 
 

@@ -111,6 +111,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
         "vq_sha256": _module_digest(model.vq), "vq_config": config_hash(model.config.vq),
         "vision_config": config_hash(model.config.vision), "shard_size": shard_size, "num_records": len(records),
         "codes_per_side": model.config.vq.codes_per_side, "tile_size": model.config.vision.image_size,
+        "validation_report_sha256": _validation_report(manifest),
     }
     (out / "shards").mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
@@ -160,6 +161,12 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     return {"records": len(records), "images": total_images, "shards": n_shards, "skipped_shards": skipped,
             "encoded_images": done_images, "seconds": round(seconds, 3),
             "images_per_s": round(done_images / seconds, 1) if seconds > 0 and done_images else 0.0}
+
+
+def _validation_report(manifest: Path) -> str | None:
+    """sha256 of the validation report a ``clean.jsonl`` came from (lineage), if any."""
+    sidecar = manifest.parent / "dataset.json"
+    return json.loads(sidecar.read_text()).get("report_sha256") if sidecar.is_file() else None
 
 
 def _module_digest(module: torch.nn.Module) -> str:

@@ -82,12 +82,16 @@ def load_tokenizer(path: str | Path):
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[UniToken, object]:
-    """Load a hand-off directory -> (model, tokenizer).
+    """Load a hand-off directory or a registry URI (models:/NAME/V, models:/NAME@ALIAS) -> (model, tokenizer).
 
     Raises:
         FileNotFoundError / ValueError: not a hand-off dir, wrong format version, missing or
             unexpected weights (names listed).
     """
+    if str(path).startswith("models:/"):
+        from unitoken.registry import load_uri
+
+        path = load_uri(str(path))
     path = Path(path)
     if not is_handoff_dir(path):
         raise FileNotFoundError(f"{path}: not a unitoken model directory (no config.json with "

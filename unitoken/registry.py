@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, handoff_digest, verify_handoff
-from unitoken.train.tracking import default_tracking_uri
+from unitoken.train.tracking import default_tracking_uri, ensure_experiment
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
@@ -142,8 +142,7 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     verify_handoff(model_dir)
     client = _client()
     passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client)
-    exp = client.get_experiment_by_name("unitoken")
-    exp_id = exp.experiment_id if exp else client.create_experiment("unitoken")
+    exp_id = ensure_experiment(client)
     tags = {"unitoken.kind": "registration"}
     parent = os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
     if parent:

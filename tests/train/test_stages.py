@@ -1,7 +1,7 @@
 """The three stages from the CLI on CPU (tiny recipe, synthetic data), resume, hand-off checks, MLflow."""
 
+import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,35 +12,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import _env, run
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(tmp):
-    return dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-                MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"), PYTHONWARNINGS="ignore")
-
-
-def unitoken(tmp, *args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "unitoken.cli", *args], cwd=tmp, env=_env(tmp), capture_output=True,
-                          text=True, timeout=600, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"unitoken {' '.join(args)} -> {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stages")
-    unitoken(tmp, "data", "synth", "--out", "d", "--n", "60")
-    unitoken(tmp, "data", "validate", "d/manifest.jsonl", "--out", "v")
-    unitoken(tmp, "model", "init", "--recipe", "tiny", "--out", "m")
-    unitoken(tmp, "data", "pretokenize", "v/clean.jsonl", "--model", "m", "--out", "p")
-    for stage, init in ((1, "m"), (2, "s1/handoff"), (3, "s2/handoff")):
-        unitoken(tmp, "train", "--stage", str(stage), "--recipe", "tiny", "--data", "p", "--out", f"s{stage}",
-                 "--init", init)
-    return tmp
+def stack(trained):
+    return trained
+
+
+@pytest.fixture(scope="module")
+def work(trained):
+    """The shared stage 1 -> 2 -> 3 run of the tiny recipe (tests/conftest.py::trained)."""
+    return trained["tmp"]
+
+
+def unitoken(stack, *args, check=True):
+    return run(stack, *args, check=check)
 
 
 def _losses(path):
@@ -66,7 +55,7 @@ def test_every_stage_hands_off_and_loss_falls(work):
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"stage {stage} loss did not fall: {losses}"
         assert (work / f"s{stage}" / "loss.png").stat().st_size > 1000
     s2 = json.loads((work / "s2" / "handoff" / "handoff.json").read_text())
-    s1_digest = __import__("hashlib").sha256((work / "s1" / "handoff" / "handoff.json").read_bytes()).hexdigest()
+    s1_digest = hashlib.sha256((work / "s1" / "handoff" / "handoff.json").read_bytes()).hexdigest()
     assert s2["parent_digest"] == s1_digest and s2["parent_stage"] == 1
     # stage 2 trains everything: the LLM moved
     a = load_file(str(work / "s1" / "handoff" / "model.safetensors"))
@@ -74,7 +63,7 @@ def test_every_stage_hands_off_and_loss_falls(work):
     assert not torch.equal(a["llm.embed_tokens.weight"], b["llm.embed_tokens.weight"])
 
 
-def test_corrupted_or_wrong_stage_handoff_is_refused(work, tmp_path):
+def test_corrupted_or_wrong_stage_handoff_is_refused(stack, work, tmp_path):
     import shutil
 
     bad = tmp_path / "bad"
@@ -82,21 +71,21 @@ def test_corrupted_or_wrong_stage_handoff_is_refused(work, tmp_path):
     blob = bytearray((bad / "model.safetensors").read_bytes())
     blob[len(blob) // 2] ^= 0x01  # one flipped bit
     (bad / "model.safetensors").write_bytes(bytes(blob))
-    proc = unitoken(work, "train", "--stage", "3", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "x"),
+    proc = unitoken(stack, "train", "--stage", "3", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "x"),
                     "--init", str(bad), check=False)
     assert proc.returncode == 1 and "model.safetensors is corrupted" in proc.stderr
-    proc = unitoken(work, "train", "--stage", "3", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "y"),
+    proc = unitoken(stack, "train", "--stage", "3", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "y"),
                     "--init", "s1/handoff", check=False)
     assert proc.returncode == 1 and "hand-off of stage 1, but this stage starts from stage 2" in proc.stderr
-    proc = unitoken(work, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "z"),
+    proc = unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "z"),
                     "--init", "s1/handoff", "--set", "model.llm.num_layers=3", check=False)
     assert proc.returncode == 1 and "differs from the recipe" in proc.stderr
 
 
-def test_mlflow_has_params_metrics_inputs_and_digest(work):
+def test_mlflow_has_params_metrics_inputs_and_digest(stack, work):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=stack["uri"])
     exp = client.get_experiment_by_name("unitoken")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert {"stage1", "stage2", "stage3"} <= set(runs)
@@ -108,7 +97,7 @@ def test_mlflow_has_params_metrics_inputs_and_digest(work):
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert [round(m.value, 6) for m in history] == _losses(work / f"s{stage}" / "metrics.jsonl")
-        digest = __import__("hashlib").sha256((work / f"s{stage}" / "handoff" / "handoff.json").read_bytes()).hexdigest()
+        digest = hashlib.sha256((work / f"s{stage}" / "handoff" / "handoff.json").read_bytes()).hexdigest()
         assert run.data.tags["unitoken.handoff_sha256"] == digest
         [ds] = run.inputs.dataset_inputs
         assert ds.dataset.digest and json.loads(ds.dataset.source)  # the pre-tokenised dir
@@ -117,13 +106,13 @@ def test_mlflow_has_params_metrics_inputs_and_digest(work):
         assert {"deepspeed.json", "recipe.json", "loss.png", "handoff"} <= arts
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(work):
+def test_sigkill_then_resume_matches_uninterrupted_run(stack, work):
     """Kill stage 2 mid-run (after a checkpoint), resume: same losses per step and same final weights."""
     args = ["train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff", "--max-steps", "30",
             "--no-track"]
-    unitoken(work, *args, "--out", "ref")
+    unitoken(stack, *args, "--out", "ref")
     out = work / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "unitoken.cli", *args, "--out", "killed"], cwd=work, env=_env(work),
+    proc = subprocess.Popen([sys.executable, "-m", "unitoken.cli", *args, "--out", "killed"], cwd=work, env=_env(stack),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoints" / "step_000010").is_dir():
@@ -132,14 +121,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(work):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "handoff").exists(), "the run finished before it could be killed"
-    unitoken(work, *args, "--out", "killed", "--resume", "auto")
+    unitoken(stack, *args, "--out", "killed", "--resume", "auto")
     assert _losses(out / "metrics.jsonl") == _losses(work / "ref" / "metrics.jsonl")
     a = load_file(str(work / "ref" / "handoff" / "model.safetensors"))
     b = load_file(str(out / "handoff" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_never_refuses_existing_checkpoints(work):
-    proc = unitoken(work, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff",
+def test_resume_never_refuses_existing_checkpoints(stack, work):
+    proc = unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff",
                     "--out", "ref", "--resume", "never", "--no-track", check=False)
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 from contextlib import nullcontext
-import hashlib
 import html
 import io
 import json
 from pathlib import Path
+
+from unitoken.data.pretokenize import sha256_file
 
 SUITES = {
     "shapes-vqa": "understanding",
@@ -66,7 +67,7 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
     metrics.update({f"{s}/{c}": x for s, v in summary.items() for c, x in v["categories"].items()})
     weights = Path(model_path) / "model.safetensors"
     report = {"model": str(Path(model_path).resolve()), "suites": summary, "metrics": metrics,
-              "model_sha256": _sha256(weights) if weights.is_file() else None,
+              "model_sha256": sha256_file(weights) if weights.is_file() else None,
               "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "data": str(data)}}
     (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in all_items))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -78,14 +79,6 @@ def _need(value, flag):
     if value is None:
         raise ValueError(f"this suite needs {flag}")
     return value
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def summarize(results: list[dict], task: str, chance: float) -> dict:

@@ -31,6 +31,17 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def ensure_experiment(client, name: str = "unitoken") -> str:
+    """Experiment id; created on first use, with artifacts under ./.unitoken/ for the local store."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri == default_tracking_uri() and client.tracking_uri.startswith("sqlite:"):
+        location = (Path(".unitoken") / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 class NullTracker:
     run_id: str | None = None
 
@@ -96,8 +107,7 @@ class MLflowTracker(NullTracker):
     def _ensure_run(self) -> None:
         if self.run_id:
             return
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = ensure_experiment(self.client, self.experiment)
         tags = dict(self.tags)
         if self.parent:
             tags["mlflow.parentRunId"] = self.parent

@@ -533,7 +533,7 @@ def cmd_lineage(args) -> int:
                     f"{str(p['data']['validation_report_sha256'])[:12]} -> shards {str(p['data']['pretokenized_sha256'])[:12]}")
     for st in stages:
         node = node.add(style(f"stage {st['stage']}: run {st['mlflow_run_id']} hand-off {st['handoff_sha256'][:12]} "
-                              f"({st['compute_hours']} h)", (f"stage {st['stage']}", "stored model")))
+                              f"({'?' if st['compute_hours'] is None else format(st['compute_hours'], '.4f')} h)", (f"stage {st['stage']}", "stored model")))
     node = node.add(style(f"evaluation report {p['eval']['report_sha256'][:12]}", ("evaluation",)))
     node = node.add(style(f"gate {'passed' if p['gate']['passed'] else 'FORCED: ' + str(p['gate']['forced_reason'])} "
                           f"({p['gate']['decision_sha256'][:12]})", ("gate",)))

@@ -41,6 +41,7 @@ class ConflictError(RegistryError):
 
 def _client():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=default_tracking_uri())
@@ -199,12 +200,17 @@ def resolve(uri: str, client=None):
         raise RegistryError(f"{uri}: not found in the registry at {default_tracking_uri()} ({type(err).__name__})") from None
 
 
-def fetch(mv, client=None) -> dict[str, Path]:
-    """Download a version's model, passport, eval and gate artifacts into a fresh directory."""
+def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
+    """Download a version's model, passport, eval and gate artifacts (into ``dest``, emptied first,
+    or a fresh temporary directory)."""
     import mlflow.artifacts
 
     client = client or _client()
-    dest = Path(tempfile.mkdtemp(prefix=f"unitoken-{mv.name}-v{mv.version}-"))
+    if dest is None:
+        dest = Path(tempfile.mkdtemp(prefix=f"unitoken-{mv.name}-v{mv.version}-"))
+    else:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
     uri = default_tracking_uri()
     model = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dest / "model"),
                                                      tracking_uri=uri))
@@ -219,7 +225,7 @@ def load_uri(uri: str) -> Path:
     """Fetch and verify ``models:/...`` and return a local model directory (for every command)."""
     client = _client()
     mv = resolve(uri, client)
-    paths = fetch(mv, client)
+    paths = fetch(mv, client, Path(".unitoken") / "cache" / f"{mv.name}-v{mv.version}")
     problems = verify_version(mv, paths, client)
     if problems:
         raise RegistryError(f"{uri} (version {mv.version}) fails verification: {problems[0]}")

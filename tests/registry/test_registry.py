@@ -89,12 +89,25 @@ def test_tampered_artifact_breaks_lineage_and_promotion(servers, registered):
     s3.put_object(Bucket="mlflow", Key=key, Body=original.replace(b'"overall": ', b'"overall": 0.99 + '))
     try:
         lin = run(servers, "lineage", f"models:/shapes/{registered['version']}", check=False, inprocess=True)
-        assert lin.returncode == 1 and "stored evaluation report does not match the passport" in lin.stdout
+        assert lin.returncode == 1
+        assert "stored evaluation report does not match the passport" in " ".join(lin.stdout.split())
         promo = run(servers, "registry", "promote", "shapes", "--version", registered["version"], check=False,
                     inprocess=True)
-        assert promo.returncode == 1 and "refusing to promote" in promo.stderr
+        assert promo.returncode == 1 and "refusing to promote" in " ".join(promo.stderr.split())
     finally:
         s3.put_object(Bucket="mlflow", Key=key, Body=original)
+    # a flipped byte in the stored weights
+    weights = next(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]
+                   if registered["model_id"] in o["Key"] and o["Key"].endswith("model.safetensors"))
+    blob = bytearray(s3.get_object(Bucket="mlflow", Key=weights)["Body"].read())
+    blob[-1] ^= 0x01
+    s3.put_object(Bucket="mlflow", Key=weights, Body=bytes(blob))
+    try:
+        lin = run(servers, "lineage", f"models:/shapes/{registered['version']}", check=False, inprocess=True)
+        assert lin.returncode == 1 and "model.safetensors is corrupted" in " ".join(lin.stdout.split())
+    finally:
+        blob[-1] ^= 0x01
+        s3.put_object(Bucket="mlflow", Key=weights, Body=bytes(blob))
 
 
 def test_register_refuses_failed_gate_without_force(servers, registered, tmp_path):

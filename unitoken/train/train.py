@@ -2,7 +2,7 @@
 
     unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m
     unitoken train --stage 2 --recipe tiny --data p --out runs/stage2 --init runs/stage1/handoff
-    deepspeed --num_gpus 8 -m unitoken.cli train --stage 2 --recipe unitoken-7b ...   # same entry point
+    deepspeed --num_gpus 8 --module unitoken.cli train --stage 2 --recipe unitoken-7b ...   # same entry point
 
 Stages differ only through recipe data: ``trainable`` prefixes (stage 1: vision + adapter, LLM
 frozen), learning rates (stage 1: 1e-3 with the ViT at 1e-5, because 5e-4 collapsed SigLIP in
@@ -128,6 +128,10 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     rank, world, device = parallel.init_distributed()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if str(init).startswith("models:/"):  # a registered model: fetched and verified first
+        from unitoken.registry import load_uri
+
+        init = load_uri(str(init))
     init = Path(init)
 
     # --- the starting point: verify before loading

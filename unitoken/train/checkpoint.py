@@ -128,7 +128,7 @@ class HandoffError(ValueError):
     """A hand-off checkpoint is corrupted, incomplete or from the wrong stage."""
 
 
-def verify_handoff(path: Path, expect_stage: int | None = None, expect_config_hash: str | None = None) -> dict:
+def verify_handoff(path: Path, expect_stage: int | tuple[int, ...] | None = None, expect_config_hash: str | None = None) -> dict:
     """Check every file's sha256 (and the stage/config) before loading.
 
     Raises:
@@ -149,9 +149,10 @@ def verify_handoff(path: Path, expect_stage: int | None = None, expect_config_ha
         actual = sha256_file(f)
         if actual != digest:
             raise HandoffError(f"{path}: {name} is corrupted (sha256 {actual[:12]}... != recorded {digest[:12]}...)")
-    if expect_stage is not None and doc.get("stage") != expect_stage:
+    allowed = (expect_stage,) if isinstance(expect_stage, int) else tuple(expect_stage or ())
+    if allowed and doc.get("stage") not in allowed:
         raise HandoffError(f"{path}: hand-off of stage {doc.get('stage')}, but this stage starts from stage "
-                           f"{expect_stage}; pass the stage-{expect_stage} output as --init")
+                           f"{' or '.join(map(str, allowed))}; pass the stage-{allowed[0]} output as --init")
     if expect_config_hash is not None and doc.get("model_config_hash") != expect_config_hash:
         raise HandoffError(f"{path}: model config {doc.get('model_config_hash', '?')[:12]} differs from the "
                            f"recipe's {expect_config_hash[:12]}; use the recipe the previous stage used")

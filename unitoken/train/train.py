@@ -136,7 +136,10 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
 
     # --- the starting point: verify before loading
     if stage_n > 1:
-        parent = ckpt.verify_handoff(init, expect_stage=stage_n - 1, expect_config_hash=config_hash(recipe.model))
+        # Stage N starts from stage N-1; re-running stage N on new data from a stage-N model (e.g. a
+        # registered champion, stage-scoped retraining) is allowed too.
+        parent = ckpt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
+                                     expect_config_hash=config_hash(recipe.model))
     elif (init / ckpt.HANDOFF).is_file():
         parent = ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
     elif is_handoff_dir(init):

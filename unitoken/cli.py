@@ -488,13 +488,7 @@ def cmd_registry(args) -> int:
         print(json.dumps(info))
         return 0
     if args.registry_command == "promote":
-        expect = None if args.expect_current is None else (None if args.expect_current == "none" else args.expect_current)
-        if args.expect_current == "none":
-            from unitoken.registry import _client, _holder
-
-            if _holder(_client(), args.name, args.alias) is not None:
-                raise registry.ConflictError(f"alias {args.alias!r} of {args.name} is already held")
-        entry = registry.promote(args.name, args.version, args.alias, expect, args.reason)
+        entry = registry.promote(args.name, args.version, args.alias, args.expect_current, args.reason)
         console.print(f"{args.name}@{args.alias}: {entry['from']} -> {entry['to']}")
         return 0
     if args.registry_command == "rollback":

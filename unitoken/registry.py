@@ -286,12 +286,15 @@ def _holder(client, name: str, alias: str) -> str | None:
 
 def promote(name: str, version: str, alias: str = "champion", expect_current: str | None = None,
             reason: str = "", action: str = "promote") -> dict:
-    """Move ``alias`` to ``version`` if (and only if) it is where the caller expects."""
+    """Move ``alias`` to ``version`` if (and only if) it is where the caller expects.
+
+    ``expect_current``: None skips the check; ``"none"`` requires the alias to be unset.
+    """
     client = _client()
     version = str(version)
     mv = resolve(f"models:/{name}/{version}", client)
     current = _holder(client, name, alias)
-    if expect_current is not None and str(expect_current) != str(current):
+    if expect_current is not None and str(expect_current).lower() != str(current).lower():
         raise ConflictError(f"alias {alias!r} of {name} is held by version {current}, not {expect_current}; "
                             "re-read it (unitoken registry history) and retry")
     paths = fetch(mv, client)

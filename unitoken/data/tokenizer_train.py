@@ -28,7 +28,7 @@ from PIL import Image
 
 from unitoken.config import VQConfig
 from unitoken.data.manifest import data_root, load_records, resolve_image
-from unitoken.model.vision import vq_pixels
+from unitoken.model.vision import to_pil, vq_pixels
 from unitoken.model.vq import VQTokenizer
 
 
@@ -50,11 +50,6 @@ def _images(manifest: Path, split: str, resolution: int, limit: int | None = Non
     if not pixels:
         raise ValueError(f"{manifest}: no images in split {split!r}")
     return torch.stack(pixels), paths
-
-
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    arr = ((pixels.float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(arr.cpu().numpy(), mode="RGB")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -173,7 +168,7 @@ def _recognition(data_dir: Path, paths: list[str], recon: torch.Tensor) -> dict:
     for rel, pixels in zip(paths, recon):
         objects = by_image.get(rel)
         if objects:
-            flags = recognised(objects, to_image(pixels))
+            flags = recognised(objects, to_pil(pixels))
             hits += sum(flags)
             total += len(flags)
     return {"objects_recognised": hits, "objects_total": total,
@@ -185,6 +180,6 @@ def _grid(originals: torch.Tensor, recon: torch.Tensor) -> Image.Image:
     n, r = originals.shape[0], originals.shape[-1]
     canvas = Image.new("RGB", (n * r, 2 * r), (255, 255, 255))
     for i in range(n):
-        canvas.paste(to_image(originals[i]), (i * r, 0))
-        canvas.paste(to_image(recon[i]), (i * r, r))
+        canvas.paste(to_pil(originals[i]), (i * r, 0))
+        canvas.paste(to_pil(recon[i]), (i * r, r))
     return canvas

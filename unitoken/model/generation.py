@@ -14,7 +14,9 @@ from PIL import Image
 from transformers import DynamicCache
 
 from unitoken.model.sequence import ImageInput, SequenceBuilder
+from unitoken.model.tokens import IMAGE_PLACEHOLDER
 from unitoken.model.unitoken import ContinuousImages, UniToken
+from unitoken.model.vision import to_pil
 
 
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -71,8 +73,6 @@ def generate_text(model: UniToken, builder: SequenceBuilder, prompt: str, images
                   seed: int = 0) -> str:
     """Answer ``prompt`` about ``images`` (each marked by ``<|image|>`` in the prompt, or
     prepended when the prompt has none). Stops at end-of-turn or EOS. Greedy by default."""
-    from unitoken.model.tokens import IMAGE_PLACEHOLDER
-
     model.eval()
     if images and IMAGE_PLACEHOLDER not in prompt:
         prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt
@@ -136,9 +136,7 @@ def generate_image_codes(model: UniToken, builder: SequenceBuilder, prompt: str,
 
 def decode_image(model: UniToken, codes: torch.Tensor) -> Image.Image:
     """codes [h, w] -> RGB PIL image of the VQ-GAN's resolution."""
-    pixels = model.vq.decode(codes.unsqueeze(0).to(model.lm_head.weight.device))[0]
-    arr = ((pixels.float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(arr.cpu().numpy(), mode="RGB")
+    return to_pil(model.vq.decode(codes.unsqueeze(0).to(model.lm_head.weight.device))[0])
 
 
 def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[ImageInput], ContinuousImages | None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,8 +45,6 @@ def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, tor
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
@@ -54,8 +53,6 @@ def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, tor
     (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     tokenizer.save_pretrained(str(tmp))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return out

@@ -76,6 +76,12 @@ def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """[3, h, w] in [-1, 1] -> RGB PIL image (the inverse of ``to_tensor``)."""
+    arr = ((pixels.float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(arr.cpu().numpy(), mode="RGB")
+
+
 def square(image: Image.Image) -> Image.Image:
     """Centre crop to a square (the discrete path has a fixed square grid)."""
     w, h = image.size

@@ -1,0 +1,3 @@
+"""UniToken training platform."""
+
+__version__ = "0.1.0"

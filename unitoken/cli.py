@@ -34,6 +34,7 @@ EXAMPLES = {
     "gate": "unitoken gate --candidate e --champion e_prev --policy gate.yaml --out decision.json",
     "registry": "unitoken registry register --model runs/stage3/handoff --eval e --gate decision.json --name shapes",
     "lineage": "unitoken lineage models:/shapes@champion",
+    "pipeline": "unitoken pipeline run --local --recipe tiny",
 }
 
 
@@ -189,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's setting)")
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--device", default="auto")
+    from unitoken.pipeline.command import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(sub)
     return p
 
 
@@ -555,7 +559,14 @@ COMMANDS = {
     ("model", "summary"): cmd_model_summary,
     ("generate", None): cmd_generate,
     ("chat", None): cmd_chat,
+    **{("pipeline", name): lambda args: _pipeline(args) for name in ("run", "compile", "submit", "schedule")},
 }
+
+
+def _pipeline(args) -> int:
+    from unitoken.pipeline.command import cmd_pipeline
+
+    return cmd_pipeline(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unitoken.train.checkpoint import HANDOFF, handoff_digest, verify_handoff
+from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
 from unitoken.train.tracking import default_tracking_uri, ensure_experiment
 
 ZERO = "0" * 64
@@ -78,7 +78,11 @@ def verify_chain(passport: list[dict]) -> list[str]:
 
 
 def _stage_chain(model_dir: Path) -> list[tuple[dict, str]]:
-    """(handoff.json, digest) from stage 1 to the model, following parent links that exist locally."""
+    """(stage doc, hand-off digest) from stage 1 to the model, from the chain each hand-off carries
+    (``ancestors``); hand-offs written before that existed follow parent links that exist locally."""
+    doc = json.loads((Path(model_dir) / HANDOFF).read_text()) if (Path(model_dir) / HANDOFF).is_file() else None
+    if doc is not None and "ancestors" in doc:
+        return [(e, e["handoff_sha256"]) for e in ancestry(Path(model_dir))]
     found, d = [], Path(model_dir)
     while (d / HANDOFF).is_file():
         doc = json.loads((d / HANDOFF).read_text())
@@ -101,10 +105,11 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
     if not stages:
         raise RegistryError(f"{model_dir}: not a stage hand-off (no {HANDOFF}); register the output of `unitoken train`")
     first = stages[0][0]
-    index = Path(first.get("data_dir", "")) / "index.json"
+    index = Path(first.get("data_dir") or "") / "index.json"
     plan = json.loads(index.read_text()) if index.is_file() else {}
-    entries = [{"kind": "data", "manifest_sha256": plan.get("manifest_sha256"),
-                "validation_report_sha256": plan.get("validation_report_sha256"),
+    entries = [{"kind": "data", "manifest_sha256": first.get("manifest_sha256") or plan.get("manifest_sha256"),
+                "validation_report_sha256": first.get("validation_report_sha256")
+                or plan.get("validation_report_sha256"),
                 "pretokenized_sha256": first.get("data_digest")}]
     for doc, digest in stages:
         hours = None

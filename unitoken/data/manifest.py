@@ -63,13 +63,14 @@ def data_root(manifest: str | Path) -> Path:
     """Directory that a manifest's relative image paths start from.
 
     A validated ``clean.jsonl`` sits beside ``dataset.json``, which records the original data
-    root (rows are copied verbatim, so their paths still point there); any other manifest's
-    root is its own directory.
+    root (rows are copied verbatim, so their paths still point there), absolute or relative to
+    the sidecar (data carried inside a pipeline artifact); any other manifest's root is its own
+    directory.
     """
     manifest = Path(manifest)
     sidecar = manifest.parent / "dataset.json"
     if sidecar.is_file():
-        return Path(json.loads(sidecar.read_text())["data_root"])
+        return (sidecar.parent.resolve() / json.loads(sidecar.read_text())["data_root"]).resolve()
     return manifest.resolve().parent
 
 

@@ -105,7 +105,8 @@ def train_tokenizer(data: str | Path, out: str | Path, cfg: VQConfig, steps: int
     vq.requires_grad_(True)
     super(VQTokenizer, vq).train(True)  # VQTokenizer.train() pins eval mode; training it is the exception
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # OneCycle needs >= 2 warm-up steps (a 1-step warm-up divides by zero in torch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(0.5, max(0.05, 2.5 / steps)))
     usage = torch.zeros(cfg.num_codes, device=dev)
     start, log = time.perf_counter(), []
     for step in range(steps):

@@ -181,8 +181,12 @@ def _run_suite(df, policy: ValidationPolicy):
 
 
 def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationPolicy | None = None,
-                      data_root: str | Path | None = None, progress=None) -> ValidationResult:
-    """Validate ``manifest`` into ``out``/{clean.jsonl, rejected.jsonl, report.json, report.html}."""
+                      data_root: str | Path | None = None, progress=None,
+                      relative_root: bool = False) -> ValidationResult:
+    """Validate ``manifest`` into ``out``/{clean.jsonl, rejected.jsonl, report.json, report.html}.
+
+    ``relative_root``: record the data root in ``dataset.json`` relative to ``out`` (data that
+    lives inside the output directory, e.g. a pipeline artifact that moves between pods)."""
     import pandas as pd
 
     policy = policy or ValidationPolicy()
@@ -243,7 +247,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     sha = hashlib.sha256(body.encode()).hexdigest()
     _write_atomic(out / "report.json.sha256", f"{sha}  report.json\n")
     _write_atomic(out / "report.html", _html(report, rejected[:200]))
-    _write_atomic(out / "dataset.json", json.dumps({"data_root": str(root), "source_manifest": str(manifest.resolve()),
+    recorded_root = os.path.relpath(root, out.resolve()) if relative_root else str(root)
+    _write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root, "source_manifest": str(manifest.resolve()),
                                                     "manifest_sha256": manifest_sha, "report_sha256": sha}, indent=2))
     return ValidationResult(len(rows), len(clean), len(rejected), dict(counts), out / "report.json", sha, expectations)
 

@@ -108,6 +108,25 @@ def handoff_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+LINEAGE_KEYS = ("stage", "step", "recipe", "mlflow_run_id", "data_dir", "data_digest", "manifest_sha256",
+                "validation_report_sha256")
+
+
+def ancestry(model_dir: Path) -> list[dict]:
+    """The stage chain up to and including ``model_dir``, carried inside each hand-off.
+
+    Every stage copies its parent's chain and appends the parent, so a hand-off knows its whole
+    history even where the parents' directories do not exist (another pod, another machine): a
+    pipeline step on a cluster sees only its own input artifacts."""
+    model_dir = Path(model_dir)
+    manifest = model_dir / HANDOFF
+    if not manifest.is_file():
+        return []
+    doc = json.loads(manifest.read_text())
+    entry = {k: doc.get(k) for k in LINEAGE_KEYS} | {"handoff_sha256": handoff_digest(model_dir)}
+    return list(doc.get("ancestors", [])) + [entry]
+
+
 def write_handoff(model_dir: Path, info: dict, state: dict[str, torch.Tensor], trainable: list[str]) -> dict:
     """Add ``handoff.json`` to a saved model directory (after every other file is written)."""
     frozen = [k for k in state if k not in set(trainable)]

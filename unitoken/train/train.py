@@ -168,6 +168,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
               "text": stage.text_ratio}
     sampler = MixtureSampler(dataset.tasks(), ratios, seed=recipe.train.seed + 1000 * stage_n)
     data_digest = sha256_file(Path(data) / "index.json")
+    index_doc = json.loads((Path(data) / "index.json").read_text())
 
     opt, sched = build_optimizer(model, stage)
     ds_cfg = parallel.ds_config(recipe.train, stage, world)
@@ -227,6 +228,9 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
             "data_dir": str(Path(data).resolve()), "data_digest": data_digest,
             "parent": str(init.resolve()), "parent_stage": parent.get("stage", 0), "parent_digest": parent_digest,
             "mlflow_run_id": tracker.run_id, "trainable": list(stage.trainable),
+            "manifest_sha256": index_doc.get("manifest_sha256"),
+            "validation_report_sha256": index_doc.get("validation_report_sha256"),
+            "ancestors": ckpt.ancestry(init),
         }, state, trainable)
         curve = plot_losses(metrics_path, out / "loss.png", f"stage {stage_n} ({recipe.name})")
         digest = ckpt.handoff_digest(handoff)

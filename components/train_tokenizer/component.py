@@ -1,0 +1,26 @@
+"""The recipe's VQ tokenizer: the released one (tokenizer_uri) or one trained on the data."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_tokenizer(dataset: Input[Dataset], recipe: str, overrides_json: str, tokenizer_uri: str, steps: int,
+                    parent_run_id: str, tokenizer: Output[Model]):
+    """Writes a VQ-GAN directory (vqgan.yaml + vqgan.ckpt, taming layout)."""
+    import json
+    from pathlib import Path
+
+    from unitoken.pipeline import steps as s
+
+    info = s.tokenizer(Path(dataset.path), recipe, json.loads(overrides_json), tokenizer_uri, steps,
+                       Path(tokenizer.path), parent_run_id)
+    tokenizer.metadata.update({k: v for k, v in info.items() if v is not None})
+
+
+if __name__ == "__main__":
+    from kfp import compiler
+
+    compiler.Compiler().compile(train_tokenizer, "train_tokenizer.yaml")

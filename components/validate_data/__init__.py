@@ -1,0 +1,1 @@
+"""Component: validate_data."""

@@ -1,0 +1,132 @@
+"""Run the pipeline: locally through ``kfp.local`` (the embedded default), or on a KFP server.
+
+    unitoken pipeline run --local [--recipe tiny]             (what `make demo` runs)
+    unitoken pipeline compile --out FILE [--stages 3] [--cluster cluster.yaml]
+    unitoken pipeline submit --host URL [--cluster ...] --param data_uri=s3://...
+    unitoken pipeline schedule --host URL --cron "0 0 3 * * 0" [...]   (KFP recurring run, 6-field cron)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from pipelines.unitoken_training import build_pipeline, compile_pipeline
+from unitoken.pipeline.cluster import ClusterConfig
+
+
+def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """Run the whole pipeline in subprocesses of this Python (``kfp.local``), then read back
+    what it recorded in MLflow: the parent run, every step's nested run, the registered model.
+
+    Returns: {"job", "state", "seconds", "parent_run_id", "steps": [...], "scores": {label: {...}},
+    "gate": {...}, "model_uri"}.
+    """
+    from kfp import local
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "artifacts"),
+               raise_on_error=False)
+    pipeline = build_pipeline(stages, checkpoint_root=str(root / "checkpoints"))
+    start = time.perf_counter()
+    task = pipeline(data_uri=data_uri, **params)
+    seconds = time.perf_counter() - start
+    job = _job_name(task, root / "artifacts")
+    return {"seconds": round(seconds, 1), **summarize(job, params.get("model_name", "unitoken"))}
+
+
+def _job_name(task, artifacts: Path) -> str:
+    """kfp.local names the job <pipeline>-<timestamp>; the newest directory under the root is it."""
+    jobs = sorted((p for p in artifacts.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return jobs[-1].name
+
+
+def summarize(job: str, model_name: str) -> dict:
+    """What a pipeline job recorded in MLflow, found by the job name tag on its parent run."""
+    from unitoken.pipeline.steps import PIPELINE_TAG, _client
+    from unitoken.train.tracking import ensure_experiment
+
+    client = _client()
+    exp = ensure_experiment(client)
+    parents = client.search_runs([exp], filter_string=f"tags.`{PIPELINE_TAG}` = '{job}'", max_results=1)
+    if not parents:
+        return {"job": job, "state": "NOT STARTED", "steps": [], "scores": {}, "gate": None, "model_uri": None}
+    parent = parents[0]
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=200)
+    steps, scores, gate, model_uri = [], {}, None, None
+    for run in children:
+        name = run.info.run_name
+        secs = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+        steps.append({"name": name, "status": run.info.status, "seconds": round(secs, 1), "run_id": run.info.run_id})
+        m = run.data.metrics
+        if name.startswith("eval-"):
+            scores[name[5:]] = {k.removesuffix(".overall"): v for k, v in m.items() if k.endswith(".overall")}
+        if name == "gate":
+            gate = {"passed": bool(m.get("passed")), "champion_version": run.data.params.get("champion_version")}
+        if name.startswith("register-"):
+            mv = [v for v in client.search_model_versions(f"name='{model_name}'")
+                  if v.tags.get("unitoken.registration_run") == run.info.run_id]
+            if mv:
+                model_uri = f"models:/{model_name}/{mv[0].version}"
+    return {"job": job, "state": parent.data.tags.get("unitoken.pipeline_state", parent.info.status),
+            "error": parent.data.tags.get("unitoken.pipeline_error"), "parent_run_id": parent.info.run_id,
+            "steps": steps, "scores": scores, "gate": gate, "model_uri": model_uri}
+
+
+# --------------------------------------------------------------------------- a KFP server
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """``key=value`` pipeline arguments; values that parse as JSON (numbers, booleans) are typed."""
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--param {pair!r}: expected NAME=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            params[key] = json.loads(value) if value[:1] in "-0123456789tf[{" else value
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _client(host: str, client=None):
+    if client is not None:
+        return client
+    import kfp
+
+    return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+
+
+def submit(host: str, package: Path, params: dict, experiment: str = "unitoken", run_name: str | None = None,
+           client=None) -> str:
+    """Start one run of a compiled pipeline; returns the run id."""
+    c = _client(host, client)
+    run = c.create_run_from_pipeline_package(str(package), arguments=params, experiment_name=experiment,
+                                             run_name=run_name)
+    return run.run_id
+
+
+CRON = re.compile(r"^\S+( \S+){5}$")
+
+
+def schedule(host: str, package: Path, params: dict, cron: str, name: str, experiment: str = "unitoken",
+             max_concurrency: int = 1, client=None) -> str:
+    """A KFP recurring run (scheduled retraining); ``cron`` has 6 fields, seconds first."""
+    if not CRON.match(cron.strip()):
+        raise ValueError(f"--cron {cron!r}: KFP takes 6 fields, seconds first, e.g. '0 0 3 * * 0' (Sundays 03:00)")
+    c = _client(host, client)
+    exp = c.create_experiment(experiment)
+    job = c.create_recurring_run(experiment_id=exp.experiment_id, job_name=name, cron_expression=cron,
+                                 pipeline_package_path=str(package), params=params,
+                                 max_concurrency=max_concurrency, enabled=True)
+    return job.recurring_run_id
+
+
+def compile_to(out: Path, stages: tuple[int, ...], cluster: ClusterConfig | None) -> Path:
+    return compile_pipeline(out, stages, cluster)

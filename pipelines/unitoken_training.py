@@ -1,0 +1,160 @@
+"""The UniToken training pipeline: data -> tokenizer -> stages -> evaluation -> gate -> registry.
+
+    python -m pipelines.unitoken_training --out unitoken_training.yaml [--stages 3] [--cluster cluster.yaml]
+    unitoken pipeline compile --out FILE   (the same, from the CLI)
+
+Which stages run is fixed when the pipeline is compiled (``stages``): ``(1, 2, 3)`` trains from
+scratch; ``(3,)`` is stage-scoped retraining that starts from ``base_model`` (a registered
+model) and runs stage 3 on new data. (A runtime choice would need ``dsl.OneOf`` over the
+stages' hand-off artifacts, which ``kfp.local`` cannot resolve, so the local run and the
+cluster would run different graphs.) The ``cluster`` config sets per-step placement at compile
+time; the local runner ignores it.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp import kubernetes as k8s
+
+from components.close_run.component import close_run
+from components.evaluate.component import evaluate
+from components.gate.component import gate
+from components.init_model.component import init_model
+from components.open_run.component import open_run
+from components.pretokenize.component import pretokenize
+from components.register_model.component import register_model
+from components.train_stage.component import train_stage
+from components.train_tokenizer.component import train_tokenizer
+from components.validate_data.component import validate_data
+from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, validate_cluster
+
+JOB = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+
+
+def place(task, step: str, cluster: ClusterConfig | None):
+    """Name the task after its step and, for a cluster, attach what ``cluster`` says about it."""
+    task.set_display_name(step)
+    if cluster is None:
+        return task
+    r = cluster.resources(step)
+    task.set_container_image(cluster.image)
+    for key, value in sorted(cluster.env.items()):
+        task.set_env_variable(key, value)
+    for secret in cluster.secrets:
+        k8s.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=dict(secret.env))
+    if cluster.image_pull_secrets:
+        k8s.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
+    if r.cpu:
+        task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
+    if r.memory:
+        task.set_memory_request(r.memory).set_memory_limit(r.memory)
+    if r.timeout_s:
+        k8s.set_timeout(task, int(r.timeout_s))
+    if r.gpus and r.num_nodes == 1:  # a multi-node stage's GPUs belong to its TrainJob, not this pod
+        task.set_accelerator_type(r.gpu_resource).set_accelerator_limit(r.gpus)
+    if r.gpus:
+        for key, value in sorted(r.node_selector.items()):
+            k8s.add_node_selector(task, key, value)
+        for t in r.tolerations:
+            k8s.add_toleration(task, key=t.get("key"), operator=t.get("operator", "Equal"), value=t.get("value"),
+                               effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
+        if cluster.queue:
+            k8s.add_pod_label(task, "kueue.x-k8s.io/queue-name", cluster.queue)
+        if r.priority_class:
+            k8s.add_pod_label(task, "kueue.x-k8s.io/priority-class", r.priority_class)
+    if step in TRAIN_STEPS:
+        if cluster.checkpoint_pvc:
+            k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
+        if r.retries:
+            task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None,
+                   checkpoint_root: str = ""):
+    """The pipeline function for ``stages`` (consecutive, ending at 3) placed by ``cluster``."""
+    if not stages or list(stages) != list(range(stages[0], 4)):
+        raise ValueError(f"stages={stages}: use consecutive stages ending at 3, e.g. 1,2,3 or 2,3 or 3")
+    if cluster is not None:
+        validate_cluster(cluster)
+        checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
+    cluster_json = json.dumps(_cluster_doc(cluster)) if cluster else "{}"
+    name = "unitoken-training" if stages[0] == 1 else f"unitoken-retrain-from-stage{stages[0]}"
+
+    @dsl.pipeline(name=name, description=f"UniToken stages {', '.join(map(str, stages))}: validate -> "
+                  "tokenize -> train -> evaluate -> gate -> register (MLflow lineage)")
+    def unitoken_training(data_uri: str, recipe: str = "tiny", model_name: str = "unitoken",
+                          overrides_json: str = "[]", mixture_ratio: str = "1:1", gate_policy: str = "",
+                          base_model: str = "", tokenizer_uri: str = "", tokenizer_steps: int = 300,
+                          max_steps: int = 0, eval_suites: str = "shapes-vqa,shapes-geneval", eval_limit: int = 50,
+                          max_reject_fraction: float = 0.01, promote: bool = False):
+        closing = place(close_run(job=JOB), "close-run", cluster)
+        with dsl.ExitHandler(closing, name="unitoken-run"):
+            # Step 1: the parent MLflow run every task nests under
+            run = place(open_run(job=JOB, params_json=json.dumps({"stages": list(stages)})), "open-run", cluster)
+            parent = run.output
+            # Step 2: great-expectations validation with quarantine
+            data = place(validate_data(data_uri=data_uri, parent_run_id=parent,
+                                       max_reject_fraction=max_reject_fraction), "validate-data", cluster)
+            # Step 3: the model the first stage starts from (a new one with its tokenizer, or a registered one)
+            if stages[0] == 1:
+                tok = place(train_tokenizer(dataset=data.outputs["dataset"], recipe=recipe, overrides_json=overrides_json,
+                                            tokenizer_uri=tokenizer_uri, steps=tokenizer_steps, parent_run_id=parent),
+                            "train-tokenizer", cluster)
+                init = init_model(recipe=recipe, overrides_json=overrides_json, base_model=base_model,
+                                  tokenizer=tok.outputs["tokenizer"])
+            else:
+                init = init_model(recipe=recipe, overrides_json=overrides_json, base_model=base_model)
+            place(init, "init-model", cluster)
+            # Step 4: VQ pre-tokenisation with the model's tokenizer
+            tokens = place(pretokenize(dataset=data.outputs["dataset"], model=init.outputs["model"],
+                                       parent_run_id=parent), "pretokenize", cluster)
+            # Step 5: the stages, each from the previous hand-off, each evaluated
+            model = init.outputs["model"]
+            for n in stages:
+                r = cluster.resources(f"train-stage{n}") if cluster else None
+                stage = place(train_stage(stage=n, recipe=recipe, overrides_json=overrides_json,
+                                          mixture_ratio=mixture_ratio, tokens=tokens.outputs["tokens"], init=model,
+                                          parent_run_id=parent, job=JOB, checkpoint_root=checkpoint_root,
+                                          max_steps=max_steps, num_nodes=r.num_nodes if r else 1,
+                                          cluster_json=cluster_json), f"train-stage{n}", cluster)
+                model = stage.outputs["handoff"]
+                scored = place(evaluate(model=model, dataset=data.outputs["dataset"], suites=eval_suites,
+                                        limit=eval_limit, label=f"stage{n}", parent_run_id=parent), "evaluate", cluster)
+                scored.set_display_name(f"evaluate-stage{n}")
+            # Step 6: the two-track gate against the champion, then registration
+            verdict = place(gate(candidate=scored.outputs["evaluation"], model_name=model_name, policy_yaml=gate_policy,
+                                 parent_run_id=parent), "gate", cluster)
+            with dsl.If(verdict.outputs["passed"] == True, name="if-gate-passed"):  # noqa: E712 - a KFP condition
+                place(register_model(model=model, evaluation=scored.outputs["evaluation"],
+                                     decision=verdict.outputs["decision"], model_name=model_name, parent_run_id=parent,
+                                     promote=promote, expect_champion=verdict.outputs["champion_version"]),
+                      "register-model", cluster)
+
+    return unitoken_training
+
+
+def _cluster_doc(cluster: ClusterConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cluster)
+
+
+def compile_pipeline(out: Path, stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(stages, cluster), str(out))
+    return out
+
+
+if __name__ == "__main__":
+    from unitoken.pipeline.cluster import load_cluster
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("unitoken_training.yaml"))
+    ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--cluster", type=Path)
+    a = ap.parse_args()
+    print(compile_pipeline(a.out, tuple(int(s) for s in a.stages.split(",")), load_cluster(a.cluster)))

@@ -1,0 +1,150 @@
+"""Every pipeline compiles, loads back, and carries the cluster settings where they belong."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unitoken.config import ConfigError
+from unitoken.pipeline.cluster import CPU_STEPS, GPU_STEPS, cluster_from_dict, load_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "cluster.yaml"
+VARIANTS = [(1, 2, 3), (2, 3), (3,)]
+
+
+def _compile(tmp_path, stages, cluster=None):
+    from pipelines.unitoken_training import compile_pipeline
+
+    out = compile_pipeline(tmp_path / f"p{''.join(map(str, stages))}.yaml", stages, cluster)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return out, docs[0], (docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {})
+
+
+def _tasks(spec) -> dict[str, str]:
+    """step (display) name -> executor label, over every DAG in the pipeline."""
+    comps = spec["components"]
+    found = {}
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in comps.values() if "dag" in c]
+    for dag in dags:
+        for task in dag["tasks"].values():
+            comp = comps[task["componentRef"]["name"]]
+            if "executorLabel" in comp:
+                found[task["taskInfo"]["name"]] = comp["executorLabel"]
+    return found
+
+
+@pytest.mark.parametrize("stages", VARIANTS)
+def test_every_pipeline_compiles_and_loads_back(tmp_path, stages):
+    """Plain compile of each stage variant; the kfp SDK reads the YAML back as a component."""
+    from kfp import components
+
+    out, spec, _ = _compile(tmp_path, stages)
+    loaded = components.load_component_from_file(str(out))
+    assert {"data_uri", "recipe", "mixture_ratio", "gate_policy", "base_model"} <= set(loaded.component_spec.inputs)
+    names = set(_tasks(spec))
+    assert {f"train-stage{n}" for n in stages} <= names
+    assert not {f"train-stage{n}" for n in (1, 2, 3) if n not in stages} & names
+    assert ("train-tokenizer" in names) == (stages[0] == 1)
+    assert {"validate-data", "pretokenize", "gate", "register-model", "open-run", "close-run"} <= names
+
+
+def test_bad_stage_lists_are_refused():
+    """Stages must be consecutive and end at 3."""
+    from pipelines.unitoken_training import build_pipeline
+
+    for bad in [(1, 3), (2,), ()]:
+        with pytest.raises(ValueError, match="consecutive"):
+            build_pipeline(bad)
+
+
+def test_every_component_module_compiles(tmp_path):
+    """Each components/<name>/component.py holds one compilable component."""
+    from kfp import compiler
+
+    names = sorted(p.parent.name for p in (ROOT / "components").glob("*/component.py"))
+    assert len(names) == 10
+    for name in names:
+        module = importlib.import_module(f"components.{name}.component")
+        compiler.Compiler().compile(getattr(module, name), str(tmp_path / f"{name}.yaml"))
+        assert yaml.safe_load((tmp_path / f"{name}.yaml").read_text())["deploymentSpec"]
+
+
+def test_gpu_settings_on_gpu_steps_only(tmp_path):
+    """Accelerators, node selectors, tolerations and priority labels land on GPU steps and never on CPU
+    steps; the PVC on training steps; secrets, image and env on every step."""
+    cluster = load_cluster(EXAMPLE)
+    _, spec, platform = _compile(tmp_path, (1, 2, 3), cluster)
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = _tasks(spec)
+    seen_gpu = 0
+    for step, label in tasks.items():
+        base = step.removesuffix(f"-stage{step[-1]}") if step.startswith("evaluate-stage") else step
+        container = executors[label]["container"]
+        k8s = platform.get(label, {})
+        accel = container.get("resources", {}).get("accelerator")
+        assert container["image"] == cluster.image
+        assert {e["name"] for e in container.get("env", [])} >= set(cluster.env)
+        secrets = {s["secretName"]: {kv["envVar"] for kv in s["keyToEnv"]} for s in k8s.get("secretAsEnv", [])}
+        assert secrets == {"unitoken-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "unitoken-mlflow": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}, step
+        if base in CPU_STEPS:
+            assert accel is None and "nodeSelector" not in k8s and "tolerations" not in k8s, step
+            assert "podMetadata" not in k8s and "pvcMount" not in k8s, step
+            assert container["resources"]["cpuLimit"] == 2.0, step
+        else:
+            assert base in GPU_STEPS, step
+            r = cluster.resources(base)
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}, step
+            assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu", step
+            assert k8s["podMetadata"]["labels"]["kueue.x-k8s.io/priority-class"] == r.priority_class, step
+            if r.num_nodes == 1:
+                assert accel["resourceType"] == "nvidia.com/gpu" and int(accel["resourceCount"]) == r.gpus, step
+                seen_gpu += 1
+            else:  # the GPUs belong to the TrainJob this step launches
+                assert accel is None, step
+        if base.startswith("train-stage"):
+            assert k8s["pvcMount"][0]["constant"] == "unitoken-checkpoints", step
+            assert k8s["pvcMount"][0]["mountPath"] == "/mnt/checkpoints", step
+            assert int(k8s["activeDeadlineSeconds"]) == cluster.resources(base).timeout_s
+    assert seen_gpu >= 6  # tokenizer, pretokenize, stage 1 and 3, evaluations, gate
+    policies = [t.get("retryPolicy") for c in spec["components"].values() if "dag" in c
+                for name, t in c["dag"]["tasks"].items() if name.startswith("train-stage")]
+    assert policies and all(p and p["maxRetryCount"] == 3 for p in policies)
+
+
+def test_without_a_cluster_config_nothing_is_scheduled(tmp_path):
+    """The local/default compile carries no GPU, PVC or secret settings at all."""
+    _, spec, platform = _compile(tmp_path, (1, 2, 3))
+    assert platform == {}
+    assert all("accelerator" not in e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values())
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"gpus": 1}, "unknown field 'gpus'"),
+    ({"cpu": {"gpus": 1}}, "a CPU step takes no gpus"),
+    ({"steps": {"validate-data": {"node_selector": {"a": "b"}}}}, "a CPU step takes no"),
+    ({"steps": {"train-stage9": {}}}, "unknown step 'train-stage9'"),
+    ({"steps": {"evaluate": {"num_nodes": 2}}, "checkpoint_pvc": "x"}, "only training stages run on several nodes"),
+    ({"steps": {"train-stage2": {"num_nodes": 2}}}, "set cluster.checkpoint_pvc"),
+    ({"gpu": {"memory": "lots"}}, "not a Kubernetes quantity"),
+    ({"secrets": [{"name": "s"}]}, r"secrets\[0\]"),
+    ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}, "secrets": [{"name": "s", "env": {"k": "AWS_SECRET_ACCESS_KEY"}}]},
+     "keep credentials in secrets only"),
+])
+def test_bad_cluster_configs_name_the_field(doc, field):
+    """Each bad cluster block is refused with the field and the fix."""
+    with pytest.raises(ConfigError, match=field):
+        cluster_from_dict(doc)
+
+
+def test_example_cluster_round_trips():
+    """The example file loads, and its dict form (what a multi-node step receives) loads again."""
+    cluster = load_cluster(EXAMPLE)
+    assert cluster_from_dict(dataclasses.asdict(cluster)) == cluster
+    assert cluster.resources("train-stage2").num_nodes == 4
+    assert cluster.resources("open-run").gpus == 0

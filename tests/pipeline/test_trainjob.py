@@ -1,0 +1,238 @@
+"""The Kubeflow Trainer launcher against a loopback HTTP stub of the Kubernetes API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from unitoken.pipeline.cluster import cluster_from_dict
+from unitoken.pipeline.trainjob import Cancelled, TrainJobFailed, TrainJobLauncher, trainjob_body
+
+PREFIX = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/unitoken/trainjobs"
+RUNNING = {"conditions": [{"type": "Suspended", "status": "False", "reason": "Resumed"}]}
+COMPLETE = {"conditions": [{"type": "Complete", "status": "True", "reason": "JobSetCompleted", "message": "all done"}]}
+FAILED = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                          "message": "node-0-0 exited with code 1"}]}
+
+
+class KubeStub:
+    """Enough of the API server for TrainJobs: create, get, watch (scripted statuses), delete."""
+
+    def __init__(self, timeline: list[dict]):
+        self.timeline, self.pos = timeline, 0
+        self.objects: dict[str, dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, dict]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, doc):
+                body = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                stub.requests.append(("POST", self.path))
+                obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                obj["metadata"]["resourceVersion"] = "1"
+                stub.objects[obj["metadata"]["name"]] = obj
+                self._send(201, obj)
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                stub.requests.append(("GET", self.path))
+                if [w.lower() for w in query.get("watch", [])] == ["true"]:
+                    return self._watch(query)
+                name = url.path.rsplit("/", 1)[-1]
+                if name not in stub.objects:
+                    return self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                self._send(200, stub.current(name))
+
+            def _watch(self, query):
+                name = query["fieldSelector"][0].split("=", 1)[1]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                deadline = time.time() + int(query.get("timeoutSeconds", ["5"])[0])
+                while time.time() < deadline:
+                    if stub.pos + 1 < len(stub.timeline):
+                        stub.pos += 1
+                        line = json.dumps({"type": "MODIFIED", "object": stub.current(name)}) + "\n"
+                        self.wfile.write(line.encode())
+                        self.wfile.flush()
+                    time.sleep(0.05)
+
+            def do_DELETE(self):
+                stub.requests.append(("DELETE", self.path))
+                name = urlparse(self.path).path.rsplit("/", 1)[-1]
+                length = int(self.headers.get("Content-Length") or 0)
+                options = json.loads(self.rfile.read(length)) if length else {}
+                options.update({k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()})
+                stub.deleted.append((name, options))
+                stub.objects.pop(name, None)
+                self._send(200, {"kind": "Status", "status": "Success"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def current(self, name):
+        obj = dict(self.objects[name])
+        obj["status"] = self.timeline[self.pos]
+        obj["metadata"] = {**obj["metadata"], "resourceVersion": str(self.pos + 1)}
+        return obj
+
+    def launcher(self) -> TrainJobLauncher:
+        from kubernetes import client
+
+        cfg = client.Configuration(host=f"http://127.0.0.1:{self.server.server_address[1]}")
+        return TrainJobLauncher("unitoken", api_client=client.ApiClient(cfg), watch_timeout_s=2)
+
+
+CLUSTER = cluster_from_dict({
+    "image": "ghcr.io/acme/unitoken:1", "namespace": "unitoken", "checkpoint_pvc": "ckpt", "queue": "gpu-queue",
+    "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+    "secrets": [{"name": "unitoken-s3", "env": {"access-key": "AWS_ACCESS_KEY_ID"}}],
+    "gpu": {"gpus": 8, "node_selector": {"pool": "h200"}, "priority_class": "train-high",
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "steps": {"train-stage2": {"num_nodes": 4, "cpu": "96", "memory": "1000Gi"}},
+})
+
+
+def _body(name="uni-stage2"):
+    return trainjob_body(name, "train-stage2", ["torchrun", "-m", "unitoken.cli", "train", "--stage", "2"], CLUSTER)
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(timeline):
+        stubs.append(KubeStub(timeline))
+        return stubs[-1]
+
+    yield make
+    for s in stubs:
+        s.server.shutdown()
+
+
+def test_body_carries_the_steps_placement():
+    """numNodes, per-node resources, runtime, node selector, tolerations, PVC, env and secrets."""
+    body = _body()
+    spec = body["spec"]
+    assert spec["runtimeRef"] == {"name": "unitoken-deepspeed", "kind": "TrainingRuntime", "apiGroup": "trainer.kubeflow.org"}
+    assert spec["trainer"]["numNodes"] == 4
+    assert spec["trainer"]["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1000Gi"}
+    env = {e["name"]: e for e in spec["trainer"]["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "unitoken-s3", "key": "access-key"}
+    pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "h200"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ckpt"
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/mnt/checkpoints"
+    labels = body["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue" and labels["kueue.x-k8s.io/priority-class"] == "train-high"
+
+
+def test_create_and_watch_to_success(stub_factory):
+    """The job is created in the namespace and followed until Complete."""
+    stub = stub_factory([RUNNING, RUNNING, COMPLETE])
+    reason = stub.launcher().run(_body(), timeout_s=30)
+    assert "JobSetCompleted" in reason
+    assert stub.requests[0] == ("POST", PREFIX)
+    assert any("watch=true" in path.lower() for method, path in stub.requests if method == "GET")
+    assert stub.objects["uni-stage2"]["spec"]["trainer"]["numNodes"] == 4
+    assert stub.deleted == []
+
+
+def test_watch_to_failure_carries_the_reason(stub_factory):
+    """A Failed condition fails the step with the job's reason and message."""
+    stub = stub_factory([RUNNING, FAILED])
+    with pytest.raises(TrainJobFailed, match="BackoffLimitExceeded: node-0-0 exited with code 1"):
+        stub.launcher().run(_body(), timeout_s=30)
+    assert stub.deleted == []  # a failed job is left for its logs
+
+
+def test_timeout_cancels_the_job(stub_factory):
+    """Past the step's timeout the TrainJob is deleted (foreground) and the step fails."""
+    stub = stub_factory([RUNNING])
+    with pytest.raises(TimeoutError):
+        stub.launcher().run(_body(), timeout_s=1)
+    assert stub.deleted and stub.deleted[0][0] == "uni-stage2"
+    assert stub.deleted[0][1].get("propagationPolicy") == "Foreground"
+
+
+def test_cancelling_the_step_deletes_the_job(stub_factory):
+    """SIGTERM (KFP cancelling the step) while watching deletes the TrainJob, then re-raises."""
+    stub = stub_factory([RUNNING])
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(Cancelled):
+        stub.launcher().run(_body(), timeout_s=60)
+    timer.join()
+    assert [d[0] for d in stub.deleted] == ["uni-stage2"]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_deleted_job_fails_the_step(stub_factory):
+    """A job deleted by someone else while the step waits fails the step clearly."""
+    stub = stub_factory([RUNNING, RUNNING])
+    launcher = stub.launcher()
+    launcher.create(_body())
+    stub.objects.clear()
+    with pytest.raises(TrainJobFailed, match="was deleted"):
+        launcher.wait("uni-stage2", timeout_s=10)
+
+
+def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
+    """The multi-node step copies its inputs to the shared volume and launches `unitoken train` with
+    arguments the CLI accepts; without a hand-off on the volume afterwards it fails, never publishes."""
+    import dataclasses
+
+    from unitoken.cli import _parser
+    from unitoken.pipeline import steps
+    from unitoken.train.checkpoint import HandoffError
+
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "index.json").write_text("{}")
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "config.json").write_text("{}")
+    seen = {}
+
+    class FakeLauncher:
+        def run(self, body, timeout_s):
+            seen["body"], seen["timeout"] = body, timeout_s
+            return "JobSetCompleted"
+
+    with pytest.raises(HandoffError):
+        steps.train_stage_on_trainer(2, "tiny", ["train.seed=3"], tmp_path / "tokens", tmp_path / "init",
+                                     tmp_path / "out", tmp_path / "pvc" / "job" / "stage2", "run123", "My Job 2026",
+                                     dataclasses.asdict(CLUSTER), max_steps=5, launcher=FakeLauncher())
+    cmd = seen["body"]["spec"]["trainer"]["command"]
+    assert cmd[:3] == ["torchrun", "-m", "unitoken.cli"]
+    args = _parser().parse_args(cmd[3:])
+    assert (args.stage, args.recipe, args.max_steps, args.overrides) == (2, "tiny", 5, ["train.seed=3"])
+    assert (tmp_path / "pvc/job/stage2/inputs/tokens/index.json").is_file()
+    assert (tmp_path / "pvc/job/stage2/inputs/init/config.json").is_file()
+    env = {e["name"]: e.get("value") for e in seen["body"]["spec"]["trainer"]["env"]}
+    assert env["MLFLOW_PARENT_RUN_ID"] == "run123"
+    name = seen["body"]["metadata"]["name"]
+    assert len(name) <= 63 and name[0].isalpha() and name == name.lower()
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,190 @@
+"""``unitoken pipeline run|compile|submit|schedule``: the CLI side of ``pipelines/``.
+
+``run --local`` is the embedded default (``make demo``): synthetic data, the whole pipeline
+through ``kfp.local`` (one subprocess per step, the same components as on a cluster), a
+sqlite-backed MLflow under ``./.unitoken/``, then a summary read back from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+LOCAL_ROOT = Path(".unitoken/pipeline")
+
+
+def add_parser(sub) -> None:
+    pl = sub.add_parser("pipeline", help="the Kubeflow pipeline: run locally, compile, submit, schedule",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  unitoken pipeline run --local --recipe tiny\n"
+                               "  unitoken pipeline compile --out p.yaml --cluster examples/cluster.yaml\n"
+                               "  unitoken pipeline submit --host http://kfp:8888 --param data_uri=s3://b/d\n"
+                               "  unitoken pipeline schedule --host http://kfp:8888 --cron '0 0 3 * * 0' "
+                               "--stages 3 --param base_model=models:/unitoken@champion --param data_uri=s3://b/new")
+    psub = pl.add_subparsers(dest="pipeline_command", required=True)
+
+    def common(p, params=True):
+        p.add_argument("--stages", default="1,2,3", help="stages this pipeline runs: 1,2,3 | 2,3 | 3 (from --base-model)")
+        p.add_argument("--cluster", type=Path, help="cluster YAML: image, per-step GPUs/placement, PVC, secrets")
+        if params:
+            p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                           help="pipeline argument (data_uri, recipe, model_name, mixture_ratio, gate_policy, ...)")
+
+    run = psub.add_parser("run", help="run the pipeline (--local: here, through kfp.local)")
+    run.add_argument("--local", action="store_true", required=True, help="run here (kfp.local); a cluster: `submit`")
+    run.add_argument("--recipe", default="tiny")
+    run.add_argument("--data", help="data directory, manifest or s3:// URI (default: synthesise --scenes scenes)")
+    run.add_argument("--scenes", type=int, default=300, help="synthetic scenes when --data is not given")
+    run.add_argument("--name", default="unitoken", help="registered model name")
+    run.add_argument("--base-model", default="", help="models:/NAME@ALIAS to start from (stage-scoped retraining)")
+    run.add_argument("--promote", action="store_true", help="move the champion alias to the model if the gate passes")
+    run.add_argument("--root", type=Path, default=LOCAL_ROOT, help="artifacts, checkpoints and logs")
+    common(run)
+    comp = psub.add_parser("compile", help="write the pipeline YAML for a KFP server")
+    comp.add_argument("--out", required=True, type=Path)
+    common(comp, params=False)
+    for name, text in (("submit", "start one run on a KFP server"),
+                       ("schedule", "a recurring run on a KFP server (scheduled retraining)")):
+        p = psub.add_parser(name, help=text)
+        p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+        p.add_argument("--experiment", default="unitoken")
+        common(p)
+        if name == "submit":
+            p.add_argument("--run-name")
+        else:
+            p.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 0' = Sundays 03:00")
+            p.add_argument("--job-name", default="unitoken-retraining")
+            p.add_argument("--max-concurrency", type=int, default=1)
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--stages {text!r}: a comma list such as 1,2,3 or 3") from None
+
+
+def cmd_pipeline(args) -> int:
+    from pipelines import launch
+    from unitoken.pipeline.cluster import load_cluster
+
+    stages = _stages(args.stages)
+    if args.pipeline_command == "run":
+        return _run_local(args, stages)
+    cluster = load_cluster(args.cluster)
+    if args.pipeline_command == "compile":
+        console.print(f"compiled {launch.compile_to(args.out, stages, cluster)} (stages {args.stages})")
+        return 0
+    params = launch.parse_params(args.param)
+    if "data_uri" not in params:
+        raise ValueError("--param data_uri=URI is required (s3://bucket/prefix or a path on a shared volume)")
+    package = LOCAL_ROOT / f"{args.pipeline_command}-{int(time.time())}.yaml"
+    launch.compile_to(package, stages, cluster)
+    if args.pipeline_command == "submit":
+        run_id = launch.submit(args.host, package, params, args.experiment, args.run_name)
+        console.print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
+        return 0
+    job = launch.schedule(args.host, package, params, args.cron, args.job_name, args.experiment, args.max_concurrency)
+    console.print(f"recurring run {job} ({args.cron}) on {args.host}")
+    return 0
+
+
+def _run_local(args, stages: tuple[int, ...]) -> int:
+    from pipelines import launch
+
+    root = Path(args.root)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('.unitoken/mlflow.db').resolve()}")
+    Path(".unitoken").mkdir(exist_ok=True)
+    data = args.data
+    if data is None:
+        from unitoken.data.synth import synthesize
+
+        data = str((root / "data").resolve())
+        if not (Path(data) / "manifest.jsonl").is_file():
+            with console.status(f"synthesising {args.scenes} scenes -> {data}"):
+                synthesize(data, args.scenes)
+    params = {"recipe": args.recipe, "model_name": args.name, "base_model": args.base_model,
+              "promote": args.promote, **launch.parse_params(args.param)}
+    log_file = root / "pipeline.log"
+    root.mkdir(parents=True, exist_ok=True)
+    console.rule(f"[bold]UniToken pipeline (kfp.local), stages {args.stages}, recipe {args.recipe}")
+    console.print(f"data {data}\nstep logs -> {log_file}")
+    with _progress(root / "artifacts", Console(file=sys.stdout)), _kfp_logs_to(log_file):
+        result = launch.run_local(data, root, params, stages)
+    _print_summary(result, args.name)
+    if result["state"] not in ("SUCCEEDED", "FINISHED"):
+        console.print(f"[red]pipeline {result['state']}[/red]: {result.get('error') or ''} (see {log_file})")
+        return 1
+    return 0 if result["gate"] and result["gate"]["passed"] else 3
+
+
+@contextlib.contextmanager
+def _kfp_logs_to(path: Path):
+    """kfp.local logs every step (and its executor input) to stdout: into a file instead."""
+    with open(path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        yield
+
+
+@contextlib.contextmanager
+def _progress(artifacts: Path, term: Console):
+    """A live line per finished step (kfp.local writes its executor output when a step ends)."""
+    stop = threading.Event()
+    start = time.time()
+
+    def watch():
+        seen: set[str] = set()
+        while not stop.wait(1.0):
+            jobs = sorted((p for p in artifacts.glob("*") if p.is_dir() and p.stat().st_mtime >= start - 1),
+                          key=lambda p: p.stat().st_mtime) if artifacts.is_dir() else []
+            for done in sorted(jobs[-1].glob("*/executor_output.json"), key=lambda p: p.stat().st_mtime) if jobs else []:
+                if done.parent.name not in seen:
+                    seen.add(done.parent.name)
+                    term.print(f"  [green]done[/green] {done.parent.name:<22} {time.time() - start:6.0f} s")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        with term.status("running the pipeline (one subprocess per step)"):
+            yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _print_summary(result: dict, name: str) -> None:
+    steps = Table(title=f"pipeline {result['job']}: {result['state']} in {result.get('seconds', 0):.0f} s")
+    for col in ("MLflow run", "status", "seconds"):
+        steps.add_column(col)
+    for s in result["steps"]:
+        steps.add_row(s["name"], s["status"], f"{s['seconds']:.1f}")
+    console.print(steps)
+    if result["scores"]:
+        scores = Table(title="scores per stage")
+        suites = sorted({k for v in result["scores"].values() for k in v})
+        scores.add_column("after")
+        for s in suites:
+            scores.add_column(s)
+        for label, v in result["scores"].items():
+            scores.add_row(label, *[f"{v[s]:.3f}" if s in v else "-" for s in suites])
+        console.print(scores)
+    gate = result["gate"]
+    if gate is not None:
+        verdict = "[green]PASSED" if gate["passed"] else "[red]FAILED"
+        console.print(f"gate: {verdict}[/] (champion compared: {gate['champion_version']}); "
+                      f"decision.json under the gate step's artifacts")
+    console.print(f"model: {result['model_uri'] or 'not registered'}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    console.print(f"\nbrowse runs and lineage:  .venv/bin/mlflow ui --backend-store-uri {uri}")
+    if result["model_uri"]:
+        console.print(f"                          .venv/bin/unitoken lineage {result['model_uri']}")
+        console.print(f"                          .venv/bin/unitoken lineage models:/{name}@champion")

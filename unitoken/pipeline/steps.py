@@ -1,0 +1,412 @@
+"""What each pipeline step does, as plain functions over local paths (issue 7).
+
+The KFP components in ``components/`` are thin: KFP hands them artifact paths and parameters,
+they call one function here. The same code therefore runs under ``kfp.local`` (``make demo``),
+in a pod on a cluster, and in tests without KFP. Nothing here imports ``kfp``.
+
+MLflow: the pipeline run is the parent run (``open_pipeline_run``), found again by the tag
+``unitoken.pipeline_job``; every step is a nested run (``mlflow.parentRunId``). Training stages
+create their own nested run through ``MLflowTracker`` (which reads ``MLFLOW_PARENT_RUN_ID``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TAG = "unitoken.pipeline_job"
+
+
+class StepError(RuntimeError):
+    """A pipeline step cannot do its work; the message says why and what to change."""
+
+
+# --------------------------------------------------------------------------- MLflow runs
+
+
+def _client():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    from unitoken.train.tracking import default_tracking_uri
+
+    return MlflowClient(tracking_uri=default_tracking_uri())
+
+
+def _find_pipeline_run(client, exp_id: str, job: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{job}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def open_pipeline_run(job: str, params: dict[str, Any]) -> str:
+    """The parent MLflow run of pipeline job ``job`` (created once; a retried step finds it)."""
+    from unitoken.train.tracking import ensure_experiment
+
+    client = _client()
+    exp_id = ensure_experiment(client)
+    run = _find_pipeline_run(client, exp_id, job)
+    if run is not None:
+        return run.info.run_id
+    run_id = client.create_run(exp_id, run_name=job, tags={PIPELINE_TAG: job, "unitoken.kind": "pipeline"}).info.run_id
+    for key, value in sorted(params.items()):
+        client.log_param(run_id, key, str(value)[:6000])
+    return run_id
+
+
+def close_pipeline_run(job: str, state: str, error: str | None = None) -> str:
+    """Mark the parent run FINISHED or FAILED from KFP's final status of the pipeline."""
+    from unitoken.train.tracking import ensure_experiment
+
+    client = _client()
+    run = _find_pipeline_run(client, ensure_experiment(client), job)
+    if run is None:  # the pipeline failed before its first step could open the run
+        return "none"
+    status = "FINISHED" if state.upper() in ("SUCCEEDED", "SUCCESS") else "FAILED"
+    client.set_tag(run.info.run_id, "unitoken.pipeline_state", state)
+    if error:
+        client.set_tag(run.info.run_id, "unitoken.pipeline_error", error[:5000])
+    client.set_terminated(run.info.run_id, status)
+    return status
+
+
+class StepRun:
+    """A nested MLflow run for one step (params, metrics, artifacts), FAILED if the step raises."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        for key, value in sorted(params.items()):
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        for key, value in sorted(metrics.items()):
+            self.client.log_metric(self.run_id, key.replace("/", "."), float(value), step=step)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+
+@contextlib.contextmanager
+def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None) -> Iterator[StepRun]:
+    from unitoken.train.tracking import ensure_experiment
+
+    client = _client()
+    tags = {"unitoken.kind": "pipeline-step", "unitoken.step": name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = StepRun(client, client.create_run(ensure_experiment(client), run_name=name, tags=tags).info.run_id)
+    run.params(params or {})
+    try:
+        yield run
+    except BaseException:
+        client.set_terminated(run.run_id, "FAILED")
+        raise
+    client.set_terminated(run.run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def parent_env(parent_run_id: str) -> Iterator[None]:
+    """Code that tracks by itself (training, registration) nests under the pipeline run."""
+    saved = os.environ.get("MLFLOW_PARENT_RUN_ID")
+    if parent_run_id:
+        os.environ["MLFLOW_PARENT_RUN_ID"] = parent_run_id
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_PARENT_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_PARENT_RUN_ID"] = saved
+
+
+# --------------------------------------------------------------------------- data
+
+
+def validate(data_uri: str, out: Path, parent_run_id: str, max_reject_fraction: float = 0.01) -> dict:
+    """Fetch ``data_uri`` (a local directory/manifest or ``s3://bucket/prefix``) and validate it
+    into ``out`` (clean.jsonl, rejected.jsonl, report.json/html, dataset.json -> the data root).
+
+    Raises:
+        StepError: no manifest, or more rows rejected than ``max_reject_fraction`` allows.
+    """
+    from unitoken.data.remote import materialise
+    from unitoken.data.validate import validate_manifest
+
+    if not 0 <= max_reject_fraction <= 1:
+        raise StepError(f"max_reject_fraction={max_reject_fraction}: use a fraction in [0, 1]")
+    # S3 data is downloaded into the output artifact (every later pod sees it); a local path (a
+    # shared volume on a cluster) is referenced where it is.
+    local = materialise(data_uri, Path(out) / "data")
+    manifest = local / "manifest.jsonl" if local.is_dir() else local
+    if not manifest.is_file():
+        raise StepError(f"data_uri {data_uri}: no manifest.jsonl there; point it at a data directory or a manifest")
+    with step_run("validate", parent_run_id, {"data_uri": data_uri, "max_reject_fraction": max_reject_fraction}) as run:
+        res = validate_manifest(manifest, out, relative_root=data_uri.startswith("s3://"))
+        run.metrics({"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
+                     "reject_fraction": res.reject_fraction})
+        run.tags({"unitoken.validation_report_sha256": res.report_sha256})
+        for name in ("report.json", "report.html", "rejected.jsonl"):
+            run.artifact(Path(out) / name, "validation")
+        if res.reject_fraction > max_reject_fraction:
+            raise StepError(f"{res.rejected_rows} of {res.input_rows} rows rejected ({res.reject_fraction:.2%} > "
+                            f"max_reject_fraction {max_reject_fraction:.2%}); the reasons are in rejected.jsonl")
+    return {"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
+            "report_sha256": res.report_sha256}
+
+
+def data_root(dataset: Path) -> Path:
+    """The directory the validated manifest's images (and the synthetic scenes) live in."""
+    from unitoken.data.manifest import data_root as root
+
+    return root(Path(dataset) / "clean.jsonl")
+
+
+def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, steps: int, out: Path,
+              parent_run_id: str) -> dict:
+    """The recipe's VQ tokenizer: a released VQ-GAN directory (``released``) copied as is, or
+    one trained on the validated images when the recipe names none."""
+    from unitoken.recipes import get_recipe
+
+    out = Path(out)
+    if released:
+        from unitoken.data.remote import materialise
+
+        src = materialise(released, out)
+        if not (src / "vqgan.ckpt").is_file() or not (src / "vqgan.yaml").is_file():
+            raise StepError(f"tokenizer_uri {released}: expected a VQ-GAN directory (vqgan.yaml + vqgan.ckpt)")
+        if src != out:
+            shutil.copytree(src, out, dirs_exist_ok=True)
+        return {"source": released}
+    from unitoken.data.tokenizer_train import train_tokenizer
+
+    cfg = get_recipe(recipe, overrides).model.vq
+    with step_run("tokenizer", parent_run_id, {"recipe": recipe, "steps": steps}) as run:
+        report = train_tokenizer(Path(dataset) / "clean.jsonl", out, cfg, steps=steps,
+                                 batch_size=min(32, max(4, steps)), lr=2e-3 if recipe == "tiny" else 1e-3)
+        run.metrics({k: report[k] for k in ("psnr", "codebook_usage") if isinstance(report.get(k), (int, float))})
+        run.artifact(out / "report.json", "tokenizer")
+        run.artifact(out / "reconstructions.png", "tokenizer")
+    return {k: report.get(k) for k in ("psnr", "codebook_usage", "train_seconds")}
+
+
+def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, base_model: str, out: Path,
+               seed: int = 0) -> dict:
+    """The model stage 1 (or the first stage run) starts from: a fresh one from the recipe with
+    the tokenizer, or a registered model (``models:/NAME@ALIAS``, stage-scoped retraining)."""
+    out = Path(out)
+    if base_model:
+        from unitoken.registry import load_uri
+
+        shutil.copytree(load_uri(base_model), out, dirs_exist_ok=True)
+        return {"source": base_model}
+    from unitoken.model.io import init_model as build, save_model
+    from unitoken.recipes import get_recipe
+
+    cfg = get_recipe(recipe, overrides).model
+    model, tok = build(cfg, [tokenizer_dir] if tokenizer_dir else [], seed=seed)
+    save_model(model, tok, out)
+    return {"source": f"recipe {recipe}", "parameters": model.num_parameters()["total"]}
+
+
+def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str) -> dict:
+    from unitoken.data.pretokenize import pretokenize as run_pretokenize
+    from unitoken.model.io import load_model
+
+    model, _ = load_model(model_dir)
+    with step_run("pretokenize", parent_run_id) as run:
+        summary = run_pretokenize(Path(dataset) / "clean.jsonl", model, out)
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        run.artifact(Path(out) / "index.json", "pretokenized")
+    return summary
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path, work: Path,
+                parent_run_id: str, max_steps: int = 0) -> dict:
+    """One stage on this pod's devices; checkpoints go to ``work`` (the checkpoint volume on a
+    cluster) so a retried step resumes instead of restarting, and the verified hand-off is
+    copied into the output artifact ``out``."""
+    from unitoken.recipes import get_recipe
+    from unitoken.train.train import main as train_main
+
+    with parent_env(parent_run_id):
+        result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
+                            resume="auto", max_steps=max_steps or None, show_progress=False)
+    return publish_handoff(Path(work) / "handoff", Path(out)) | {
+        "steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 1),
+        "mlflow_run_id": result.mlflow_run_id}
+
+
+def publish_handoff(handoff: Path, out: Path) -> dict:
+    """Copy a verified hand-off into an output artifact, and verify the copy."""
+    from unitoken.train.checkpoint import handoff_digest, verify_handoff
+
+    verify_handoff(handoff)
+    shutil.copytree(handoff, out, dirs_exist_ok=True)
+    doc = verify_handoff(out)
+    return {"stage": doc["stage"], "handoff_sha256": handoff_digest(out)}
+
+
+# --------------------------------------------------------------------------- evaluation, gate, registry
+
+
+def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str, label: str,
+             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0) -> dict:
+    """Run the evaluation suites; metrics go to a nested run named ``eval-<label>``."""
+    from unitoken.eval.runner import evaluate as run_eval
+
+    device = "cuda" if _cuda() else "cpu"
+    names = [s.strip() for s in suites.split(",") if s.strip()]
+    with step_run(f"eval-{label}", parent_run_id, {"suites": suites, "limit": limit, "model": label}) as run:
+        report = run_eval(model_dir, names, out, data=data_root(dataset), limit=limit or None, cfg_scale=cfg_scale,
+                          top_k=top_k, seed=seed, device=device)
+        run.metrics(report["metrics"])
+        for name in ("report.json", "report.html"):
+            run.artifact(Path(out) / name, f"eval-{label}")
+    return {k: v for k, v in report["metrics"].items() if k.endswith("/overall")}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gate(candidate_eval: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
+    """Gate the candidate against the registered champion (evaluated now, on the same items and
+    settings), or against the policy's floors alone when ``model_name`` has no champion."""
+    from unitoken.eval.gate import GatePolicy, decide, write_decision
+    from unitoken.eval.runner import evaluate as run_eval, load_eval
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    policy_file = None
+    if policy_yaml.strip():
+        policy_file = out / "policy.yaml"
+        policy_file.write_text(policy_yaml)
+    policy = GatePolicy.from_yaml(policy_file)
+    champion_version, champion_eval = _champion(model_name), None
+    if champion_version is not None:
+        from unitoken.registry import load_uri
+
+        cand, _ = load_eval(candidate_eval)
+        st = cand["settings"]
+        champion_eval = out / "champion-eval"
+        run_eval(load_uri(f"models:/{model_name}/{champion_version}"), list(cand["suites"]), champion_eval,
+                 data=Path(st["data"]) if st["data"] != "None" else None, limit=st["limit"], cfg_scale=st["cfg_scale"],
+                 top_k=st["top_k"], seed=st["seed"], device="cuda" if _cuda() else "cpu")
+    with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
+        decision = decide(candidate_eval, champion_eval, policy)
+        write_decision(decision, out / "decision.json")
+        run.metrics({"passed": float(decision["passed"])})
+        run.artifact(out / "decision.json", "gate")
+    return {"passed": bool(decision["passed"]), "champion_version": champion_version or "none",
+            "reasons": decision.get("reasons", [])}
+
+
+def _champion(model_name: str) -> str | None:
+    client = _client()
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except Exception as err:  # noqa: BLE001 - a name never registered has no champion
+        if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
+            return None
+        raise
+    return str(aliases["champion"]) if "champion" in aliases else None
+
+
+def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, parent_run_id: str,
+             promote: bool, expect_champion: str) -> dict:
+    """Register the gated model (alias challenger); with ``promote``, move champion to it by
+    compare-and-swap against the champion the gate compared with (a concurrent promotion wins)."""
+    from unitoken import registry
+
+    with parent_env(parent_run_id):
+        info = registry.register(Path(model_dir), Path(eval_dir), Path(decision), model_name)
+        if promote:
+            registry.promote(model_name, info["version"], "champion", expect_current=expect_champion,
+                             reason=f"pipeline {parent_run_id}: gate passed")
+            info["alias"] = "champion"
+        else:
+            info["alias"] = "challenger"
+    return info
+
+
+def write_json(path: Path, doc: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- multi-node stages
+
+
+def ratio_overrides(stage: int, mixture_ratio: str) -> list[str]:
+    """``understanding:generation`` (e.g. "2:1") as overrides of the stage's data ratio."""
+    if not mixture_ratio:
+        return []
+    try:
+        und, gen = (float(x) for x in mixture_ratio.split(":"))
+    except ValueError:
+        raise StepError(f"mixture_ratio={mixture_ratio!r}: expected UNDERSTANDING:GENERATION, e.g. 1:1 or 2:1") from None
+    if und < 0 or gen < 0 or und + gen == 0:
+        raise StepError(f"mixture_ratio={mixture_ratio!r}: both parts >= 0 and not both 0")
+    return [f"train.stage{stage}.understanding_ratio={und}", f"train.stage{stage}.generation_ratio={gen}"]
+
+
+def dns_name(*parts: str, limit: int = 63) -> str:
+    """A Kubernetes object name (RFC 1035 label) from free text, unique by a short hash suffix."""
+    import hashlib
+    import re
+
+    text = "-".join(parts)
+    base = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    base = re.sub(r"^[^a-z]+", "", base) or "unitoken"
+    suffix = hashlib.sha256(text.encode()).hexdigest()[:6]
+    return f"{base[:limit - 7].rstrip('-')}-{suffix}"
+
+
+def train_stage_on_trainer(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path,
+                           work: Path, parent_run_id: str, job: str, cluster_doc: dict, max_steps: int = 0,
+                           launcher=None) -> dict:
+    """One stage on several nodes: inputs are staged on the shared checkpoint volume (``work``),
+    a Kubeflow Trainer TrainJob runs ``unitoken train`` under torchrun on every node, and the
+    hand-off it leaves on the volume is verified and copied into the output artifact."""
+    from unitoken.pipeline.cluster import cluster_from_dict
+    from unitoken.pipeline.trainjob import TrainJobLauncher, trainjob_body
+
+    cluster = cluster_from_dict(cluster_doc)
+    step = f"train-stage{stage}"
+    work = Path(work)
+    for name, src in (("tokens", Path(tokens)), ("init", Path(init))):
+        dest = work / "inputs" / name
+        if not dest.is_dir():  # a retried step reuses what the first attempt staged
+            shutil.copytree(src, dest.with_name(name + ".tmp"), dirs_exist_ok=True)
+            dest.with_name(name + ".tmp").rename(dest)
+    command = ["torchrun", "-m", "unitoken.cli", "train", "--stage", str(stage), "--recipe", recipe,
+               "--data", str(work / "inputs" / "tokens"), "--init", str(work / "inputs" / "init"),
+               "--out", str(work), "--resume", "auto"]
+    for o in overrides:
+        command += ["--set", o]
+    if max_steps:
+        command += ["--max-steps", str(max_steps)]
+    body = trainjob_body(dns_name(job, f"stage{stage}"), step, command, cluster, labels={"unitoken.ai/job": dns_name(job)})
+    if parent_run_id:
+        body["spec"]["trainer"]["env"].append({"name": "MLFLOW_PARENT_RUN_ID", "value": parent_run_id})
+    launcher = launcher or TrainJobLauncher(cluster.namespace)
+    timeout = cluster.resources(step).timeout_s or 14 * 24 * 3600
+    reason = launcher.run(body, timeout)
+    return publish_handoff(work / "handoff", Path(out)) | {"trainjob": body["metadata"]["name"], "reason": reason}

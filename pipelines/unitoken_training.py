@@ -87,7 +87,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                   "tokenize -> train -> evaluate -> gate -> register (MLflow lineage)")
     def unitoken_training(data_uri: str, recipe: str = "tiny", model_name: str = "unitoken",
                           overrides_json: str = "[]", mixture_ratio: str = "1:1", gate_policy: str = "",
-                          base_model: str = "", tokenizer_uri: str = "", tokenizer_steps: int = 300,
+                          base_model: str = "", tokenizer_uri: str = "", tokenizer_steps: int = 2000,
+                          tokenizer_batch_size: int = 32, tokenizer_lr: float = 1e-3,
                           max_steps: int = 0, eval_suites: str = "shapes-vqa,shapes-geneval", eval_limit: int = 50,
                           max_reject_fraction: float = 0.01, promote: bool = False):
         closing = place(close_run(job=JOB), "close-run", cluster)
@@ -101,7 +102,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             # Step 3: the model the first stage starts from (a new one with its tokenizer, or a registered one)
             if stages[0] == 1:
                 tok = place(train_tokenizer(dataset=data.outputs["dataset"], recipe=recipe, overrides_json=overrides_json,
-                                            tokenizer_uri=tokenizer_uri, steps=tokenizer_steps, parent_run_id=parent),
+                                            tokenizer_uri=tokenizer_uri, steps=tokenizer_steps,
+                                            batch_size=tokenizer_batch_size, lr=tokenizer_lr, parent_run_id=parent),
                             "train-tokenizer", cluster)
                 init = init_model(recipe=recipe, overrides_json=overrides_json, base_model=base_model,
                                   tokenizer=tok.outputs["tokenizer"])
@@ -127,10 +129,10 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             # Step 6: the two-track gate against the champion, then registration
             verdict = place(gate(candidate=scored.outputs["evaluation"], model_name=model_name, policy_yaml=gate_policy,
                                  parent_run_id=parent), "gate", cluster)
-            with dsl.If(verdict.outputs["passed"] == True, name="if-gate-passed"):  # noqa: E712 - a KFP condition
+            with dsl.If(verdict.outputs["Output"] == True, name="if-gate-passed"):  # noqa: E712 - a KFP condition
                 place(register_model(model=model, evaluation=scored.outputs["evaluation"],
                                      decision=verdict.outputs["decision"], model_name=model_name, parent_run_id=parent,
-                                     promote=promote, expect_champion=verdict.outputs["champion_version"]),
+                                     promote=promote),
                       "register-model", cluster)
 
     return unitoken_training

@@ -175,6 +175,7 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
         "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
         "unitoken.forced_reason": reason if force else ""})
     client.set_registered_model_alias(name, "challenger", mv.version)
+    client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
             "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
 

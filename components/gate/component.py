@@ -1,7 +1,5 @@
 """Two-track gate: the candidate against the registered champion (or the floors alone)."""
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
@@ -10,9 +8,10 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def gate(candidate: Input[Artifact], model_name: str, policy_yaml: str, parent_run_id: str,
-         decision: Output[Artifact]) -> NamedTuple("GateOutputs", passed=bool, champion_version=str):
-    """``passed`` drives the pipeline's dsl.If; decision.json explains every check."""
-    from collections import namedtuple
+         decision: Output[Artifact]) -> bool:
+    """Returns ``passed`` (it drives the pipeline's dsl.If); decision.json explains every check and
+    names the champion version compared against. (A single output: kfp.local cannot resolve a
+    NamedTuple field in a condition inside an ExitHandler.)"""
     from pathlib import Path
 
     from unitoken.pipeline import steps
@@ -20,7 +19,7 @@ def gate(candidate: Input[Artifact], model_name: str, policy_yaml: str, parent_r
     result = steps.gate(Path(candidate.path), model_name, policy_yaml, Path(decision.path), parent_run_id)
     decision.metadata.update({"passed": result["passed"], "champion_version": result["champion_version"],
                               "reasons": "; ".join(result["reasons"])})
-    return namedtuple("GateOutputs", ["passed", "champion_version"])(result["passed"], result["champion_version"])
+    return result["passed"]
 
 
 if __name__ == "__main__":

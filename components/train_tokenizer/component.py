@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_tokenizer(dataset: Input[Dataset], recipe: str, overrides_json: str, tokenizer_uri: str, steps: int,
-                    parent_run_id: str, tokenizer: Output[Model]):
+                    batch_size: int, lr: float, parent_run_id: str, tokenizer: Output[Model]):
     """Writes a VQ-GAN directory (vqgan.yaml + vqgan.ckpt, taming layout)."""
     import json
     from pathlib import Path
@@ -16,7 +16,7 @@ def train_tokenizer(dataset: Input[Dataset], recipe: str, overrides_json: str, t
     from unitoken.pipeline import steps as s
 
     info = s.tokenizer(Path(dataset.path), recipe, json.loads(overrides_json), tokenizer_uri, steps,
-                       Path(tokenizer.path), parent_run_id)
+                       Path(tokenizer.path), parent_run_id, batch_size, lr)
     tokenizer.metadata.update({k: v for k, v in info.items() if v is not None})
 
 

@@ -21,6 +21,9 @@ from rich.table import Table
 console = Console()
 
 LOCAL_ROOT = Path(".unitoken/pipeline")
+# Laptop-sized defaults of `run --local` (the pipeline's own defaults are sized for a GPU);
+# any of them can be overridden with --param.
+LOCAL_DEFAULTS = {"tokenizer_steps": 300, "tokenizer_batch_size": 16, "tokenizer_lr": 2e-3, "eval_limit": 12}
 
 
 def add_parser(sub) -> None:
@@ -114,7 +117,7 @@ def _run_local(args, stages: tuple[int, ...]) -> int:
             with console.status(f"synthesising {args.scenes} scenes -> {data}"):
                 synthesize(data, args.scenes)
     params = {"recipe": args.recipe, "model_name": args.name, "base_model": args.base_model,
-              "promote": args.promote, **launch.parse_params(args.param)}
+              "promote": args.promote, **LOCAL_DEFAULTS, **launch.parse_params(args.param)}
     log_file = root / "pipeline.log"
     root.mkdir(parents=True, exist_ok=True)
     console.rule(f"[bold]UniToken pipeline (kfp.local), stages {args.stages}, recipe {args.recipe}")
@@ -174,7 +177,7 @@ def _print_summary(result: dict, name: str) -> None:
         scores.add_column("after")
         for s in suites:
             scores.add_column(s)
-        for label, v in result["scores"].items():
+        for label, v in sorted(result["scores"].items()):
             scores.add_row(label, *[f"{v[s]:.3f}" if s in v else "-" for s in suites])
         console.print(scores)
     gate = result["gate"]

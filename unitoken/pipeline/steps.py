@@ -173,7 +173,7 @@ def data_root(dataset: Path) -> Path:
 
 
 def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, steps: int, out: Path,
-              parent_run_id: str) -> dict:
+              parent_run_id: str, batch_size: int = 32, lr: float = 1e-3) -> dict:
     """The recipe's VQ tokenizer: a released VQ-GAN directory (``released``) copied as is, or
     one trained on the validated images when the recipe names none."""
     from unitoken.recipes import get_recipe
@@ -191,9 +191,9 @@ def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, s
     from unitoken.data.tokenizer_train import train_tokenizer
 
     cfg = get_recipe(recipe, overrides).model.vq
-    with step_run("tokenizer", parent_run_id, {"recipe": recipe, "steps": steps}) as run:
-        report = train_tokenizer(Path(dataset) / "clean.jsonl", out, cfg, steps=steps,
-                                 batch_size=min(32, max(4, steps)), lr=2e-3 if recipe == "tiny" else 1e-3)
+    with step_run("tokenizer", parent_run_id, {"recipe": recipe, "steps": steps, "batch_size": batch_size,
+                                               "lr": lr}) as run:
+        report = train_tokenizer(Path(dataset) / "clean.jsonl", out, cfg, steps=steps, batch_size=batch_size, lr=lr)
         run.metrics({k: report[k] for k in ("psnr", "codebook_usage") if isinstance(report.get(k), (int, float))})
         run.artifact(out / "report.json", "tokenizer")
         run.artifact(out / "reconstructions.png", "tokenizer")
@@ -311,6 +311,7 @@ def gate(candidate_eval: Path, model_name: str, policy_yaml: str, out: Path, par
                  top_k=st["top_k"], seed=st["seed"], device="cuda" if _cuda() else "cpu")
     with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
         decision = decide(candidate_eval, champion_eval, policy)
+        decision["champion_version"] = champion_version or "none"
         write_decision(decision, out / "decision.json")
         run.metrics({"passed": float(decision["passed"])})
         run.artifact(out / "decision.json", "gate")
@@ -330,7 +331,7 @@ def _champion(model_name: str) -> str | None:
 
 
 def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, parent_run_id: str,
-             promote: bool, expect_champion: str) -> dict:
+             promote: bool) -> dict:
     """Register the gated model (alias challenger); with ``promote``, move champion to it by
     compare-and-swap against the champion the gate compared with (a concurrent promotion wins)."""
     from unitoken import registry
@@ -338,6 +339,7 @@ def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, p
     with parent_env(parent_run_id):
         info = registry.register(Path(model_dir), Path(eval_dir), Path(decision), model_name)
         if promote:
+            expect_champion = json.loads(Path(decision).read_text()).get("champion_version", "none")
             registry.promote(model_name, info["version"], "champion", expect_current=expect_champion,
                              reason=f"pipeline {parent_run_id}: gate passed")
             info["alias"] = "champion"

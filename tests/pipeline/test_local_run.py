@@ -1,0 +1,123 @@
+"""The whole pipeline through kfp.local on the tiny recipe, as `make demo` runs it: every step a
+subprocess, sqlite MLflow, a registered and promoted model with its lineage; then stage-scoped
+retraining from the champion on new data; then a run that fails and says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+FAST = ["--param", "tokenizer_steps=3", "--param", "max_steps=2", "--param", "eval_limit=2"]
+STEPS = {"validate", "tokenizer", "pretokenize", "stage1", "stage2", "stage3", "eval-stage1", "eval-stage2",
+         "eval-stage3", "gate", "register-unitoken"}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("local-pipeline")
+
+
+def _env(home: Path) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.unitoken' / 'mlflow.db'}",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "UNITOKEN_ACTOR": "ci",
+            "TORCH_EXTENSIONS_DIR": str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions")}
+
+
+def _unitoken(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unitoken.cli", *args], cwd=home, env=_env(home),
+                          capture_output=True, text=True, timeout=900)
+
+
+def _mlflow(home: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=_env(home)["MLFLOW_TRACKING_URI"])
+
+
+def _pipeline_runs(client):
+    exp = client.get_experiment_by_name("unitoken")
+    return client.search_runs([exp.experiment_id], filter_string="tags.`unitoken.kind` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def _children(client, parent):
+    exp = client.get_experiment_by_name("unitoken")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+@pytest.fixture(scope="module")
+def first_run(home):
+    proc = _unitoken(home, "pipeline", "run", "--local", "--scenes", "40", "--promote", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run):
+    """One command: every step ran as a nested MLflow run of the pipeline run, the gate passed,
+    the model is registered and champion, and its lineage verifies from data to version."""
+    assert "model: models:/unitoken/1" in first_run.stdout
+    assert "gate: PASSED" in first_run.stdout
+    assert "mlflow ui --backend-store-uri" in first_run.stdout
+    client = _mlflow(home)
+    (parent,) = _pipeline_runs(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["unitoken.pipeline_state"] == "SUCCEEDED"
+    children = {r.info.run_name: r for r in _children(client, parent.info.run_id)}
+    assert STEPS <= set(children), sorted(children)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert children["validate"].data.metrics["clean_rows"] > 0
+    assert "shapes-vqa.overall" in children["eval-stage3"].data.metrics
+    assert client.get_registered_model("unitoken").aliases["champion"] == "1"
+
+    lineage = _unitoken(home, "lineage", "models:/unitoken@champion", "--json")
+    assert lineage.returncode == 0, lineage.stderr
+    info = json.loads(lineage.stdout)
+    assert info["ok"] and [e["stage"] for e in info["passport"] if e["kind"] == "stage"] == [1, 2, 3]
+    data = next(e for e in info["passport"] if e["kind"] == "data")
+    assert data["manifest_sha256"] and data["validation_report_sha256"]
+    build = next(e for e in info["passport"] if e["kind"] == "build")
+    assert build["pipeline_run_id"] == parent.info.run_id
+    # artifacts flowed between steps: stage 2 started from stage 1's hand-off artifact
+    artifacts = home / ".unitoken" / "pipeline" / "artifacts"
+    job = next(artifacts.iterdir())
+    s2 = json.loads((job / "train-stage-2" / "handoff" / "handoff.json").read_text())
+    assert s2["parent"] == str((job / "train-stage" / "handoff").resolve())
+
+
+def test_stage_scoped_retraining_from_the_champion(home, first_run):
+    """`--stages 3 --base-model models:/unitoken@champion` on new data: no tokenizer and no stages 1-2,
+    the gate compares with champion v1, and v2's lineage carries v1's stages plus the new stage 3."""
+    from unitoken.data.synth import synthesize
+
+    synthesize(home / "new-data", 30, seed=7)
+    proc = _unitoken(home, "pipeline", "run", "--local", "--stages", "3", "--base-model", "models:/unitoken@champion",
+                     "--data", str(home / "new-data"), "--promote", *FAST)
+    assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "champion compared: 1" in proc.stdout
+    client = _mlflow(home)
+    latest = _pipeline_runs(client)[-1]
+    names = {r.info.run_name for r in _children(client, latest.info.run_id)}
+    assert {"validate", "pretokenize", "stage3", "eval-stage3", "gate"} <= names
+    assert not {"tokenizer", "stage1", "stage2"} & names
+    if proc.returncode == 0:
+        info = json.loads(_unitoken(home, "lineage", "models:/unitoken/2", "--json").stdout)
+        assert info["ok"] and [e["stage"] for e in info["passport"] if e["kind"] == "stage"] == [1, 2, 3, 3]
+
+
+def test_a_failing_pipeline_fails_clearly(home, first_run):
+    """A data URI that does not exist: exit 1, the parent run FAILED with the error, nothing registered."""
+    before = len(_mlflow(home).search_model_versions("name='unitoken'"))
+    proc = _unitoken(home, "pipeline", "run", "--local", "--data", str(home / "nowhere"), *FAST)
+    assert proc.returncode == 1
+    assert "pipeline FAILED" in proc.stdout
+    client = _mlflow(home)
+    latest = _pipeline_runs(client)[-1]
+    assert latest.info.status == "FAILED" and latest.data.tags["unitoken.pipeline_state"] == "FAILED"
+    assert len(client.search_model_versions("name='unitoken'")) == before
+    log = (home / ".unitoken" / "pipeline" / "pipeline.log").read_text()
+    assert "no such file or directory" in log

@@ -1,0 +1,95 @@
+"""Pipeline step logic without KFP: data from real S3 (SeaweedFS), MLflow nesting, parameters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from tests.conftest import KEYS
+from unitoken.data.remote import RemoteDataError, materialise, s3_client, upload_dir
+from unitoken.pipeline import steps
+
+
+@pytest.fixture
+def s3_env(servers, monkeypatch):
+    endpoint = servers["s3"].meta.endpoint_url
+    for k, v in {**KEYS, "AWS_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": servers["uri"]}.items():
+        monkeypatch.setenv(k, v)
+    return servers
+
+
+def test_validate_from_s3_carries_the_data_inside_the_artifact(s3_env, tmp_path):
+    """s3:// data is downloaded into the validated Dataset; its data root is recorded relative, so
+    the artifact still resolves after it moves (another pod); the step is a nested MLflow run."""
+    from mlflow import MlflowClient
+
+    from unitoken.data.manifest import data_root
+    from unitoken.data.synth import synthesize
+
+    synthesize(tmp_path / "src", 12)
+    assert upload_dir(tmp_path / "src", "s3://mlflow/datasets/shapes12") > 12
+    parent = steps.open_pipeline_run("job-s3-test", {"case": "s3"})
+    summary = steps.validate("s3://mlflow/datasets/shapes12", tmp_path / "validated", parent)
+    assert summary["rejected_rows"] == 0 and summary["clean_rows"] == summary["input_rows"] > 0
+    assert json.loads((tmp_path / "validated" / "dataset.json").read_text())["data_root"] == "data"
+    moved = shutil.move(tmp_path / "validated", tmp_path / "elsewhere")
+    root = data_root(moved / "clean.jsonl")
+    assert root == (tmp_path / "elsewhere" / "data").resolve()
+    first = json.loads((moved / "clean.jsonl").read_text().splitlines()[0])
+    assert (root / first["image"][0]).is_file()
+    client = MlflowClient(s3_env["uri"])
+    run = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[0]
+    assert run.info.run_name == "validate" and run.data.metrics["clean_rows"] == summary["clean_rows"]
+    assert steps.open_pipeline_run("job-s3-test", {}) == parent  # a retried first step finds its run
+
+
+def test_persistent_s3_failure_names_the_uri(tmp_path, monkeypatch):
+    """An S3 endpoint that never answers: retried, then one clear error; nothing half-written."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    for k, v in {**KEYS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RemoteDataError, match="s3://bucket/data: S3 failed after retries"):
+        materialise("s3://bucket/data", tmp_path / "dest", client=s3_client(max_attempts=2))
+    assert not (tmp_path / "dest" / ".complete").exists()
+
+
+def test_missing_local_data_and_empty_prefixes_are_clear(s3_env, tmp_path):
+    with pytest.raises(RemoteDataError, match="no such file or directory"):
+        materialise(str(tmp_path / "nothing"), tmp_path / "x")
+    with pytest.raises(RemoteDataError, match="no objects under this prefix"):
+        materialise("s3://mlflow/no-such-prefix", tmp_path / "y")
+
+
+def test_too_many_rejects_fail_the_step(s3_env, tmp_path):
+    """The validation step fails (the pipeline stops) when the rejected fraction is too high,
+    with the counts in the message; the quarantine file is written first."""
+    from unitoken.data.synth import synthesize
+
+    synthesize(tmp_path / "d", 6)
+    manifest = tmp_path / "d" / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() + '{"broken": true\n')
+    with pytest.raises(steps.StepError, match=r"1 of \d+ rows rejected"):
+        steps.validate(str(tmp_path / "d"), tmp_path / "v", "", max_reject_fraction=0.0)
+    assert len((tmp_path / "v" / "rejected.jsonl").read_text().splitlines()) == 1
+
+
+def test_mixture_ratio_parameter():
+    assert steps.ratio_overrides(2, "2:1") == ["train.stage2.understanding_ratio=2.0",
+                                               "train.stage2.generation_ratio=1.0"]
+    assert steps.ratio_overrides(2, "") == []
+    for bad in ("2", "a:b", "0:0", "-1:1"):
+        with pytest.raises(steps.StepError, match="mixture_ratio"):
+            steps.ratio_overrides(2, bad)
+
+
+def test_kubernetes_names_are_valid_and_distinct():
+    names = {steps.dns_name("unitoken-training-2026-11-28-21-06-01-325385", f"stage{n}") for n in (1, 2, 3)}
+    assert len(names) == 3
+    for name in names | {steps.dns_name("9 Weird JOB name!" * 10)}:
+        assert len(name) <= 63 and name[0].isalpha() and name.replace("-", "").isalnum() and name == name.lower()

@@ -94,7 +94,9 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
         closing = place(close_run(job=JOB), "close-run", cluster)
         with dsl.ExitHandler(closing, name="unitoken-run"):
             # Step 1: the parent MLflow run every task nests under
-            run = place(open_run(job=JOB, params_json=json.dumps({"stages": list(stages)})), "open-run", cluster)
+            run = place(open_run(job=JOB, stages=",".join(map(str, stages)), data_uri=data_uri, recipe=recipe,
+                                 overrides_json=overrides_json, mixture_ratio=mixture_ratio, model_name=model_name,
+                                 base_model=base_model, gate_policy=gate_policy), "open-run", cluster)
             parent = run.output
             # Step 2: great-expectations validation with quarantine
             data = place(validate_data(data_uri=data_uri, parent_run_id=parent,

@@ -6,13 +6,15 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def open_run(job: str, params_json: str) -> str:
-    """Returns the parent run id every later step nests under."""
-    import json
-
+def open_run(job: str, stages: str, data_uri: str, recipe: str, overrides_json: str, mixture_ratio: str,
+             model_name: str, base_model: str, gate_policy: str) -> str:
+    """Returns the parent run id every later step nests under; the run's params are the pipeline's."""
     from unitoken.pipeline import steps
 
-    return steps.open_pipeline_run(job, json.loads(params_json))
+    return steps.open_pipeline_run(job, {
+        "stages": stages, "data_uri": data_uri, "recipe": recipe, "overrides": overrides_json,
+        "mixture_ratio": mixture_ratio, "model_name": model_name, "base_model": base_model or "none",
+        "gate_policy": gate_policy or "default"})
 
 
 if __name__ == "__main__":

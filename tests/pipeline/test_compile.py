@@ -148,3 +148,45 @@ def test_example_cluster_round_trips():
     assert cluster_from_dict(dataclasses.asdict(cluster)) == cluster
     assert cluster.resources("train-stage2").num_nodes == 4
     assert cluster.resources("open-run").gpus == 0
+
+
+class _FakeKfp:
+    """Records what `submit`/`schedule` ask of kfp.Client (whose constructor needs a live server)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_run_from_pipeline_package(self, package, arguments, experiment_name, run_name):
+        self.calls.append(("run", package, arguments, experiment_name, run_name))
+        return type("Run", (), {"run_id": "run-1"})()
+
+    def create_experiment(self, name):
+        self.calls.append(("experiment", name))
+        return type("Exp", (), {"experiment_id": "exp-1"})()
+
+    def create_recurring_run(self, **kw):
+        self.calls.append(("recurring", kw))
+        return type("Job", (), {"recurring_run_id": "job-1"})()
+
+
+def test_submit_and_schedule_pass_the_compiled_package_and_arguments(tmp_path):
+    """submit starts one run of the compiled YAML; schedule creates a recurring run with a 6-field
+    cron; a 5-field cron is refused with the fix before anything is sent."""
+    from pipelines import launch
+
+    package = launch.compile_to(tmp_path / "p.yaml", (3,), load_cluster(EXAMPLE))
+    params = launch.parse_params(["data_uri=s3://b/new", "base_model=models:/unitoken@champion", "promote=true",
+                                  "eval_limit=20"])
+    assert params == {"data_uri": "s3://b/new", "base_model": "models:/unitoken@champion", "promote": True,
+                      "eval_limit": 20}
+    fake = _FakeKfp()
+    assert launch.submit("http://kfp", package, params, client=fake) == "run-1"
+    assert fake.calls[0][1] == str(package) and fake.calls[0][2] == params
+    assert launch.schedule("http://kfp", package, params, "0 0 3 * * 0", "weekly", client=fake) == "job-1"
+    kw = fake.calls[-1][1]
+    assert kw["cron_expression"] == "0 0 3 * * 0" and kw["experiment_id"] == "exp-1" and kw["params"] == params
+    assert kw["max_concurrency"] == 1 and kw["pipeline_package_path"] == str(package)
+    with pytest.raises(ValueError, match="6 fields, seconds first"):
+        launch.schedule("http://kfp", package, params, "0 3 * * 0", "weekly", client=fake)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        launch.parse_params(["oops"])

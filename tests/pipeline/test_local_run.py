@@ -67,6 +67,8 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     client = _mlflow(home)
     (parent,) = _pipeline_runs(client)
     assert parent.info.status == "FINISHED" and parent.data.tags["unitoken.pipeline_state"] == "SUCCEEDED"
+    assert parent.data.params["recipe"] == "tiny" and parent.data.params["stages"] == "1,2,3"
+    assert parent.data.params["data_uri"] == str((home / ".unitoken" / "pipeline" / "data").resolve())
     children = {r.info.run_name: r for r in _children(client, parent.info.run_id)}
     assert STEPS <= set(children), sorted(children)
     assert all(r.info.status == "FINISHED" for r in children.values())

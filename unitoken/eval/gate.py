@@ -54,16 +54,32 @@ class GatePolicy:
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: a gate policy is a mapping (floors, margins, primary, ...)")
         known = {"floors", "margins", "primary", "min_improvement", "bootstrap"}
-        unknown = sorted(set(doc) - known)
+        unknown = sorted(set(map(str, doc)) - known)
         if unknown:
             raise ValueError(f"{path}: unknown policy field {unknown[0]!r}; fix: use {sorted(known)}")
-        boot = doc.get("bootstrap") or {}
-        policy = cls(floors={str(k): float(v) for k, v in (doc.get("floors") or {}).items()},
-                     margins={**cls().margins, **{str(k): float(v) for k, v in (doc.get("margins") or {}).items()}},
-                     primary=[str(x) for x in doc.get("primary") or []],
-                     min_improvement=float(doc.get("min_improvement", 0.0)),
-                     bootstrap_samples=int(boot.get("samples", 2000)), confidence=float(boot.get("confidence", 0.95)),
-                     seed=int(boot.get("seed", 0)))
+
+        def number(value, where: str, kind=float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"{path}: {where} = {value!r}: expected a number")
+            return kind(value)
+
+        def mapping(name: str) -> dict:
+            value = doc.get(name) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {name}: expected a mapping of NAME: number, got {type(value).__name__}")
+            return value
+
+        primary = doc.get("primary") or []
+        if not isinstance(primary, list):
+            raise ValueError(f"{path}: primary: expected a list of metric names")
+        boot = mapping("bootstrap")
+        policy = cls(floors={str(k): number(v, f"floors.{k}") for k, v in mapping("floors").items()},
+                     margins={**cls().margins, **{str(k): number(v, f"margins.{k}") for k, v in mapping("margins").items()}},
+                     primary=[str(x) for x in primary],
+                     min_improvement=number(doc.get("min_improvement", 0.0), "min_improvement"),
+                     bootstrap_samples=number(boot.get("samples", 2000), "bootstrap.samples", int),
+                     confidence=number(boot.get("confidence", 0.95), "bootstrap.confidence"),
+                     seed=number(boot.get("seed", 0), "bootstrap.seed", int))
         bad = [t for t in policy.margins if t not in TASKS]
         if bad:
             raise ValueError(f"{path}: margins.{bad[0]}: unknown task; fix: use {list(TASKS)}")

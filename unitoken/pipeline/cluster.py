@@ -101,6 +101,8 @@ def _check_resources(where: str, r: StepResources, gpu_step: bool) -> None:
                           "fix: remove them (GPU settings belong to GPU steps)")
     if r.num_nodes < 1:
         raise ConfigError(f"{where}.num_nodes={r.num_nodes}: must be >= 1")
+    if r.timeout_s is not None and r.timeout_s < 1:
+        raise ConfigError(f"{where}.timeout_s={r.timeout_s}: must be >= 1 (seconds), or null for none")
     if r.retries < 0:
         raise ConfigError(f"{where}.retries={r.retries}: must be >= 0")
     for t in r.tolerations:
@@ -123,30 +125,68 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     return cluster_from_dict(doc.get("cluster", doc), str(path))
 
 
+_STR, _OPT_STR, _INT, _OPT_INT = "a string", "a string or null", "an integer", "an integer or null"
+_RESOURCE_TYPES = {"cpu": "quantity", "memory": "quantity", "gpus": _INT, "gpu_resource": _STR,
+                   "node_selector": "str-map", "tolerations": "list-of-maps", "priority_class": _OPT_STR,
+                   "num_nodes": _INT, "timeout_s": _OPT_INT, "retries": _INT}
+_CLUSTER_TYPES = {"image": _STR, "image_pull_secrets": "list-of-str", "namespace": _STR, "checkpoint_pvc": _OPT_STR,
+                  "checkpoint_mount": _STR, "env": "str-map", "queue": _OPT_STR, "trainer_runtime": _STR}
+
+
+def _typed(where: str, value, kind: str):
+    ok = {
+        _STR: isinstance(value, str) and value != "",
+        _OPT_STR: value is None or isinstance(value, str),
+        _INT: isinstance(value, int) and not isinstance(value, bool),
+        _OPT_INT: value is None or isinstance(value, int) and not isinstance(value, bool),
+        "quantity": value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool),
+        "str-map": isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                   and not isinstance(v, bool) for k, v in value.items()),
+        "list-of-str": isinstance(value, list) and all(isinstance(x, str) for x in value),
+        "list-of-maps": isinstance(value, list) and all(isinstance(x, dict) for x in value),
+    }[kind]
+    if not ok:
+        expected = {"str-map": "a mapping of string to string", "list-of-str": "a list of strings",
+                    "list-of-maps": "a list of mappings", "quantity": "a Kubernetes quantity"}.get(kind, kind)
+        raise ConfigError(f"{where}={value!r}: expected {expected}")
+    if kind == "str-map":
+        return {k: str(v) for k, v in value.items()}
+    return str(value) if kind == "quantity" and value is not None else value
+
+
+def _resources(where: str, doc) -> dict:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a mapping of {sorted(_RESOURCE_TYPES)}")
+    extra = sorted(set(map(str, doc)) - set(_RESOURCE_TYPES))
+    if extra:
+        raise ConfigError(f"{where}: unknown field {extra[0]!r}; fix: use one of {sorted(_RESOURCE_TYPES)}")
+    return {k: _typed(f"{where}.{k}", v, _RESOURCE_TYPES[k]) for k, v in doc.items()}
+
+
 def cluster_from_dict(doc: dict, where: str = "cluster") -> ClusterConfig:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a mapping")
     known = {f.name for f in dataclasses.fields(ClusterConfig)}
-    unknown = sorted(set(doc) - known)
+    unknown = sorted(set(map(str, doc)) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r}; fix: use one of {sorted(known)}")
-    res_fields = {f.name for f in dataclasses.fields(StepResources)}
-    kwargs = dict(doc)
+    kwargs = {k: _typed(f"{where}.{k}", v, _CLUSTER_TYPES[k]) for k, v in doc.items() if k in _CLUSTER_TYPES}
     for block in ("cpu", "gpu"):
-        if block in kwargs:
-            extra = sorted(set(kwargs[block] or {}) - res_fields)
-            if extra:
-                raise ConfigError(f"{where}.{block}: unknown field {extra[0]!r}; fix: use one of {sorted(res_fields)}")
-            base = getattr(ClusterConfig(), block)
-            kwargs[block] = dataclasses.replace(base, **(kwargs[block] or {}))
-    for step, override in (kwargs.get("steps") or {}).items():
-        extra = sorted(set(override or {}) - res_fields)
-        if extra:
-            raise ConfigError(f"{where}.steps.{step}: unknown field {extra[0]!r}; fix: use one of {sorted(res_fields)}")
-    if "secrets" in kwargs:
+        if block in doc:
+            kwargs[block] = dataclasses.replace(getattr(ClusterConfig(), block), **_resources(f"{where}.{block}", doc[block] or {}))
+    steps = doc.get("steps") or {}
+    if not isinstance(steps, dict):
+        raise ConfigError(f"{where}.steps: expected a mapping of step name to resources")
+    kwargs["steps"] = {str(step): _resources(f"{where}.steps.{step}", override or {}) for step, override in steps.items()}
+    if "secrets" in doc:
+        if not isinstance(doc["secrets"], list):
+            raise ConfigError(f"{where}.secrets: expected a list of {{name: SECRET, env: {{key-in-secret: ENV_VAR}}}}")
         secrets = []
-        for i, s in enumerate(kwargs["secrets"] or []):
-            if not isinstance(s, dict) or set(s) != {"name", "env"} or not isinstance(s["env"], dict):
+        for i, s in enumerate(doc["secrets"] or []):
+            if not isinstance(s, dict) or set(s) != {"name", "env"}:
                 raise ConfigError(f"{where}.secrets[{i}]: expected {{name: SECRET, env: {{key-in-secret: ENV_VAR}}}}")
-            secrets.append(SecretEnv(s["name"], dict(s["env"])))
+            secrets.append(SecretEnv(_typed(f"{where}.secrets[{i}].name", s["name"], _STR),
+                                     _typed(f"{where}.secrets[{i}].env", s["env"], "str-map")))
         kwargs["secrets"] = secrets
     return validate_cluster(ClusterConfig(**kwargs))
 

@@ -23,8 +23,13 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("local-pipeline")
 
 
+# Planted credentials: they must not appear in any MLflow record, artifact, log or output.
+PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7f3c91d2e8", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-b41e09a7c5",
+           "KFP_TOKEN": "planted-kfp-55d2c8e1f0"}
+
+
 def _env(home: Path) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.unitoken' / 'mlflow.db'}",
+    return {**os.environ, **PLANTED, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.unitoken' / 'mlflow.db'}",
             "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "UNITOKEN_ACTOR": "ci",
             "TORCH_EXTENSIONS_DIR": str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions")}
 
@@ -74,7 +79,7 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert children["validate"].data.metrics["clean_rows"] > 0
     assert "shapes-vqa.overall" in children["eval-stage3"].data.metrics
-    assert client.get_registered_model("unitoken").aliases["champion"] == "1"
+    assert str(client.get_registered_model("unitoken").aliases["champion"]) == "1"
 
     lineage = _unitoken(home, "lineage", "models:/unitoken@champion", "--json")
     assert lineage.returncode == 0, lineage.stderr
@@ -109,6 +114,21 @@ def test_stage_scoped_retraining_from_the_champion(home, first_run):
     if proc.returncode == 0:
         info = json.loads(_unitoken(home, "lineage", "models:/unitoken/2", "--json").stdout)
         assert info["ok"] and [e["stage"] for e in info["passport"] if e["kind"] == "stage"] == [1, 2, 3, 3]
+
+
+def test_planted_secrets_appear_nowhere(home, first_run):
+    """Credentials in the environment of every step: not in the MLflow store (params, tags, metrics),
+    not in any artifact or checkpoint, not in the step logs or the command's output."""
+    needles = [v.encode() for v in PLANTED.values()]
+    files = [p for p in (home / ".unitoken").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "pipeline.log" for p in files)
+    assert len(files) > 50
+    for path in files:
+        data = path.read_bytes()
+        for needle in needles:
+            assert needle not in data, f"{needle.decode()} leaked into {path}"
+    for needle in needles:
+        assert needle.decode() not in first_run.stdout + first_run.stderr
 
 
 def test_a_failing_pipeline_fails_clearly(home, first_run):

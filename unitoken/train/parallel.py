@@ -8,6 +8,7 @@ hand, and logged as an artifact.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -89,7 +90,36 @@ def save_checkpoint(engine, directory: Path, client_state: dict) -> None:
     engine.save_checkpoint(str(directory), tag="ckpt", client_state=client_state, save_latest=False)
 
 
+def _safe_globals() -> list:
+    """The non-tensor classes DeepSpeed puts into its checkpoints (loss scalers, ZeRO metadata),
+    allowed for ``torch.load(weights_only=True)``; anything else in a checkpoint is refused."""
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, fragment_address]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:  # older layouts: nothing to allow
+        pass
+    return allowed
+
+
+def _load_without_pickle(path: str, map_location=None):
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(f"{path}: refusing to unpickle a checkpoint with code objects in it; "
+                                     f"only tensors and DeepSpeed's known state are allowed ({err})") from None
+
+
 def load_checkpoint(engine, directory: Path) -> dict:
+    """Resume state from ``directory``/ckpt; DeepSpeed's files are read with
+    ``torch.load(weights_only=True)`` (its own engine would unpickle arbitrary objects)."""
+    engine.checkpoint_engine.load = _load_without_pickle
     path, client_state = engine.load_checkpoint(str(directory), tag="ckpt", load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast test-faults install clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not faults"
+
+# every fault-injection case (make test runs the faults_fast subset)
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults tests/reliability
 
 demo: $(STAMP)
 	$(BIN)/python -m unitoken.demo

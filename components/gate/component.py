@@ -1,13 +1,13 @@
 """Two-track gate: the candidate against the registered champion (or the floors alone)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Output
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def gate(candidate: Input[Artifact], model_name: str, policy_yaml: str, parent_run_id: str,
+def gate(candidate: Input[Artifact], dataset: Input[Dataset], model_name: str, policy_yaml: str, parent_run_id: str,
          decision: Output[Artifact]) -> bool:
     """Returns ``passed`` (it drives the pipeline's dsl.If); decision.json explains every check and
     names the champion version compared against. (A single output: kfp.local cannot resolve a
@@ -16,7 +16,8 @@ def gate(candidate: Input[Artifact], model_name: str, policy_yaml: str, parent_r
 
     from unitoken.pipeline import steps
 
-    result = steps.gate(Path(candidate.path), model_name, policy_yaml, Path(decision.path), parent_run_id)
+    result = steps.gate(Path(candidate.path), Path(dataset.path), model_name, policy_yaml, Path(decision.path),
+                        parent_run_id)
     decision.metadata.update({"passed": result["passed"], "champion_version": result["champion_version"],
                               "reasons": "; ".join(result["reasons"])})
     return result["passed"]

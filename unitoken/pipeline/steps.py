@@ -286,9 +286,10 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def gate(candidate_eval: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
+def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
     """Gate the candidate against the registered champion (evaluated now, on the same items and
-    settings), or against the policy's floors alone when ``model_name`` has no champion."""
+    settings, from ``dataset``: paths recorded by another pod do not exist in this one), or
+    against the policy's floors alone when ``model_name`` has no champion."""
     from unitoken.eval.gate import GatePolicy, decide, write_decision
     from unitoken.eval.runner import evaluate as run_eval, load_eval
 
@@ -307,7 +308,7 @@ def gate(candidate_eval: Path, model_name: str, policy_yaml: str, out: Path, par
         st = cand["settings"]
         champion_eval = out / "champion-eval"
         run_eval(load_uri(f"models:/{model_name}/{champion_version}"), list(cand["suites"]), champion_eval,
-                 data=Path(st["data"]) if st["data"] != "None" else None, limit=st["limit"], cfg_scale=st["cfg_scale"],
+                 data=data_root(dataset), limit=st["limit"], cfg_scale=st["cfg_scale"],
                  top_k=st["top_k"], seed=st["seed"], device="cuda" if _cuda() else "cpu")
     with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
         decision = decide(candidate_eval, champion_eval, policy)

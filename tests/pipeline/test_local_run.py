@@ -103,13 +103,13 @@ def test_stage_scoped_retraining_from_the_champion(home, first_run):
 
     synthesize(home / "new-data", 30, seed=7)
     proc = _unitoken(home, "pipeline", "run", "--local", "--stages", "3", "--base-model", "models:/unitoken@champion",
-                     "--data", str(home / "new-data"), "--promote", *FAST)
+                     "--data", str(home / "new-data"), "--promote", *FAST, "--param", "eval_suites=shapes-vqa")
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "champion compared: 1" in proc.stdout
     client = _mlflow(home)
     latest = _pipeline_runs(client)[-1]
     names = {r.info.run_name for r in _children(client, latest.info.run_id)}
-    assert {"validate", "pretokenize", "stage3", "eval-stage3", "gate"} <= names
+    assert {"validate", "pretokenize", "stage3", "eval-stage3", "gate"} <= names  # understanding-only gate here
     assert not {"tokenizer", "stage1", "stage2"} & names
     if proc.returncode == 0:
         info = json.loads(_unitoken(home, "lineage", "models:/unitoken/2", "--json").stdout)

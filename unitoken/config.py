@@ -236,6 +236,9 @@ class TrainConfig:
     packing: bool = True  # pack samples into max_seq_len rows (False: pad to the longest)
     cfg_dropout: float = 0.1  # share of generation samples whose prompt is dropped (for CFG)
     log_every: int = 1
+    # "token": mean cross-entropy over every supervised token of the batch (the paper). "sample":
+    # every sample weighs the same, so a 3-token answer is not drowned by 270 image tokens.
+    loss_reduction: str = "token"
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"got {self.zero_stage}",
@@ -244,6 +247,8 @@ class TrainConfig:
                  "use fp32 (CPU) or bf16 (GPU)")
         _require(0 <= self.dropout < 1, "dropout", f"got {self.dropout}", "use 0.05")
         _require(0 <= self.cfg_dropout < 1, "cfg_dropout", f"got {self.cfg_dropout}", "use 0.1")
+        _require(self.loss_reduction in ("token", "sample"), "loss_reduction", f"got {self.loss_reduction!r}",
+                 "use token (mean over supervised tokens) or sample (mean over samples)")
         _positive(self, "save_every", "log_every")
 
     def stage(self, n: int) -> StageConfig:

@@ -86,3 +86,22 @@ def test_packing_rejects_oversized_sample(dataset):
     model, ds = dataset
     with pytest.raises(ValueError, match="packing budget 50"):
         pack_samples([ds[0]], 50, model.tokens.pad)
+
+
+def test_sample_loss_reduction_is_the_mean_of_per_sample_losses(dataset):
+    """loss_reduction=sample: the batch CE is the plain mean of each sample's own token-mean CE
+    (packed or padded), so short answers weigh as much as image blocks."""
+    from unitoken.data.dataset import sample_loss_weights
+
+    model, ds = dataset
+    model.eval()
+    samples = [ds[i] for i in range(10)]
+    with torch.no_grad():
+        own = torch.stack([model(**pad_samples([s], model.tokens.pad))["ce"] for s in samples])
+        packed = pack_samples(samples, 640, model.tokens.pad)
+        padded = pad_samples(samples, model.tokens.pad)
+        for batch, seq_lens in ((packed, packed.pop("seq_lens")), (padded, [[len(s)] for s in samples])):
+            weights = sample_loss_weights(batch["labels"], seq_lens)
+            torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+            ce = model(**batch, loss_weights=weights)["ce"]
+            torch.testing.assert_close(ce, own.mean(), rtol=1e-5, atol=1e-5)

@@ -73,3 +73,27 @@ def test_apply_overrides_revalidates_nested():
     r = get_recipe("tiny")
     with pytest.raises(ConfigError, match="betas"):
         apply_overrides(r, ["train.stage1.optim.betas=[0.9, 1.5]"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_stage3_data_keeps_every_evaluated_question_and_prompt(name):
+    """Stage 3 is the model that gets evaluated: its data must still hold every shapes-vqa question
+    type and every shapes-geneval category (tuning on dialogues alone forgot positions and
+    multiple choice: the tiny GPU run never answered with a letter)."""
+    import random
+
+    from unitoken.data.shapes import ShapeObject
+    from unitoken.data.synth import CATEGORIES, Scene, scene_records
+
+    stage3 = set(get_recipe(name).train.stage3.sources)
+    objects = [ShapeObject("circle", "red", "small", 0, 0), ShapeObject("square", "blue", "large", 1, 1)]
+    qtypes, categories = set(), set()
+    for seed in range(20):
+        for category in CATEGORIES:
+            scene = Scene("s", "train", category, objects, "p")
+            for rec in scene_records(scene, "i.png", random.Random(seed)):
+                if rec["source"] in stage3:
+                    qtypes.add(rec["meta"].get("qtype"))
+                    categories.add(rec["meta"].get("category"))
+    assert {"color", "shape", "count", "position", "mc_color", "mc_shape"} <= qtypes
+    assert set(CATEGORIES) <= categories

@@ -52,3 +52,34 @@ def test_text_generation_never_emits_image_tokens(tiny):
     answer = generate_text(model, b, "What is this?", [Image.new("RGB", (64, 64), "red")], max_new_tokens=12)
     assert isinstance(answer, str)
     assert "IMGIMG" not in answer and "<reserved" not in answer
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny):
+    """Left-padded batches give each prompt the answer and the image it gets alone (greedy text;
+    sampled images with per-prompt seeds), so evaluation can batch without changing scores."""
+    model, _, b = tiny
+    saved = model.lm_head.weight.detach().clone()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a random model answers "", which would hide padding mistakes
+        model.lm_head.weight.normal_(0, 1.0)
+    try:
+        _check_batched_equals_single(model, b)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+
+
+def _check_batched_equals_single(model, b):
+    from PIL import Image
+
+    from unitoken.model.generation import generate_image_codes_batch, generate_text_batch
+
+    prompts = ["a red circle", "two large blue squares in the top left", "x"]
+    batch = generate_image_codes_batch(model, b, prompts, cfg_scale=3.0, top_k=16, seeds=[5, 6, 7])
+    for i, p in enumerate(prompts):
+        assert torch.equal(batch[i], generate_image_codes(model, b, p, cfg_scale=3.0, top_k=16, seed=5 + i))
+    images = [[Image.new("RGB", (64, 64), c)] for c in ("red", "blue", "green")]
+    questions = ["What is this?", "What color is the object in the top left corner of the image?", "Count."]
+    answers = generate_text_batch(model, b, questions, images, max_new_tokens=6)
+    assert answers == [generate_text(model, b, q, im, max_new_tokens=6) for q, im in zip(questions, images)]
+    assert any(answers)

@@ -160,6 +160,32 @@ def pad_samples(samples: list[Sample], pad_id: int) -> dict:
     return batch
 
 
+def sample_loss_weights(labels: torch.Tensor, seq_lens: list[list[int]]) -> torch.Tensor:
+    """Per-token loss weights [b, T] that make every sample weigh the same: the supervised
+    tokens of each of the n samples share 1/n (a sample without any share nothing).
+
+    Args:
+        labels: [b, T] with -100 where unsupervised; seq_lens: per row, its samples' lengths in order.
+    """
+    weights = torch.zeros(labels.shape, dtype=torch.float32)
+    supervised = labels != IGNORE
+    spans = [(r, at, at + n) for r, lens in enumerate(seq_lens) for at, n in zip(_starts(lens), lens)]
+    counts = [int(supervised[r, a:b].sum()) for r, a, b in spans]
+    n_samples = sum(1 for c in counts if c)
+    for (r, a, b), c in zip(spans, counts):
+        if c:
+            weights[r, a:b] = supervised[r, a:b].float() / (c * n_samples)
+    return weights
+
+
+def _starts(lens: list[int]) -> list[int]:
+    out, at = [], 0
+    for n in lens:
+        out.append(at)
+        at += n
+    return out
+
+
 def pack_samples(samples: list[Sample], budget: int, pad_id: int) -> dict:
     """Pack samples, in order, into rows of exactly ``budget`` tokens.
 

@@ -65,22 +65,30 @@ def _encode(vq, pixels: list[torch.Tensor], batch_size: int, device: torch.devic
 
 def _build_shard(records: list[dict], root: Path, model, batch_size: int, device: torch.device) -> dict:
     cfg = model.config
-    pixels, tiles, grids, image_offsets, tile_offsets = [], [], [], [0], [0]
+    # Records of one scene share its image (caption, questions, prompt, dialogue): each distinct
+    # path is decoded, resized and VQ-encoded once per shard, then stored for every record.
+    pixels, slot_of, slots, tiles, grids, image_offsets, tile_offsets = [], {}, [], [], [], [0], [0]
     for rec in records:
         paths = rec.get("image", [])
         for rel in [paths] if isinstance(paths, str) else paths:
-            with Image.open(resolve_image(rel, root)) as im:
-                im = im.convert("RGB")
-                pixels.append(vq_pixels(im, cfg.vq.resolution))
-                t, grid = preprocess_continuous(im, cfg.vision)
-            tiles.append(_tiles_uint8(t))
+            if rel not in slot_of:
+                with Image.open(resolve_image(rel, root)) as im:
+                    im = im.convert("RGB")
+                    pixels.append(vq_pixels(im, cfg.vq.resolution))
+                    t, grid = preprocess_continuous(im, cfg.vision)
+                slot_of[rel] = (len(pixels) - 1, _tiles_uint8(t), grid)
+            slot, t, grid = slot_of[rel]
+            slots.append(slot)
+            tiles.append(t)
             grids.append(grid)
             tile_offsets.append(tile_offsets[-1] + t.shape[0])
-        image_offsets.append(len(pixels))
+        image_offsets.append(len(slots))
     s = cfg.vision.image_size
+    codes = _encode(model.vq, pixels, batch_size, device)
     return {
-        "codes": _encode(model.vq, pixels, batch_size, device).reshape(len(pixels), cfg.vq.codes_per_side,
-                                                                       cfg.vq.codes_per_side),
+        "codes": codes[torch.tensor(slots, dtype=torch.long)].reshape(len(slots), cfg.vq.codes_per_side,
+                                                                      cfg.vq.codes_per_side)
+        if slots else codes.reshape(0, cfg.vq.codes_per_side, cfg.vq.codes_per_side),
         "tiles": torch.cat(tiles) if tiles else torch.zeros((0, s, s, 3), dtype=torch.uint8),
         "tile_offsets": torch.tensor(tile_offsets, dtype=torch.int64),
         "grids": torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),

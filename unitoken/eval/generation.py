@@ -128,34 +128,38 @@ def random_code_baseline(model, items: list[dict], detector: Detector, seed: int
     decoder and detector (random blobs do sometimes pass a lenient check)."""
     import torch
 
-    from unitoken.model.generation import decode_image
+    from unitoken.model.generation import decode_images
 
     g = torch.Generator().manual_seed(seed)
     side = model.config.vq.codes_per_side
-    hits = 0
-    for item in items:
-        codes = torch.randint(0, model.config.vq.num_codes, (side, side), generator=g)
-        hits += check(item["include"], detector(decode_image(model, codes)))[0]
+    codes = torch.stack([torch.randint(0, model.config.vq.num_codes, (side, side), generator=g) for _ in items]) \
+        if items else torch.zeros((0, side, side), dtype=torch.long)
+    hits = sum(check(item["include"], detector(image))[0]
+               for item, image in zip(items, decode_images(model, codes)))
     return hits / len(items) if items else 0.0
 
 
 def run_generation(model, builder, items: list[dict], out_dir: Path, detector: Detector, cfg_scale: float = 3.0,
-                   top_k: int = 0, temperature: float = 1.0, seed: int = 0, progress=None) -> list[dict]:
-    """Generate one image per prompt (saved under ``out_dir/images``) and check it."""
-    from unitoken.model.generation import decode_image, generate_image_codes
+                   top_k: int = 0, temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
+                   progress=None) -> list[dict]:
+    """Generate one image per prompt (saved under ``out_dir/images``) and check it. Item i is
+    sampled with seed ``seed + i`` whatever the batch size."""
+    from unitoken.model.generation import decode_images, generate_image_codes_batch
 
     images_dir = Path(out_dir) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for i, item in enumerate(items):
-        codes = generate_image_codes(model, builder, item["prompt"], cfg_scale=cfg_scale, temperature=temperature,
-                                     top_k=top_k, seed=seed + i)
-        image = decode_image(model, codes)
-        path = images_dir / f"{item['id']}.png"
-        image.save(path)
-        ok, reason = check(item["include"], detector(image))
-        results.append({"id": item["id"], "category": item["category"], "prompt": item["prompt"],
-                        "image": str(path.relative_to(out_dir)), "score": float(ok), "reason": reason})
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        codes = generate_image_codes_batch(model, builder, [i["prompt"] for i in chunk], cfg_scale=cfg_scale,
+                                           temperature=temperature, top_k=top_k,
+                                           seeds=[seed + start + k for k in range(len(chunk))])
+        for item, image in zip(chunk, decode_images(model, codes)):
+            path = images_dir / f"{item['id']}.png"
+            image.save(path)
+            ok, reason = check(item["include"], detector(image))
+            results.append({"id": item["id"], "category": item["category"], "prompt": item["prompt"],
+                            "image": str(path.relative_to(out_dir)), "score": float(ok), "reason": reason})
         if progress:
-            progress(i + 1, len(items))
+            progress(len(results), len(items))
     return results

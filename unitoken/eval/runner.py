@@ -28,7 +28,8 @@ SUITES = {
 def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: Path | None = None,
              limit: int | None = None, mc_file: Path | None = None, circular: bool = False,
              geneval_metadata: Path | None = None, detector: str | None = None, cfg_scale: float = 3.0,
-             top_k: int = 0, seed: int = 0, device: str = "cpu", progress_factory=None) -> dict:
+             top_k: int = 0, seed: int = 0, device: str = "cpu", progress_factory=None,
+             temperature: float = 1.0, batch_size: int = 64) -> dict:
     from unitoken.eval import generation as gen
     from unitoken.eval import understanding as und
     from unitoken.model.io import load_model
@@ -50,7 +51,7 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
             items = und.shapes_vqa_items(data, limit) if suite == "shapes-vqa" else \
                 und.mc_file_items(_need(mc_file, "--mc-file"), circular, limit)
             with bar or nullcontext():
-                results = und.run_understanding(model, builder, items, progress=update)
+                results = und.run_understanding(model, builder, items, batch_size=batch_size, progress=update)
             chance = und.chance_level(items)
         else:
             items = gen.shapes_geneval_items(data, limit) if suite == "shapes-geneval" else \
@@ -58,7 +59,8 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
             det = gen.load_detector(detector)
             with bar or nullcontext():
                 results = gen.run_generation(model, builder, items, out, det, cfg_scale=cfg_scale, top_k=top_k,
-                                             seed=seed, progress=update)
+                                             temperature=temperature, seed=seed, batch_size=batch_size,
+                                             progress=update)
             chance = gen.random_code_baseline(model, items, det, seed)
         for r in results:
             all_items.append({"suite": suite, "task": SUITES[suite], **r})
@@ -68,7 +70,8 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
     weights = Path(model_path) / "model.safetensors"
     report = {"model": str(Path(model_path).resolve()), "suites": summary, "metrics": metrics,
               "model_sha256": sha256_file(weights) if weights.is_file() else None,
-              "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "data": str(data)}}
+              "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
+                           "seed": seed, "data": str(data)}}
     (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in all_items))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.html").write_text(render_html(report, all_items, out))

@@ -86,19 +86,26 @@ def score(item: dict, answer: str) -> float:
     return float(normalize(answer) == normalize(item["answer"]))
 
 
-def run_understanding(model, builder, items: list[dict], max_new_tokens: int = 12, progress=None) -> list[dict]:
-    """Answer every item greedily -> per-item results {id, category, answer, prediction, score}."""
-    from unitoken.model.generation import generate_text
+def run_understanding(model, builder, items: list[dict], max_new_tokens: int = 12, batch_size: int = 64,
+                      progress=None) -> list[dict]:
+    """Answer every item greedily (``batch_size`` items per forward pass; the answers are those
+    of one item at a time) -> per-item results {id, category, answer, prediction, score}."""
+    from unitoken.model.generation import generate_text_batch
 
     results = []
-    for i, item in enumerate(items):
-        with Image.open(item["image"]) as im:
-            image = im.convert("RGB")
-        prediction = generate_text(model, builder, item["prompt"], [image], max_new_tokens=max_new_tokens)
-        results.append({"id": item["id"], "category": item["category"], "group": item.get("group", item["id"]),
-                        "answer": item["answer"], "prediction": prediction, "score": score(item, prediction)})
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = []
+        for item in chunk:
+            with Image.open(item["image"]) as im:
+                images.append([im.convert("RGB")])
+        predictions = generate_text_batch(model, builder, [i["prompt"] for i in chunk], images,
+                                          max_new_tokens=max_new_tokens)
+        for item, prediction in zip(chunk, predictions):
+            results.append({"id": item["id"], "category": item["category"], "group": item.get("group", item["id"]),
+                            "answer": item["answer"], "prediction": prediction, "score": score(item, prediction)})
         if progress:
-            progress(i + 1, len(items))
+            progress(len(results), len(items))
     return circular_collapse(results)
 
 

@@ -28,9 +28,20 @@ def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, allowed: torch.Tensor | None,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [b, V] -> ids [b]. temperature 0 is greedy; top_k 0 keeps all; allowed: [V] bool."""
+def _gumbel(shape: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel(0, 1) noise [shape] drawn on the CPU (the same numbers on every device)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(1e-30, 1 - 1e-16)
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, allowed: torch.Tensor | None,
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits: [b, V] -> ids [b], row i drawn with ``generators[i]``.
+
+    temperature 0 is greedy; top_k 0 keeps all; allowed: [V] bool. Sampling is the Gumbel-max
+    trick with CPU noise, so a row's draw depends only on its own generator: a prompt gets the
+    same image alone or in a batch of any size.
+    """
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
@@ -40,31 +51,56 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, allowed: 
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    noise = torch.stack([_gumbel(logits.shape[-1], g) for g in generators]).to(logits.device, logits.dtype)
+    return (logits + noise).argmax(dim=-1)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, allowed: torch.Tensor | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [b, V] -> ids [b] (every row from the one ``generator``); see ``sample_tokens``."""
+    return sample_tokens(logits, temperature, top_k, allowed, [generator] * logits.shape[0])
 
 
 class _Stream:
-    """One autoregressive stream with its KV cache (prefill once, then one token per step)."""
+    """A batch of autoregressive streams sharing one KV cache: prompts are left-padded (masked,
+    positions counted from each prompt's first real token), then every stream takes the same
+    number of tokens per step."""
 
-    def __init__(self, model: UniToken, ids: list[int], images: ContinuousImages | None) -> None:
+    def __init__(self, model: UniToken, prompts: list[list[int]], images: ContinuousImages | None) -> None:
         self.model = model
         self.cache = DynamicCache(config=model.hf_config)
-        self.pos = 0
         device = model.lm_head.weight.device
-        self.logits = self._step(model.embed(torch.tensor([ids], device=device), images))
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), model.tokens.pad, dtype=torch.long)
+        self.mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.mask[i, longest - len(p):] = 1
+        self.mask = self.mask.to(device)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = self.mask.sum(-1, keepdim=True)
+        embeds = model.embed(ids.to(device), images)
+        self.logits = self._step(embeds, positions)
 
-    def _step(self, embeds: torch.Tensor) -> torch.Tensor:
-        n = embeds.shape[1]
-        pos = torch.arange(self.pos, self.pos + n, device=embeds.device).unsqueeze(0)
-        hidden = self.model.hidden_states(embeds, position_ids=pos, cache=self.cache)
-        self.pos += n
+    def _step(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # A mask is only needed when some prompt is padded; without one sdpa runs plain causal.
+        mask = None if bool(self.mask.all()) else self.mask
+        hidden = self.model.hidden_states(embeds, attention_mask=mask, position_ids=positions, cache=self.cache)
         return self.model.lm_head(hidden[:, -1])
 
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        device = self.model.lm_head.weight.device
-        self.logits = self._step(self.model.llm.embed_tokens(torch.tensor([ids], device=device)))
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [b, k] -> logits [b, V] after the last of them."""
+        ids = ids.to(self.mask.device)
+        k = ids.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        positions = self.next_pos + torch.arange(k, device=ids.device)
+        self.next_pos = self.next_pos + k
+        self.logits = self._step(self.model.llm.embed_tokens(ids), positions)
         return self.logits
+
+
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 @torch.no_grad()
@@ -73,23 +109,40 @@ def generate_text(model: UniToken, builder: SequenceBuilder, prompt: str, images
                   seed: int = 0) -> str:
     """Answer ``prompt`` about ``images`` (each marked by ``<|image|>`` in the prompt, or
     prepended when the prompt has none). Stops at end-of-turn or EOS. Greedy by default."""
+    return generate_text_batch(model, builder, [prompt], [images], max_new_tokens, temperature, top_k, [seed])[0]
+
+
+@torch.no_grad()
+def generate_text_batch(model: UniToken, builder: SequenceBuilder, prompts: list[str],
+                        images: list[list[Image.Image]], max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_k: int = 0, seeds: list[int] | None = None) -> list[str]:
+    """``generate_text`` for many prompts at once (one forward pass per new token for all)."""
     model.eval()
-    if images and IMAGE_PLACEHOLDER not in prompt:
-        prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt
-    inputs, cont = prepare_images(model, images)
-    ids = builder.prompt([{"from": "human", "value": prompt}], inputs)
-    stream = _Stream(model, ids, cont)
     t = model.tokens
-    allowed = t.text_token_mask(builder.tokenizer.all_special_ids)  # a text answer: no VQ ids
-    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    out: list[int] = []
+    inputs, cont = prepare_images(model, [img for imgs in images for img in imgs])  # one VQ pass for all
+    seqs = []
+    for prompt, imgs in zip(prompts, images):
+        if imgs and IMAGE_PLACEHOLDER not in prompt:
+            prompt = IMAGE_PLACEHOLDER * len(imgs) + "\n" + prompt
+        seqs.append(builder.prompt([{"from": "human", "value": prompt}], inputs[: len(imgs)]))
+        inputs = inputs[len(imgs):]
+    stream = _Stream(model, seqs, cont)
+    allowed = _pad(t.text_token_mask(builder.tokenizer.all_special_ids), stream.logits)  # text only: no VQ ids
+    gens = _generators(seeds if seeds is not None else [0] * len(prompts))
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        nxt = int(sample_token(stream.logits, temperature, top_k, _pad(allowed, stream.logits), generator))
-        if nxt in (t.eos, t.end_of_turn):
+        nxt = sample_tokens(stream.logits, temperature, top_k, allowed, gens).cpu()
+        for i, tok in enumerate(nxt.tolist()):
+            if not done[i]:
+                if tok in (t.eos, t.end_of_turn):
+                    done[i] = True
+                else:
+                    out[i].append(tok)
+        if all(done):
             break
-        out.append(nxt)
-        stream.feed([nxt])
-    return builder.tokenizer.decode(out, skip_special_tokens=True)
+        stream.feed(nxt.unsqueeze(1))
+    return [builder.tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
 def _pad(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -106,6 +159,19 @@ def generate_image_codes(model: UniToken, builder: SequenceBuilder, prompt: str,
                          temperature: float = 1.0, top_k: int = 0, seed: int = 0,
                          size: int | None = None, progress=None) -> torch.Tensor:
     """Autoregressive VQ ids for ``prompt`` -> codes [h, w]."""
+    return generate_image_codes_batch(model, builder, [prompt], cfg_scale, temperature, top_k, [seed], size,
+                                      progress)[0]
+
+
+@torch.no_grad()
+def generate_image_codes_batch(model: UniToken, builder: SequenceBuilder, prompts: list[str],
+                               cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
+                               seeds: list[int] | None = None, size: int | None = None,
+                               progress=None) -> torch.Tensor:
+    """VQ ids for many prompts at once -> codes [n, h, w]; prompt i is sampled with ``seeds[i]``.
+
+    The conditional and unconditional (empty prompt) streams of every prompt run as one batch.
+    """
     model.eval()
     t = model.tokens
     vq = model.config.vq
@@ -113,22 +179,29 @@ def generate_image_codes(model: UniToken, builder: SequenceBuilder, prompt: str,
     if size % vq.downsample:
         raise ValueError(f"--size {size} is not a multiple of the VQ downsample factor {vq.downsample}")
     side = size // vq.downsample
+    n = len(prompts)
     head = [t.boi, *builder.grid_ids(side, side)]
-    cond = _Stream(model, builder.t2i_prompt(prompt) + head, None)
-    uncond = _Stream(model, builder.t2i_prompt("") + head, None) if cfg_scale != 1.0 else None
-    allowed = _pad(t.image_token_mask, cond.logits)
-    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    codes = torch.empty(side, side, dtype=torch.long)
+    seqs = [builder.t2i_prompt(p) + head for p in prompts]
+    guided = cfg_scale != 1.0
+    if guided:
+        seqs += [builder.t2i_prompt("") + head] * n
+    stream = _Stream(model, seqs, None)
+    allowed = _pad(t.image_token_mask, stream.logits)
+    gens = _generators(seeds if seeds is not None else [0] * n)
+    codes = torch.empty(n, side, side, dtype=torch.long)
+    newline = torch.full((len(seqs), 1), t.newline, dtype=torch.long)
     for r in range(side):
         for c in range(side):
-            logits = cond.logits if uncond is None else cfg_logits(cond.logits, uncond.logits, cfg_scale)
-            tok = int(sample_token(logits, temperature, top_k, allowed, generator))
-            codes[r, c] = t.token_to_code[tok]
-            nxt = [tok, t.newline] if c == side - 1 and r < side - 1 else [tok]
+            logits = stream.logits
+            if guided:
+                logits = cfg_logits(logits[:n], logits[n:], cfg_scale)
+            tok = sample_tokens(logits, temperature, top_k, allowed, gens).cpu()
+            codes[:, r, c] = t.token_to_code[tok]
+            nxt = (torch.cat([tok, tok]) if guided else tok).unsqueeze(1)
+            if c == side - 1 and r < side - 1:
+                nxt = torch.cat([nxt, newline], dim=1)
             if not (r == side - 1 and c == side - 1):  # the last id needs no forward pass
-                cond.feed(nxt)
-                if uncond is not None:
-                    uncond.feed(nxt)
+                stream.feed(nxt)
         if progress is not None:
             progress(r + 1, side)
     return codes
@@ -136,7 +209,15 @@ def generate_image_codes(model: UniToken, builder: SequenceBuilder, prompt: str,
 
 def decode_image(model: UniToken, codes: torch.Tensor) -> Image.Image:
     """codes [h, w] -> RGB PIL image of the VQ-GAN's resolution."""
-    return to_pil(model.vq.decode(codes.unsqueeze(0).to(model.lm_head.weight.device))[0])
+    return decode_images(model, codes.unsqueeze(0))[0]
+
+
+@torch.no_grad()
+def decode_images(model: UniToken, codes: torch.Tensor, batch_size: int = 64) -> list[Image.Image]:
+    """codes [n, h, w] -> n RGB PIL images."""
+    device = model.lm_head.weight.device
+    return [to_pil(x) for i in range(0, len(codes), batch_size)
+            for x in model.vq.decode(codes[i : i + batch_size].to(device))]
 
 
 def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[ImageInput], ContinuousImages | None]:
@@ -146,9 +227,9 @@ def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[Ima
     cfg = model.config
     device = model.lm_head.weight.device
     inputs, tiles, grids = [], [], []
-    for img in images:
-        pix = vq_pixels(img, cfg.vq.resolution).unsqueeze(0).to(device)
-        codes = model.vq.encode(pix)[0].cpu()
+    all_codes = model.vq.encode(torch.stack([vq_pixels(img, cfg.vq.resolution) for img in images]).to(device)).cpu() \
+        if images else []
+    for img, codes in zip(images, all_codes):
         n_cont = 0
         if cfg.encoder_mode != "discrete":
             tile, grid = preprocess_continuous(img, cfg.vision)

@@ -166,8 +166,9 @@ class UniToken(nn.Module):
         return out.last_hidden_state
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
-                images: ContinuousImages | None = None) -> dict[str, torch.Tensor]:
-        """Args: input_ids/labels/attention_mask/position_ids: [b, T].
+                images: ContinuousImages | None = None, loss_weights=None) -> dict[str, torch.Tensor]:
+        """Args: input_ids/labels/attention_mask/position_ids: [b, T]; loss_weights: optional
+        [b, T] per-token weights of the cross-entropy (see ``loss``).
 
         Returns:
             {"loss", "ce", "z_loss", "num_tokens"} when labels are given, else {"logits"}.
@@ -175,10 +176,14 @@ class UniToken(nn.Module):
         hidden = self.hidden_states(self.embed(input_ids, images), attention_mask, position_ids)
         if labels is None:
             return {"logits": self.lm_head(hidden)}
-        return self.loss(hidden, labels)
+        return self.loss(hidden, labels, loss_weights)
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy over the full vocabulary (image logits NOT masked) + z-loss.
+
+        Without ``weights`` the cross-entropy is the mean over supervised tokens; with weights
+        [b, T] (aligned with ``labels``, summing to 1) it is their weighted sum.
 
         Only labelled positions go through the head, so the [b, T, vocab] logits of context
         tokens are never built. z-loss (PaLM): weight * mean(logsumexp(logits)^2), which keeps
@@ -191,7 +196,8 @@ class UniToken(nn.Module):
             raise ValueError("batch has no supervised tokens (all labels are -100)")
         logits = self.lm_head(hidden[:, :-1][keep]).float()
         lse = torch.logsumexp(logits, dim=-1)
-        ce = (lse - logits.gather(1, targets[keep].unsqueeze(1)).squeeze(1)).mean()
+        per_token = lse - logits.gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+        ce = per_token.mean() if weights is None else (per_token * weights[:, 1:][keep].float()).sum()
         z = (lse ** 2).mean()
         loss = ce + self.config.z_loss_weight * z
         return {"loss": loss, "ce": ce.detach(), "z_loss": z.detach(), "num_tokens": num_tokens}

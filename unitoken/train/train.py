@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from unitoken.config import Recipe, StageConfig, config_hash, to_dict
-from unitoken.data.dataset import MixtureSampler, Sample, ShardDataset, pack_samples, pad_samples
+from unitoken.data.dataset import MixtureSampler, Sample, ShardDataset, pack_samples, pad_samples, sample_loss_weights
 from unitoken.data.pretokenize import sha256_file
 from unitoken.model.io import is_handoff_dir, load_model, save_model
 from unitoken.model.sequence import T2I_TEMPLATE, SequenceBuilder
@@ -100,9 +101,12 @@ def draw_batch(dataset, sampler, global_batch: int, rank: int, world: int, draws
     return samples, draws + global_batch
 
 
-def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device) -> dict:
+def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device,
+            loss_reduction: str = "token") -> dict:
     batch = pack_samples(samples, stage.max_seq_len, pad_id) if packing else pad_samples(samples, pad_id)
-    batch.pop("seq_lens", None)
+    seq_lens = batch.pop("seq_lens", None) or [[len(s)] for s in samples]  # padding: one sample per row
+    if loss_reduction == "sample":
+        batch["loss_weights"] = sample_loss_weights(batch["labels"], seq_lens)
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     if out.get("images") is not None:
         out["images"].pixel_values = out["images"].pixel_values.to(device)
@@ -126,6 +130,11 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     if max_steps is not None:
         stage = dataclasses.replace(stage, max_steps=max_steps)
     rank, world, device = parallel.init_distributed()
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        # The loop's CPU work is small per-sample tensor ops. With every core as an OpenMP thread,
+        # two torch processes on one host (ranks, an evaluation beside training) spin against
+        # each other: a batch's tile conversion went from 10 ms to 1.6 s, and GPU steps 2-10x slower.
+        torch.set_num_threads(min(4, torch.get_num_threads()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if str(init).startswith("models:/"):  # a registered model: fetched and verified first
@@ -135,7 +144,12 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     init = Path(init)
 
     # --- the starting point: verify before loading
-    if stage_n > 1:
+    if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / ckpt.HANDOFF).is_file() \
+            and is_handoff_dir(init):
+        # Stage 1 trains only the continuous path (vision + adapter), which a discrete-only model
+        # lacks: its stage 2 starts from the initialisation (the Table 5 ablation).
+        parent = {"stage": 0, "files": {}}
+    elif stage_n > 1:
         # Stage N starts from stage N-1; re-running stage N on new data from a stage-N model (e.g. a
         # registered champion, stage-scoped retraining) is allowed too.
         parent = ckpt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
@@ -266,7 +280,7 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             t0 = time.perf_counter()
             samples, draws = draw_batch(dataset, sampler, stage.batch_size, rank, world, draws, train.seed,
                                         train.cfg_dropout)
-            batch = collate(samples, stage, train.packing, pad, device)
+            batch = collate(samples, stage, train.packing, pad, device, train.loss_reduction)
             out = engine(**batch)
             loss = out["loss"]
             if not torch.isfinite(loss):

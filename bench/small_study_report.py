@@ -1,0 +1,159 @@
+"""Tables, the per-stage plot and a grid of generated images of a `bench/small_study.sh` run.
+
+    python bench/small_study_report.py DIR      # DIR: results*.json and raw.tar.gz from the run
+
+Writes ``scores_per_stage.png`` and ``stage3_generations.png`` into DIR and prints the Markdown
+tables that docs/results.md quotes (every number comes from the JSON files).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(e: dict | None, suite: str) -> str:
+    if not e or suite not in e or "overall" not in e[suite]:
+        return "-"
+    s = e[suite]
+    return f"{s['overall']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+
+def score(e: dict | None, suite: str) -> float | None:
+    return e[suite]["overall"] if e and suite in e and "overall" in e[suite] else None
+
+
+def plot(doc: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [("stage1", "stage 1"), ("stage2", "stage 2"), ("stage3", "stage 3")]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for suite, color in (("shapes-vqa", "#4C72B0"), ("shapes-geneval", "#DD8452")):
+        xs, ys, lo, hi = [], [], [], []
+        for i, (key, _) in enumerate(stages):
+            e = doc["evals"].get(key)
+            if score(e, suite) is None:
+                continue
+            xs.append(i)
+            ys.append(e[suite]["overall"])
+            lo.append(e[suite]["overall"] - e[suite]["ci95"][0])
+            hi.append(e[suite]["ci95"][1] - e[suite]["overall"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=color, label=suite)
+        chance = next((doc["evals"][k][suite]["chance"] for k, _ in stages
+                       if score(doc["evals"].get(k), suite) is not None), None)
+        if chance is not None:
+            ax.axhline(chance, color=color, ls=":", lw=1)
+    tuned = doc["evals"].get("stage3_tuned")
+    if score(tuned, "shapes-geneval") is not None:
+        ax.plot([2], [tuned["shapes-geneval"]["overall"]], marker="*", ms=11, color="#C44E52", ls="",
+                label="stage 3 GenEval, sampling chosen on val")
+    ax.set_xticks(range(len(stages)), [s for _, s in stages])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (95 % CI); dotted: chance")
+    ax.set_title("small recipe: scores after each stage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def tables(doc: dict) -> str:
+    ev = doc["evals"]
+    out = ["| model | shapes-VQA (95 % CI) | VQA chance | shapes-GenEval (95 % CI) | GenEval chance |",
+           "|---|---|---|---|---|"]
+    for key, name in (("stage1", "after stage 1"), ("stage2", "after stage 2"), ("stage3", "after stage 3"),
+                      ("stage3_tuned", "after stage 3, sampling chosen on val")):
+        e = ev.get(key)
+        if not e:
+            continue
+        chance = lambda s: f"{e[s]['chance']:.3f}" if s in e and "chance" in e[s] else "-"  # noqa: E731
+        out.append(f"| {name} | {fmt(e, 'shapes-vqa')} | {chance('shapes-vqa')} | {fmt(e, 'shapes-geneval')} | "
+                   f"{chance('shapes-geneval')} |")
+    out += ["", "Table 5 style (stage 2 only; single-task runs see as many samples of their task as the joint run):",
+            "", "| # | encoding | stage-2 data | shapes-VQA | shapes-GenEval |", "|---|---|---|---|---|"]
+    n = 0
+    for enc, label in (("disc", "discrete only"), ("dual", "dual (UniToken)")):
+        und, gen, both = (ev.get(f"abl_{enc}_{k}") for k in ("und", "gen", "both"))
+        for data, e in (("understanding only", und), ("generation only", gen), ("both", both)):
+            n += 1
+            v, g = fmt(e, "shapes-vqa"), fmt(e, "shapes-geneval")
+            if data == "both":
+                dv = _delta(score(e, "shapes-vqa"), score(und, "shapes-vqa"))
+                dg = _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
+                v, g = v + dv, g + dg
+            out.append(f"| {n} | {label} | {data} | {v} | {g} |")
+    return "\n".join(out)
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None else f" ({a - b:+.3f})"
+
+
+def load(folder: Path) -> dict:
+    """results.json (setup) + results_main.json + results_ablation.json, evals merged."""
+    doc = {"evals": {}, "runs": {}}
+    for name in ("results.json", "results_main.json", "results_ablation.json"):
+        path = folder / name
+        if path.is_file():
+            part = json.loads(path.read_text())
+            for key in ("evals", "runs"):
+                doc[key].update(part.pop(key, {}))
+            doc[name] = part
+    return doc
+
+
+def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
+    """Generated images of one evaluation (from raw.tar.gz) with their prompts and verdicts."""
+    import io
+    import tarfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    tar = tarfile.open(raw)
+    base = f"evals/{name}/shapes-geneval"
+    rows = [json.loads(x) for x in tar.extractfile(f"{base}/items.jsonl").read().decode().splitlines()]
+    names = set(tar.getnames())
+    rows = [r for r in rows if f"{base}/{r['image']}" in names]
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    picked = [r for k in range(n) for rs in by_cat.values() if k < len(rs) for r in [rs[k]]][:n]
+    cols = 7
+    fig, axes = plt.subplots((len(picked) + cols - 1) // cols, cols, figsize=(cols * 2.1, 2.5 * ((len(picked) + cols - 1) // cols)),
+                             dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, picked):
+        ax.imshow(Image.open(io.BytesIO(tar.extractfile(f"{base}/{r['image']}").read())))
+        ax.set_title(("PASS " if r["score"] else "fail ") + r["prompt"][:38], fontsize=6,
+                     color="green" if r["score"] else "red", wrap=True)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def main() -> None:
+    folder = Path(sys.argv[1])
+    doc = load(folder)
+    plot(doc, folder / "scores_per_stage.png")
+    raw = folder / "raw.tar.gz"
+    for name in ("stage3_tuned", "stage3"):
+        if raw.is_file() and name in doc["evals"]:
+            grid_png(raw, name, folder / f"{name}_generations.png")
+    print(tables(doc))
+
+
+if __name__ == "__main__":
+    main()

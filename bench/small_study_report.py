@@ -1,6 +1,6 @@
 """Tables, the per-stage plot and a grid of generated images of a `bench/small_study.sh` run.
 
-    python bench/small_study_report.py DIR      # DIR: results*.json and raw.tar.gz from the run
+    python bench/small_study_report.py DIR      # DIR: results*.json and raw_main.tar.gz from the run
 
 Writes ``scores_per_stage.png`` and ``stage3_generations.png`` into DIR and prints the Markdown
 tables that docs/results.md quotes (every number comes from the JSON files).
@@ -71,9 +71,8 @@ def tables(doc: dict) -> str:
         e = ev.get(key)
         if not e:
             continue
-        chance = lambda s: f"{e[s]['chance']:.3f}" if s in e and "chance" in e[s] else "-"  # noqa: E731
-        out.append(f"| {name} | {fmt(e, 'shapes-vqa')} | {chance('shapes-vqa')} | {fmt(e, 'shapes-geneval')} | "
-                   f"{chance('shapes-geneval')} |")
+        out.append(f"| {name} | {fmt(e, 'shapes-vqa')} | {_chance(e, 'shapes-vqa')} | {fmt(e, 'shapes-geneval')} | "
+                   f"{_chance(e, 'shapes-geneval')} |")
     out += ["", "Table 5 style (stage 2 only; single-task runs see as many samples of their task as the joint run):",
             "", "| # | encoding | stage-2 data | shapes-VQA | shapes-GenEval |", "|---|---|---|---|---|"]
     n = 0
@@ -88,6 +87,10 @@ def tables(doc: dict) -> str:
                 v, g = v + dv, g + dg
             out.append(f"| {n} | {label} | {data} | {v} | {g} |")
     return "\n".join(out)
+
+
+def _chance(e: dict, suite: str) -> str:
+    return f"{e[suite]['chance']:.3f}" if suite in e and "chance" in e[suite] else "-"
 
 
 def _delta(a: float | None, b: float | None) -> str:
@@ -118,37 +121,33 @@ def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    tar = tarfile.open(raw)
     base = f"evals/{name}/shapes-geneval"
-    rows = [json.loads(x) for x in tar.extractfile(f"{base}/items.jsonl").read().decode().splitlines()]
-    names = set(tar.getnames())
-    rows = [r for r in rows if f"{base}/{r['image']}" in names]
-    by_cat: dict[str, list[dict]] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    picked = [r for k in range(n) for rs in by_cat.values() if k < len(rs) for r in [rs[k]]][:n]
-    cols = 7
-    fig, axes = plt.subplots((len(picked) + cols - 1) // cols, cols, figsize=(cols * 2.1, 2.5 * ((len(picked) + cols - 1) // cols)),
-                             dpi=90, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, picked):
-        ax.imshow(Image.open(io.BytesIO(tar.extractfile(f"{base}/{r['image']}").read())))
-        ax.set_title(("PASS " if r["score"] else "fail ") + r["prompt"][:38], fontsize=6,
-                     color="green" if r["score"] else "red", wrap=True)
+    with tarfile.open(raw) as tar:
+        rows = [json.loads(x) for x in tar.extractfile(f"{base}/items.jsonl").read().decode().splitlines()]
+        names = set(tar.getnames())
+        rows = [r for r in rows if f"{base}/{r['image']}" in names]
+        by_cat: dict[str, list[dict]] = {}
+        for r in rows:
+            by_cat.setdefault(r["category"], []).append(r)
+        picked = [r for k in range(n) for rs in by_cat.values() if k < len(rs) for r in [rs[k]]][:n]
+        cols, n_rows = 7, max(1, (len(picked) + 6) // 7)
+        fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 2.1, 2.5 * n_rows), dpi=90, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, picked):
+            ax.imshow(Image.open(io.BytesIO(tar.extractfile(f"{base}/{r['image']}").read())))
+            ax.set_title(("PASS " if r["score"] else "fail ") + r["prompt"][:38], fontsize=6,
+                         color="green" if r["score"] else "red", wrap=True)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------- the study
 
 
 def main() -> None:
     folder = Path(sys.argv[1])
     doc = load(folder)
     plot(doc, folder / "scores_per_stage.png")
-    raw = folder / "raw.tar.gz"
+    raw = folder / "raw_main.tar.gz"
     for name in ("stage3_tuned", "stage3"):
         if raw.is_file() and name in doc["evals"]:
             grid_png(raw, name, folder / f"{name}_generations.png")

@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from unitoken.config import Recipe, StageConfig, config_hash, to_dict
-from unitoken.data.dataset import MixtureSampler, Sample, ShardDataset, pack_samples, pad_samples, sample_loss_weights
+from unitoken.data.dataset import (
+    MixtureSampler,
+    Sample,
+    ShardDataset,
+    pack_samples,
+    pad_samples,
+    sample_loss_weights,
+)
 from unitoken.data.pretokenize import sha256_file
 from unitoken.model.io import is_handoff_dir, load_model, save_model
 from unitoken.model.sequence import T2I_TEMPLATE, SequenceBuilder

@@ -132,3 +132,17 @@ def test_resume_never_refuses_existing_checkpoints(stack, work):
     proc = unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff",
                     "--out", "ref", "--resume", "never", "--no-track", check=False)
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
+
+
+def test_stage2_from_a_fresh_init_only_for_discrete_models(stack, work, tmp_path):
+    """Stage 2 refuses a plain `model init` directory, except in discrete mode: there stage 1 has
+    nothing to train (no vision tower or adapter), so the Table 5 ablation starts stage 2 there."""
+    proc = unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "a"),
+                    "--init", "m", "--no-track", "--max-steps", "2", check=False)
+    assert proc.returncode == 1 and "not a stage hand-off checkpoint" in proc.stderr
+    disc = ["--set", "model.encoder_mode=discrete"]
+    unitoken(stack, "model", "init", "--recipe", "tiny", "--out", str(tmp_path / "m_disc"), *disc)
+    unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", str(tmp_path / "b"),
+             "--init", str(tmp_path / "m_disc"), "--no-track", "--max-steps", "2", *disc)
+    doc = json.loads((tmp_path / "b" / "handoff" / "handoff.json").read_text())
+    assert doc["stage"] == 2 and doc["parent_stage"] == 0

@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-faults install clean
+.PHONY: demo test test-fast test-faults test-all install clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ test-fast: $(STAMP)
 
 # every fault-injection case (make test runs the faults_fast subset)
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -q -m faults tests/reliability
+	$(BIN)/python -m pytest -q -m faults
+
+# everything that runs without a GPU: make test + the fault matrix + the extended tests
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 demo: $(STAMP)
 	$(BIN)/python -m unitoken.demo

@@ -96,6 +96,7 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     assert s2["parent"] == str((job / "train-stage" / "handoff").resolve())
 
 
+@pytest.mark.extended
 def test_stage_scoped_retraining_from_the_champion(home, first_run):
     """`--stages 3 --base-model models:/unitoken@champion` on new data: no tokenizer and no stages 1-2,
     the gate compares with champion v1, and v2's lineage carries v1's stages plus the new stage 3."""

@@ -2,8 +2,8 @@
 checkpoint), then `--resume auto`: the per-step losses and the final weights must equal an
 uninterrupted run's.
 
-`make test-faults` runs all of them (`-m faults`); `make test` runs the cases marked
-`faults_fast` (none here: its fault tests live beside the code they test, see FAST)."""
+`make test-faults` runs all of them (`-m faults`); `make test` runs only the cases marked
+`faults_fast` (none here; pre-tokenisation and tracking-outage faults live beside their code)."""
 
 from __future__ import annotations
 

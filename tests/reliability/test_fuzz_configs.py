@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from unitoken.config import ConfigError
 
-EXAMPLES = int(os.environ.get("UNITOKEN_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("UNITOKEN_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),

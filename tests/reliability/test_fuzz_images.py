@@ -19,7 +19,7 @@ from PIL import Image
 
 from unitoken.data.validate import validate_manifest
 
-EXAMPLES = int(os.environ.get("UNITOKEN_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("UNITOKEN_FUZZ_EXAMPLES", "25"))
 MODES = ["RGB", "RGBA", "L", "LA", "P", "1", "I", "F", "CMYK", "I;16"]
 
 

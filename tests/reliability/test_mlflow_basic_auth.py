@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.extended
+
 from tests.conftest import _port, _wait
 
 ADMIN_PASSWORD = "admin-Secr3t-for-tests"

@@ -106,6 +106,7 @@ def test_mlflow_has_params_metrics_inputs_and_digest(stack, work):
         assert {"deepspeed.json", "recipe.json", "loss.png", "handoff"} <= arts
 
 
+@pytest.mark.faults
 def test_sigkill_then_resume_matches_uninterrupted_run(stack, work):
     """Kill stage 2 mid-run (after a checkpoint), resume: same losses per step and same final weights."""
     args = ["train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff", "--max-steps", "30",

@@ -129,6 +129,8 @@ def _stop(proc):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.faults_fast
 def test_tracking_survives_server_outage(tmp_path):
     """Server killed mid-stage: logging never raises; metrics arrive, in order, once it is back."""
     from mlflow import MlflowClient

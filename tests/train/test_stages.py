@@ -130,8 +130,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stack, work):
 
 
 def test_resume_never_refuses_existing_checkpoints(stack, work):
+    # s2 is the shared stage-2 run (conftest `trained`): its checkpoints must not be trained over
     proc = unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff",
-                    "--out", "ref", "--resume", "never", "--no-track", check=False)
+                    "--out", "s2", "--resume", "never", "--no-track", check=False)
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
 
 

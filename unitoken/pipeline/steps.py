@@ -349,11 +349,6 @@ def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, p
     return info
 
 
-def write_json(path: Path, doc: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-
-
 # --------------------------------------------------------------------------- multi-node stages
 
 

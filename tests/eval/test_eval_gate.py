@@ -35,6 +35,27 @@ def test_detector_scores_ground_truth_test_images(data):
     assert sum(scores) / len(scores) >= 0.99, f"{sum(scores)}/{len(scores)}"
 
 
+def test_detector_sees_no_objects_in_noise_or_blobs():
+    """Random pixels, irregular blobs and two merged shapes are not objects (chance stays near 0)."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    from unitoken.data.shapes import COLORS, ShapeObject, detect, render
+
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray((rng.random((128, 128, 3)) * 255).astype("uint8")) for _ in range(20)]
+    assert sum(len(detect(im)) for im in noise) == 0
+    blob = Image.new("RGB", (128, 128), (245, 245, 245))
+    ImageDraw.Draw(blob).polygon([(10, 10), (60, 20), (40, 40), (70, 70), (15, 55)], fill=COLORS["red"])
+    assert detect(blob) == []
+    merged = render([ShapeObject("square", "blue", "large", 0, 0)], 128)
+    ImageDraw.Draw(merged).ellipse((30, 30, 90, 90), fill=COLORS["blue"])
+    assert detect(merged) == []
+    speckled = np.asarray(render([ShapeObject("circle", "green", "large", 1, 1)], 128)).copy()
+    speckled[64:, 64:] = np.where(rng.random((64, 64, 1)) < 0.5, speckled[64:, 64:], 30)
+    assert detect(Image.fromarray(speckled)) == []  # right outline, not one colour
+
+
 def test_checks_explain_failures(data):
     item = next(i for i in shapes_geneval_items(data) if i["category"] == "counting")
     blank = Image.new("RGB", (64, 64), (245, 245, 245))

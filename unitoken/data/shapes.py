@@ -4,8 +4,11 @@ The synthetic data set, the VQ tokenizer check and the generation evaluation sha
 definition of the world, so a detector verdict means the same thing everywhere. A scene is a
 2x2 grid of cells; each object sits inside its own cell (so positions are unambiguous and
 objects never touch). The detector finds connected non-background regions anywhere in the
-image (a generated image need not respect the cells) and reads shape (fill ratio of the
-bounding box), colour (nearest palette colour), size and position (cell of the centroid).
+image (a generated image need not respect the cells) and reads shape (the ideal circle, square or
+triangle of the region's bounding box that overlaps it best), colour (nearest palette colour),
+size and position (cell of the centroid). Like GenEval's detector threshold, it reports only
+regions it is confident about: a region must overlap its ideal shape (IoU >= 0.8), be about as
+tall as wide, and be mostly one palette colour; noise, smears and merged blobs are not objects.
 """
 
 from __future__ import annotations
@@ -86,8 +89,33 @@ def render(objects: list[ShapeObject], size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+MIN_SHAPE_IOU = 0.8  # region vs the ideal shape of its bounding box
+MIN_COLOR_PURITY = 0.7  # share of a region's pixels close to its palette colour
+_COLOR_TOLERANCE = 60.0  # max abs RGB difference that still counts as the palette colour
+
+
+def _ideal_masks(h: int, w: int) -> dict[str, np.ndarray]:
+    """The rendered shapes filling an h x w bounding box (pixel centres)."""
+    y = (np.arange(h, dtype=np.float32)[:, None] + 0.5) / h
+    x = (np.arange(w, dtype=np.float32)[None, :] + 0.5) / w
+    return {"square": np.ones((h, w), dtype=bool),
+            "circle": (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25,
+            "triangle": y >= np.abs(2 * x - 1)}
+
+
+def _shape_fit(mask: np.ndarray) -> tuple[str, float]:
+    """(best shape, its IoU with the region)."""
+    fits = {name: float((mask & ideal).sum() / (mask | ideal).sum())
+            for name, ideal in _ideal_masks(*mask.shape).items()}
+    best = max(fits, key=fits.get)
+    return best, fits[best]
+
+
 def detect(image: Image.Image, min_area_fraction: float = 0.004) -> list[Detection]:
-    """Find the shapes in an image (rendered, reconstructed or generated), largest first."""
+    """Find the shapes in an image (rendered, reconstructed or generated), largest first.
+
+    Regions that are not confidently one of our shapes in one palette colour are left out
+    (see the module docstring)."""
     from scipy import ndimage
 
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -105,20 +133,21 @@ def detect(image: Image.Image, min_area_fraction: float = 0.004) -> list[Detecti
         if area < min_area_fraction * h * w:
             continue
         bh, bw = mask.shape
-        fill = area / float(bh * bw)
+        if not 2 / 3 <= bh / bw <= 3 / 2:
+            continue
+        shape, iou = _shape_fit(mask)
+        if iou < MIN_SHAPE_IOU:
+            continue
         pixels = arr[region][mask]
-        color = palette_names[int(np.argmin(((palette - np.median(pixels, axis=0)) ** 2).sum(axis=1)))]
-        if fill > 0.88:
-            shape = "square"
-        elif fill > 0.66:
-            shape = "circle"
-        else:
-            shape = "triangle"
+        ci = int(np.argmin(((palette - np.median(pixels, axis=0)) ** 2).sum(axis=1)))
+        if (np.abs(pixels - palette[ci]).max(axis=1) <= _COLOR_TOLERANCE).mean() < MIN_COLOR_PURITY:
+            continue
         extent = max(bh, bw) / (min(h, w) / 2)  # fraction of a cell side
         size = "large" if extent > (SIZES["small"] + SIZES["large"]) / 2 else "small"
         ys, xs = np.nonzero(mask)
         cy, cx = ys.mean() + region[0].start, xs.mean() + region[1].start
-        found.append(Detection(shape, color, size, int(cy >= h / 2), int(cx >= w / 2), area, round(fill, 3)))
+        found.append(Detection(shape, palette_names[ci], size, int(cy >= h / 2), int(cx >= w / 2), area,
+                               round(area / float(bh * bw), 3)))
     return sorted(found, key=lambda d: -d.area)
 
 

@@ -233,7 +233,14 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 1000
     activation_checkpointing: bool = True
+    # Decoder layers whose activations are recomputed when activation_checkpointing is on: -1 =
+    # every layer (the reference), n = the first n (selective: as few as the memory needs).
+    checkpoint_layers: int = -1
     packing: bool = True  # pack samples into max_seq_len rows (False: pad to the longest)
+    # "sdpa": stock attention (packed rows get a dense block-diagonal mask); "varlen": each
+    # packed sample attends only to itself through a variable-length kernel (needs packing).
+    attention: str = "sdpa"
+    ce_chunk: int = 0  # rows per chunk of the fused head + cross-entropy (0 = all at once, fp32)
     cfg_dropout: float = 0.1  # share of generation samples whose prompt is dropped (for CFG)
     log_every: int = 1
     # "token": mean cross-entropy over every supervised token of the batch (the paper). "sample":
@@ -250,6 +257,16 @@ class TrainConfig:
         _require(self.loss_reduction in ("token", "sample"), "loss_reduction", f"got {self.loss_reduction!r}",
                  "use token (mean over supervised tokens) or sample (mean over samples)")
         _positive(self, "save_every", "log_every")
+        _require(self.attention in ("sdpa", "varlen"), "attention", f"got {self.attention!r}",
+                 "use sdpa (stock) or varlen (packed samples, no padding)")
+        _require(self.attention != "varlen" or self.packing, "attention",
+                 "varlen needs packed rows (train.packing=false)", "set train.packing=true or train.attention=sdpa")
+        _require(self.attention != "varlen" or self.dropout == 0, "attention",
+                 f"the varlen kernel has no attention dropout (train.dropout={self.dropout})",
+                 "set train.dropout=0 or train.attention=sdpa")
+        _require(self.ce_chunk >= 0, "ce_chunk", f"got {self.ce_chunk}", "use 0 (off) or e.g. 4096")
+        _require(self.checkpoint_layers >= -1, "checkpoint_layers", f"got {self.checkpoint_layers}",
+                 "use -1 (every layer) or a number of layers >= 0")
 
     def stage(self, n: int) -> StageConfig:
         _require(n in (1, 2, 3), "stage", f"got {n}", "use 1, 2 or 3")

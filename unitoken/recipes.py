@@ -78,6 +78,18 @@ def unitoken_7b_anyres() -> Recipe:
                                description="UniToken with AnyRes tiling of the continuous path")
 
 
+def unitoken_7b_fast() -> Recipe:
+    """unitoken-7b with the measured speed settings (docs/performance.md): packed samples with
+    variable-length attention, the chunked head + cross-entropy, no activation checkpointing
+    on one H200 (raise checkpoint_layers when a larger batch or ZeRO stage needs the memory).
+    One deviation from the paper: no attention dropout (the varlen kernel has none)."""
+    base = unitoken_7b()
+    train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True, dropout=0.0,
+                                activation_checkpointing=False)
+    return dataclasses.replace(base, name="unitoken-7b-fast", train=train,
+                               description="unitoken-7b with varlen packing, chunked CE (no attention dropout)")
+
+
 def small() -> Recipe:
     base = unitoken_7b()
     vq = VQConfig(num_codes=1024, embed_dim=64, latent_channels=64, base_channels=64,
@@ -142,6 +154,7 @@ RECIPES: dict[str, Callable[[], Recipe]] = {
     "small": small,
     "unitoken-7b": unitoken_7b,
     "unitoken-7b-anyres": unitoken_7b_anyres,
+    "unitoken-7b-fast": unitoken_7b_fast,
 }
 
 

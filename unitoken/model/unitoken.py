@@ -22,6 +22,8 @@ from torch import nn
 from transformers import ChameleonConfig, ChameleonModel
 
 from unitoken.config import FREEZE_PREFIXES, ModelConfig
+from unitoken.model.attention import VARLEN, varlen_metadata
+from unitoken.model.loss import chunked_cross_entropy
 from unitoken.model.sequence import IGNORE
 from unitoken.model.tokens import SpecialTokens
 from unitoken.model.vision import Adapter, arrange_features, build_vision_tower
@@ -74,6 +76,16 @@ class ContinuousImages:
         return cls(torch.cat([x.pixel_values for x in items]), [g for x in items for g in x.grids])
 
 
+class Head(nn.Linear):
+    """The output layer; given targets it returns the chunked loss instead of logits. The loss
+    goes through this module's own call so that ZeRO-3 gathers the weight for it."""
+
+    def forward(self, hidden, targets=None, token_weights=None, z_loss_weight: float = 0.0, chunk: int = 0):
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, token_weights, z_loss_weight, chunk)
+
+
 class UniToken(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: dict[str, int]) -> None:
         super().__init__()
@@ -89,7 +101,7 @@ class UniToken(nn.Module):
         self.hf_config = chameleon_config(cfg, vocab, self.tokens)
         self.llm = ChameleonModel(self.hf_config)
         del self.llm.vqmodel  # the VQ-GAN lives in self.vq (with its decoder), outside the LLM
-        self.lm_head = nn.Linear(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
+        self.lm_head = Head(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
         if cfg.encoder_mode != "discrete":
             self.vision = build_vision_tower(cfg.vision)
             self.adapter = Adapter(cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.vision.anyres)
@@ -97,6 +109,37 @@ class UniToken(nn.Module):
             self.vision = None
             self.adapter = None
         self.vq = VQTokenizer(cfg.vq)
+        # Training-speed settings (train.attention / train.ce_chunk), not part of the weights:
+        # defaults are the stock paths that inference uses.
+        self.attention = "sdpa"
+        self.ce_chunk = 0
+
+    # ----------------------------------------------------------------------- speed settings
+
+    def configure_training(self, attention: str = "sdpa", ce_chunk: int = 0, checkpoint_layers: int = 0) -> None:
+        """Speed settings of the training path (see docs/performance.md).
+
+        Args:
+            attention: "sdpa" (stock; packed rows get a dense block-diagonal mask) or "varlen"
+                (packed rows, each sample attends only to itself, no mask is built).
+            ce_chunk: rows per chunk of the fused head + cross-entropy; 0 = one pass over all
+                supervised rows with fp32 logits.
+            checkpoint_layers: recompute the activations of the first n decoder layers in the
+                backward pass (-1 = all: the reference's setting); 0 = none.
+        """
+        if attention not in ("sdpa", "varlen"):
+            raise ValueError(f"attention={attention!r}: use sdpa or varlen")
+        self.attention = attention
+        self.ce_chunk = int(ce_chunk)
+        layers = self.llm.layers
+        n = len(layers) if checkpoint_layers < 0 else min(checkpoint_layers, len(layers))
+        if n:  # transformers 5.24 renamed the method; 5.17 (GPU machine) has only the old name
+            if hasattr(self.llm, "activation_checkpointing_enable"):
+                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < n
 
     # ----------------------------------------------------------------------- freezing
 
@@ -161,6 +204,11 @@ class UniToken(nn.Module):
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None):
         kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
+        # varlen only for packed training rows (no cache, no padding mask); else the stock kernel
+        varlen = self.attention == "varlen" and cache is None and attention_mask is None and position_ids is not None
+        self.hf_config._attn_implementation = VARLEN if varlen else self.config.llm.attn_implementation
+        if varlen:
+            kwargs.update(varlen_metadata(position_ids))
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=cache is not None, **kwargs)
         return out.last_hidden_state
@@ -186,14 +234,20 @@ class UniToken(nn.Module):
         [b, T] (aligned with ``labels``, summing to 1) it is their weighted sum.
 
         Only labelled positions go through the head, so the [b, T, vocab] logits of context
-        tokens are never built. z-loss (PaLM): weight * mean(logsumexp(logits)^2), which keeps
-        the softmax normaliser near 1 in bf16.
+        tokens are never built; with ``ce_chunk`` > 0 not even those of all labelled positions
+        at once (``unitoken.model.loss``). z-loss (PaLM): weight * mean(logsumexp(logits)^2),
+        which keeps the softmax normaliser near 1 in bf16.
         """
         targets = labels[:, 1:]
         keep = targets != IGNORE
         num_tokens = keep.sum()
         if int(num_tokens) == 0:
             raise ValueError("batch has no supervised tokens (all labels are -100)")
+        if self.ce_chunk > 0:
+            w = None if weights is None else weights[:, 1:][keep]
+            loss, ce, z = self.lm_head(hidden[:, :-1][keep], targets[keep], w, self.config.z_loss_weight,
+                                       self.ce_chunk)
+            return {"loss": loss, "ce": ce, "z_loss": z, "num_tokens": num_tokens}
         logits = self.lm_head(hidden[:, :-1][keep]).float()
         lse = torch.logsumexp(logits, dim=-1)
         per_token = lse - logits.gather(1, targets[keep].unsqueeze(1)).squeeze(1)

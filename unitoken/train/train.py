@@ -72,7 +72,9 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig):
         for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
             if ps:
                 params.append({"params": ps, "lr": lr, "weight_decay": wd, "name": f"{key}{'' if wd else '_no_decay'}"})
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    # fused: one kernel for the whole update on a GPU instead of a loop over tensors
+    fused = all(p.is_cuda for g in params for p in g["params"])
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None)
     warmup = max(1, round(o.warmup_fraction * stage.max_steps))
 
     def factor(step: int) -> float:
@@ -176,6 +178,9 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     counts = model.freeze_except(stage.trainable)
     for layer in model.llm.layers:  # dropout 0.05 (tech report scripts), a training-time setting
         layer.self_attn.attention_dropout = recipe.train.dropout
+    train_cfg = recipe.train
+    model.configure_training(train_cfg.attention, train_cfg.ce_chunk,
+                             train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0)
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
     model.to(device)

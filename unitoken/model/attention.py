@@ -1,0 +1,90 @@
+"""Variable-length causal attention over packed rows: no padding, no attention across samples.
+
+Packing puts several samples in one row with ``position_ids`` restarting at 0 per sample. Stock
+SDPA then needs a dense block-diagonal [b, 1, T, T] mask, so every row pays the full T x T
+attention and the masked kernel. Here the rows are flattened to [b*T, h, d] and each sample
+attends only to itself: ``torch.nn.attention.varlen.varlen_attn`` (Flash Attention inside
+torch) on CUDA, a per-sample SDPA loop elsewhere (the CPU reference the tests compare with).
+
+Registered with transformers as the attention implementation ``"unitoken_varlen"``; since that
+name has no mask function, transformers builds no mask at all for it. The sample boundaries
+travel to every layer as ``cu_seq_lens_q``/``max_length_q`` keyword arguments, the names
+transformers' own flash-attention path uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+VARLEN = "unitoken_varlen"
+
+try:  # torch >= 2.10 on CUDA
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn, _VARLEN_PARAMS = None, set()
+
+
+def varlen_metadata(position_ids: torch.Tensor) -> dict:
+    """Sample boundaries of packed rows, from positions that restart at 0 per sample.
+
+    Args:
+        position_ids: [b, T]; every row starts a sample at position 0.
+
+    Returns:
+        {"cu_seq_lens_q": int32 [n+1] offsets into the flattened b*T tokens,
+         "max_length_q": int, the longest sample}, with the same values under the ``_k`` names.
+    """
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).squeeze(1)
+    total = torch.tensor([flat.numel()], device=flat.device)
+    cu = torch.cat([starts, total]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())  # one host sync per step
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def _per_sample_sdpa(q, k, v, cu, scale):
+    """q, k, v: [N, h, d] -> [N, h, d]; causal attention within each [cu[i], cu[i+1]) span."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [h, n, d]
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention interface: query/key/value [b, h, T, d] -> ([b, T, h, d], None).
+
+    Raises:
+        ValueError: no sample boundaries were passed, or attention dropout was asked for (the
+            varlen kernel has none; set train.dropout=0 or use train.attention=sdpa).
+    """
+    if cu_seq_lens_q is None:
+        raise ValueError("varlen attention needs cu_seq_lens_q/max_length_q (packed rows); "
+                         "call UniToken.hidden_states with position_ids")
+    if dropout:
+        raise ValueError(f"varlen attention has no attention dropout (got {dropout}); "
+                         "set train.dropout=0 or train.attention=sdpa")
+    b, h, t, d = query.shape
+    if key.shape[1] != h:  # grouped-query attention: repeat kv heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+        value = value.repeat_interleave(h // value.shape[1], dim=1)
+    q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (query, key, value))
+    if _varlen_attn is not None and q.is_cuda:
+        extra = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+        if "scale" in _VARLEN_PARAMS:
+            extra["scale"] = scaling
+        out = _varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
+    else:
+        out = _per_sample_sdpa(q, k, v, cu_seq_lens_q, scaling)
+    return out.view(b, t, h, d), None
+
+
+AttentionInterface.register(VARLEN, varlen_attention_forward)

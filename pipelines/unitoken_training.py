@@ -36,6 +36,10 @@ JOB = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 def place(task, step: str, cluster: ClusterConfig | None):
     """Name the task after its step and, for a cluster, attach what ``cluster`` says about it."""
     task.set_display_name(step)
+    # KFP's cache keys on parameter values and artifact URIs, not contents (a changed dataset
+    # behind the same data_uri would be a false hit, and a hit leaves no MLflow record): off.
+    # The expensive steps cache by content themselves (unitoken/pipeline/cache.py).
+    task.set_caching_options(False)
     if cluster is None:
         return task
     r = cluster.resources(step)
@@ -81,6 +85,9 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
         validate_cluster(cluster)
         checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
     cluster_json = json.dumps(_cluster_doc(cluster)) if cluster else "{}"
+    # Step outputs are cached by content on the checkpoint volume (unitoken/pipeline/cache.py);
+    # no checkpoint root (a cluster without a PVC): nothing is cached.
+    cache_root = f"{checkpoint_root.rstrip('/')}/cache" if checkpoint_root else ""
     name = "unitoken-training" if stages[0] == 1 else f"unitoken-retrain-from-stage{stages[0]}"
 
     @dsl.pipeline(name=name, description=f"UniToken stages {', '.join(map(str, stages))}: validate -> "
@@ -90,7 +97,7 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                           base_model: str = "", tokenizer_uri: str = "", tokenizer_steps: int = 2000,
                           tokenizer_batch_size: int = 32, tokenizer_lr: float = 1e-3,
                           max_steps: int = 0, eval_suites: str = "shapes-vqa,shapes-geneval", eval_limit: int = 50,
-                          max_reject_fraction: float = 0.01, promote: bool = False):
+                          max_reject_fraction: float = 0.01, promote: bool = False, use_cache: bool = True):
         closing = place(close_run(job=JOB), "close-run", cluster)
         with dsl.ExitHandler(closing, name="unitoken-run"):
             # Step 1: the parent MLflow run every task nests under
@@ -105,7 +112,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             if stages[0] == 1:
                 tok = place(train_tokenizer(dataset=data.outputs["dataset"], recipe=recipe, overrides_json=overrides_json,
                                             tokenizer_uri=tokenizer_uri, steps=tokenizer_steps,
-                                            batch_size=tokenizer_batch_size, lr=tokenizer_lr, parent_run_id=parent),
+                                            batch_size=tokenizer_batch_size, lr=tokenizer_lr, parent_run_id=parent,
+                                            cache_root=cache_root, use_cache=use_cache),
                             "train-tokenizer", cluster)
                 init = init_model(recipe=recipe, overrides_json=overrides_json, base_model=base_model,
                                   tokenizer=tok.outputs["tokenizer"])
@@ -114,7 +122,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             place(init, "init-model", cluster)
             # Step 4: VQ pre-tokenisation with the model's tokenizer
             tokens = place(pretokenize(dataset=data.outputs["dataset"], model=init.outputs["model"],
-                                       parent_run_id=parent), "pretokenize", cluster)
+                                       parent_run_id=parent, cache_root=cache_root, use_cache=use_cache),
+                           "pretokenize", cluster)
             # Step 5: the stages, each from the previous hand-off, each evaluated
             model = init.outputs["model"]
             for n in stages:
@@ -123,10 +132,11 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                                           mixture_ratio=mixture_ratio, tokens=tokens.outputs["tokens"], init=model,
                                           parent_run_id=parent, job=JOB, checkpoint_root=checkpoint_root,
                                           max_steps=max_steps, num_nodes=r.num_nodes if r else 1,
-                                          cluster_json=cluster_json), f"train-stage{n}", cluster)
+                                          cluster_json=cluster_json, use_cache=use_cache), f"train-stage{n}", cluster)
                 model = stage.outputs["handoff"]
                 scored = place(evaluate(model=model, dataset=data.outputs["dataset"], suites=eval_suites,
-                                        limit=eval_limit, label=f"stage{n}", parent_run_id=parent), "evaluate", cluster)
+                                        limit=eval_limit, label=f"stage{n}", parent_run_id=parent,
+                                        cache_root=cache_root, use_cache=use_cache), "evaluate", cluster)
                 scored.set_display_name(f"evaluate-stage{n}")
             # Step 6: the two-track gate against the champion, then registration
             verdict = place(gate(candidate=scored.outputs["evaluation"], dataset=data.outputs["dataset"],

@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
         if params:
             p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                            help="pipeline argument (data_uri, recipe, model_name, mixture_ratio, gate_policy, ...)")
+            p.add_argument("--no-cache", action="store_true",
+                           help="recompute every step (use_cache=false); outputs are still stored for later runs")
 
     run = psub.add_parser("run", help="run the pipeline (--local: here, through kfp.local)")
     run.add_argument("--local", action="store_true", required=True, help="run here (kfp.local); a cluster: `submit`")
@@ -89,6 +91,8 @@ def cmd_pipeline(args) -> int:
         console.print(f"compiled {launch.compile_to(args.out, stages, cluster)} (stages {args.stages})")
         return 0
     params = launch.parse_params(args.param)
+    if args.no_cache:
+        params["use_cache"] = False
     if "data_uri" not in params:
         raise ValueError("--param data_uri=URI is required (s3://bucket/prefix or a path on a shared volume)")
     package = LOCAL_ROOT / f"{args.pipeline_command}-{int(time.time())}.yaml"
@@ -118,6 +122,8 @@ def _run_local(args, stages: tuple[int, ...]) -> int:
                 synthesize(data, args.scenes)
     params = {"recipe": args.recipe, "model_name": args.name, "base_model": args.base_model,
               "promote": args.promote, **LOCAL_DEFAULTS, **launch.parse_params(args.param)}
+    if args.no_cache:
+        params["use_cache"] = False
     log_file = root / "pipeline.log"
     root.mkdir(parents=True, exist_ok=True)
     console.rule(f"[bold]UniToken pipeline (kfp.local), stages {args.stages}, recipe {args.recipe}")

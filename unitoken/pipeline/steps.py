@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unitoken.pipeline.cache import StepCache, cache_key, dataset_digest, model_digest, write_dataset_digest
+
 PIPELINE_TAG = "unitoken.pipeline_job"
 
 
@@ -155,14 +157,15 @@ def validate(data_uri: str, out: Path, parent_run_id: str, max_reject_fraction: 
         res = validate_manifest(manifest, out, relative_root=data_uri.startswith("s3://"))
         run.metrics({"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
                      "reject_fraction": res.reject_fraction})
-        run.tags({"unitoken.validation_report_sha256": res.report_sha256})
+        data_sha = write_dataset_digest(Path(out))  # clean rows + every image: the caches' data identity
+        run.tags({"unitoken.validation_report_sha256": res.report_sha256, "unitoken.data_sha256": data_sha})
         for name in ("report.json", "report.html", "rejected.jsonl"):
             run.artifact(Path(out) / name, "validation")
         if res.reject_fraction > max_reject_fraction:
             raise StepError(f"{res.rejected_rows} of {res.input_rows} rows rejected ({res.reject_fraction:.2%} > "
                             f"max_reject_fraction {max_reject_fraction:.2%}); the reasons are in rejected.jsonl")
     return {"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
-            "report_sha256": res.report_sha256}
+            "report_sha256": res.report_sha256, "data_sha256": data_sha}
 
 
 def data_root(dataset: Path) -> Path:
@@ -173,9 +176,9 @@ def data_root(dataset: Path) -> Path:
 
 
 def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, steps: int, out: Path,
-              parent_run_id: str, batch_size: int = 32, lr: float = 1e-3) -> dict:
+              parent_run_id: str, batch_size: int = 32, lr: float = 1e-3, cache: StepCache | None = None) -> dict:
     """The recipe's VQ tokenizer: a released VQ-GAN directory (``released``) copied as is, or
-    one trained on the validated images when the recipe names none."""
+    one trained on the validated images when the recipe names none (cached: ``cached_step``)."""
     from unitoken.recipes import get_recipe
 
     out = Path(out)
@@ -190,14 +193,25 @@ def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, s
         return {"source": released}
     from unitoken.data.tokenizer_train import train_tokenizer
 
+    from unitoken.config import config_hash
+
     cfg = get_recipe(recipe, overrides).model.vq
-    with step_run("tokenizer", parent_run_id, {"recipe": recipe, "steps": steps, "batch_size": batch_size,
-                                               "lr": lr}) as run:
-        report = train_tokenizer(Path(dataset) / "clean.jsonl", out, cfg, steps=steps, batch_size=batch_size, lr=lr)
-        run.metrics({k: report[k] for k in ("psnr", "codebook_usage") if isinstance(report.get(k), (int, float))})
-        run.artifact(out / "report.json", "tokenizer")
-        run.artifact(out / "reconstructions.png", "tokenizer")
-    return {k: report.get(k) for k in ("psnr", "codebook_usage", "train_seconds")}
+    def inputs():
+        return {"data_sha256": dataset_digest(dataset), "vq_config_sha256": config_hash(cfg), "steps": steps,
+                "batch_size": batch_size, "lr": lr, "device": _device()}
+
+    def compute(tags):
+        with step_run("tokenizer", parent_run_id, {"recipe": recipe, "steps": steps, "batch_size": batch_size,
+                                                   "lr": lr}) as run:
+            run.tags(tags)
+            report = train_tokenizer(Path(dataset) / "clean.jsonl", out, cfg, steps=steps, batch_size=batch_size,
+                                     lr=lr)
+            run.metrics({k: report[k] for k in ("psnr", "codebook_usage") if isinstance(report.get(k), (int, float))})
+            run.artifact(out / "report.json", "tokenizer")
+            run.artifact(out / "reconstructions.png", "tokenizer")
+        return {k: report.get(k) for k in ("psnr", "codebook_usage", "train_seconds")}, run.run_id
+
+    return cached_step("tokenizer", "tokenizer", inputs, out, cache, parent_run_id, compute)
 
 
 def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, base_model: str, out: Path,
@@ -219,36 +233,58 @@ def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, ba
     return {"source": f"recipe {recipe}", "parameters": model.num_parameters()["total"]}
 
 
-def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str) -> dict:
+def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str, cache: StepCache | None = None) -> dict:
     from unitoken.data.pretokenize import pretokenize as run_pretokenize
     from unitoken.model.io import load_model
 
-    model, _ = load_model(model_dir)
-    with step_run("pretokenize", parent_run_id) as run:
-        summary = run_pretokenize(Path(dataset) / "clean.jsonl", model, out)
-        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        run.artifact(Path(out) / "index.json", "pretokenized")
-    return summary
+    def inputs():
+        return {"data_sha256": dataset_digest(dataset), "model_sha256": model_digest(model_dir), "device": _device()}
+
+    def compute(tags):
+        model, _ = load_model(model_dir)
+        with step_run("pretokenize", parent_run_id) as run:
+            run.tags(tags)
+            summary = run_pretokenize(Path(dataset) / "clean.jsonl", model, out)
+            run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            run.artifact(Path(out) / "index.json", "pretokenized")
+        return summary, run.run_id
+
+    return cached_step("pretokenize", "pretokenize", inputs, out, cache, parent_run_id, compute)
 
 
 # --------------------------------------------------------------------------- training
 
 
 def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path, work: Path,
-                parent_run_id: str, max_steps: int = 0) -> dict:
+                parent_run_id: str, max_steps: int = 0, cache: StepCache | None = None) -> dict:
     """One stage on this pod's devices; checkpoints go to ``work`` (the checkpoint volume on a
     cluster) so a retried step resumes instead of restarting, and the verified hand-off is
-    copied into the output artifact ``out``."""
+    copied into the output artifact ``out`` (cached: ``cached_step``)."""
     from unitoken.recipes import get_recipe
     from unitoken.train.train import main as train_main
 
-    with parent_env(parent_run_id):
-        result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
-                            resume="auto", max_steps=max_steps or None, show_progress=False)
-    return publish_handoff(Path(work) / "handoff", Path(out)) | {
-        "steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
-        "final_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 1),
-        "mlflow_run_id": result.mlflow_run_id}
+    def compute(tags):
+        with parent_env(parent_run_id):
+            result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
+                                resume="auto", max_steps=max_steps or None, show_progress=False)
+        _tag_run(result.mlflow_run_id, tags)
+        return publish_handoff(Path(work) / "handoff", Path(out)) | {
+            "steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+            "final_loss": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 1),
+            "mlflow_run_id": result.mlflow_run_id}, result.mlflow_run_id
+
+    return cached_step(f"stage{stage}", f"stage{stage}", lambda: _stage_inputs(stage, recipe, overrides, tokens, init, max_steps),
+                       out, cache, parent_run_id, compute)
+
+
+def _stage_inputs(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, max_steps: int) -> dict:
+    from unitoken.config import config_hash
+    from unitoken.data.pretokenize import sha256_file
+    from unitoken.recipes import get_recipe
+
+    return {"stage": stage, "recipe": recipe, "recipe_sha256": config_hash(get_recipe(recipe, overrides)),
+            "max_steps": max_steps, "tokens_sha256": sha256_file(Path(tokens) / "index.json"),
+            "init_sha256": model_digest(init)}
 
 
 def publish_handoff(handoff: Path, out: Path) -> dict:
@@ -265,25 +301,95 @@ def publish_handoff(handoff: Path, out: Path) -> dict:
 
 
 def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str, label: str,
-             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0) -> dict:
-    """Run the evaluation suites; metrics go to a nested run named ``eval-<label>``."""
+             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0, cache: StepCache | None = None) -> dict:
+    """Run the evaluation suites; metrics go to a nested run named ``eval-<label>`` (cached:
+    ``cached_step``; a hit logs the cached metrics on its run, so scores read the same)."""
     from unitoken.eval.runner import evaluate as run_eval
 
-    device = "cuda" if _cuda() else "cpu"
+    device = _device()
     names = [s.strip() for s in suites.split(",") if s.strip()]
-    with step_run(f"eval-{label}", parent_run_id, {"suites": suites, "limit": limit, "model": label}) as run:
-        report = run_eval(model_dir, names, out, data=data_root(dataset), limit=limit or None, cfg_scale=cfg_scale,
-                          top_k=top_k, seed=seed, device=device)
-        run.metrics(report["metrics"])
-        for name in ("report.json", "report.html"):
-            run.artifact(Path(out) / name, f"eval-{label}")
-    return {k: v for k, v in report["metrics"].items() if k.endswith("/overall")}
+    def inputs():
+        return {"model_sha256": model_digest(model_dir), "data_sha256": dataset_digest(dataset), "suites": names,
+                "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "device": device}
+
+    def compute(tags):
+        with step_run(f"eval-{label}", parent_run_id, {"suites": suites, "limit": limit, "model": label}) as run:
+            run.tags(tags)
+            report = run_eval(model_dir, names, out, data=data_root(dataset), limit=limit or None,
+                              cfg_scale=cfg_scale, top_k=top_k, seed=seed, device=device)
+            run.metrics(report["metrics"])
+            for name in ("report.json", "report.html"):
+                run.artifact(Path(out) / name, f"eval-{label}")
+        return {k: v for k, v in report["metrics"].items() if k.endswith("/overall")}, run.run_id
+
+    def hit_metrics(out_dir: Path) -> dict:
+        return json.loads((out_dir / "report.json").read_text())["metrics"]
+
+    return cached_step("evaluate", f"eval-{label}", inputs, out, cache, parent_run_id, compute, hit_metrics)
 
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _device() -> str:
+    return "cuda" if _cuda() else "cpu"
+
+
+# --------------------------------------------------------------------------- step cache
+
+
+def cached_step(step: str, run_name: str, inputs, out: Path, cache: StepCache | None, parent_run_id: str,
+                compute, hit_metrics=None) -> dict:
+    """Reuse a verified cache entry for ``inputs()`` (``unitoken/pipeline/cache.py``) or compute.
+
+    ``compute(tags)`` writes the step's output into ``out``, tags its MLflow run with ``tags``
+    and returns (summary, MLflow run id); its output is then stored under the key. A hit copies
+    the entry into ``out`` and records a nested run ``run_name`` tagged ``unitoken.cache=hit``
+    with the key and the run (and pipeline run) that computed the output, so lineage points at
+    the original. The returned summary carries ``cache`` (hit | miss | off) and ``cache_key``.
+    """
+    cache = cache or StepCache(None)
+    out = Path(out)
+    inputs = inputs() if cache.active else {}  # digests are computed only when a cache is in use
+    key = cache_key(step, inputs) if cache.active else ""
+    meta = cache.lookup(step, key) if key else None
+    if meta is not None:
+        cache.restore(step, key, meta, out)
+        source = meta.get("mlflow_run_id") or "unknown"
+        tags = {"unitoken.cache": "hit", "unitoken.cache_key": key, "unitoken.cache_source_run": source,
+                "unitoken.cache_source_pipeline_run": meta.get("pipeline_run_id") or "unknown"}
+        if step.startswith("stage"):
+            from unitoken.train.checkpoint import handoff_digest
+
+            tags |= {"unitoken.stage": step[5:], "unitoken.handoff_sha256": handoff_digest(out)}
+        with step_run(run_name, parent_run_id, {f"cache.{k}": v for k, v in inputs.items()}) as run:
+            run.tags(tags)
+            if hit_metrics is not None:
+                run.metrics(hit_metrics(out))
+        return {**meta["summary"], "cache": "hit", "cache_key": key, "cache_source_run": source}
+    state = "miss" if key else "off"
+    tags = {"unitoken.cache": state} | ({"unitoken.cache_key": key} if key else {})
+    summary, run_id = compute(tags)
+    if key:
+        cache.store(step, key, inputs, out, summary, run_id, parent_run_id or None)
+    return {**summary, "cache": state, "cache_key": key}
+
+
+def _tag_run(run_id: str | None, tags: dict[str, str]) -> None:
+    """Tags for a run created by the training tracker; a warning (not a failed stage) if MLflow is down."""
+    if not run_id:
+        return
+    try:
+        client = _client()
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+    except Exception as err:  # noqa: BLE001 - the stage's output is complete and cached; say what is missing
+        import logging
+
+        logging.getLogger(__name__).warning("could not tag MLflow run %s with %s (%s)", run_id, tags, err)
 
 
 def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
@@ -379,10 +485,25 @@ def dns_name(*parts: str, limit: int = 63) -> str:
 
 def train_stage_on_trainer(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path,
                            work: Path, parent_run_id: str, job: str, cluster_doc: dict, max_steps: int = 0,
-                           launcher=None) -> dict:
+                           launcher=None, cache: StepCache | None = None) -> dict:
     """One stage on several nodes: inputs are staged on the shared checkpoint volume (``work``),
     a Kubeflow Trainer TrainJob runs ``unitoken train`` under torchrun on every node, and the
-    hand-off it leaves on the volume is verified and copied into the output artifact."""
+    hand-off it leaves on the volume is verified and copied into the output artifact (cached:
+    ``cached_step``)."""
+
+    def compute(tags):
+        info = _train_on_trainer(stage, recipe, overrides, tokens, init, out, work, parent_run_id, job, cluster_doc,
+                                 max_steps, launcher)
+        run_id = json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")
+        _tag_run(run_id, tags)
+        return info, run_id
+
+    return cached_step(f"stage{stage}", f"stage{stage}", lambda: _stage_inputs(stage, recipe, overrides, tokens, init, max_steps),
+                       out, cache, parent_run_id, compute)
+
+
+def _train_on_trainer(stage, recipe, overrides, tokens, init, out, work, parent_run_id, job, cluster_doc, max_steps,
+                      launcher) -> dict:
     from unitoken.pipeline.cluster import cluster_from_dict
     from unitoken.pipeline.trainjob import TrainJobLauncher, trainjob_body
 

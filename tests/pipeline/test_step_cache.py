@@ -1,0 +1,260 @@
+"""Content-addressed step caching (unitoken/pipeline/cache.py) at the step-function level: the
+tiny recipe on a dozen synthetic scenes, MLflow in a sqlite store, each step as the pipeline
+component calls it. The training-stage case starts DeepSpeed, so it runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unitoken.pipeline import steps
+from unitoken.pipeline.cache import StepCache, tree_files
+
+ROOT = Path(__file__).resolve().parents[2]
+EVAL = dict(suites="shapes-vqa", limit=2)  # generation suites cost seconds per item on the CPU
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite MLflow store for the module (creating its tables takes seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
+
+
+@pytest.fixture
+def mlflow_home(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store)
+
+
+def _runs(client, parent):
+    exp = client.get_experiment_by_name("unitoken").experiment_id
+    return {r.info.run_name: r for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")}
+
+
+def _front(tmp, name, data, cache, tokenizer_only=False):
+    """validate -> tokenizer -> init -> pretokenize -> evaluate the init model, as one pipeline run."""
+    out = tmp / name
+    parent = steps.open_pipeline_run(f"{tmp.name}-{name}", {})
+    steps.validate(str(data), out / "dataset", parent)
+    res = {"tokenizer": steps.tokenizer(out / "dataset", "tiny", [], "", 3, out / "tok", parent, batch_size=4,
+                                        cache=cache)}
+    if tokenizer_only:
+        return parent, out, res
+    steps.init_model("tiny", [], out / "tok", "", out / "model")
+    res["pretokenize"] = steps.pretokenize(out / "dataset", out / "model", out / "tokens", parent, cache=cache)
+    res["evaluate"] = steps.evaluate(out / "model", out / "dataset", EVAL["suites"], EVAL["limit"], out / "eval",
+                                     parent, "init", cache=cache)
+    return parent, out, res
+
+
+def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlflow_home, monkeypatch):
+    """Unchanged inputs: tokenizer, pretokenize and evaluation are cache hits (the code that
+    computes them is not called), outputs are byte-identical, and each hit is a nested MLflow run
+    naming the key and the run that computed it. One changed image (a new data digest) gives
+    another key and a recompute; --no-cache recomputes too."""
+    from unitoken.data.synth import synthesize
+
+    synthesize(tmp_path / "data", 12)
+    cache = StepCache(tmp_path / "cache")
+    first_parent, first, res1 = _front(tmp_path, "job-1", tmp_path / "data", cache)
+    assert {r["cache"] for r in res1.values()} == {"miss"}
+    first_runs = _runs(mlflow_home, first_parent)
+
+    # a re-run must not train, encode or evaluate anything
+    import unitoken.data.pretokenize
+    import unitoken.data.tokenizer_train
+    import unitoken.eval.runner
+
+    def refuse(*a, **k):
+        raise AssertionError("recomputed although the inputs are unchanged")
+
+    with monkeypatch.context() as m:
+        for mod, fn in ((unitoken.data.tokenizer_train, "train_tokenizer"), (unitoken.data.pretokenize, "pretokenize"),
+                        (unitoken.eval.runner, "evaluate")):
+            m.setattr(mod, fn, refuse)
+        parent, second, res2 = _front(tmp_path, "job-2", tmp_path / "data", cache)
+    assert {r["cache"] for r in res2.values()} == {"hit"}
+    for step, sub in (("tokenizer", "tok"), ("pretokenize", "tokens"), ("evaluate", "eval")):
+        assert res2[step]["cache_key"] == res1[step]["cache_key"]
+        assert tree_files(second / sub) == tree_files(first / sub), step
+    assert res2["evaluate"] == {**res1["evaluate"], "cache": "hit", "cache_source_run": res2["evaluate"]["cache_source_run"]}
+    runs = _runs(mlflow_home, parent)
+    for name in ("tokenizer", "pretokenize", "eval-init"):
+        tags = runs[name].data.tags
+        assert runs[name].info.status == "FINISHED"
+        assert tags["unitoken.cache"] == "hit" and tags["unitoken.cache_key"] == first_runs[name].data.tags["unitoken.cache_key"]
+        assert tags["unitoken.cache_source_run"] == first_runs[name].info.run_id
+        assert tags["unitoken.cache_source_pipeline_run"] == first_parent
+    assert runs["eval-init"].data.metrics == first_runs["eval-init"].data.metrics  # scores read the same
+
+    # one image changed: another data digest, so every step recomputes
+    image = tmp_path / "data" / json.loads((tmp_path / "data" / "manifest.jsonl").read_text().splitlines()[0])["image"][0]
+    from PIL import Image
+
+    img = Image.open(image).convert("RGB")
+    img.putpixel((0, 0), (255 - img.getpixel((0, 0))[0], 0, 0))
+    img.save(image)
+    _, _, res3 = _front(tmp_path, "job-3", tmp_path / "data", cache, tokenizer_only=True)
+    assert res3["tokenizer"]["cache"] == "miss" and res3["tokenizer"]["cache_key"] != res1["tokenizer"]["cache_key"]
+
+    # --no-cache: computed again although an entry exists
+    _, _, res4 = _front(tmp_path, "job-4", tmp_path / "data", StepCache(tmp_path / "cache", reuse=False),
+                        tokenizer_only=True)
+    assert res4["tokenizer"]["cache"] == "miss" and res4["tokenizer"]["cache_key"] == res3["tokenizer"]["cache_key"]
+
+
+def _entry_with(tmp_path, client, n=[0]):
+    """A cached output of a small step through the same code path the pipeline's steps use."""
+    calls = []
+
+    def compute(tags):
+        calls.append(tags)
+        (out / "sub").mkdir(parents=True, exist_ok=True)
+        (out / "a.bin").write_bytes(b"payload" * 100)
+        (out / "sub" / "b.json").write_text('{"x": 1}')
+        return {"value": 42}, "run-that-computed"
+
+    n[0] += 1
+    out = tmp_path / f"out{n[0]}"
+    cache = StepCache(tmp_path / "cache")
+    res = steps.cached_step("toy", "toy", lambda: {"data_sha256": "d1"}, out, cache, "", compute)
+    return cache, res, calls
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "delete-file", "extra-file", "truncated-record", "no-record"])
+def test_corrupt_or_incomplete_entries_are_never_reused(tmp_path, mlflow_home, damage):
+    """A cached output whose files no longer match its record (changed, missing, added) or whose
+    record is unreadable or missing is discarded and the step recomputes; a clean entry is reused."""
+    cache, res, calls = _entry_with(tmp_path, mlflow_home)
+    assert res["cache"] == "miss" and len(calls) == 1
+    entry = tmp_path / "cache" / "toy" / res["cache_key"]
+    again = steps.cached_step("toy", "toy", lambda: {"data_sha256": "d1"}, tmp_path / "o2", cache, "",
+                              lambda tags: calls.append(tags) or ({}, None))
+    assert again["cache"] == "hit" and again["value"] == 42 and len(calls) == 1
+    if damage == "flip-byte":
+        data = bytearray((entry / "output" / "a.bin").read_bytes())
+        data[10] ^= 1
+        (entry / "output" / "a.bin").write_bytes(bytes(data))
+    elif damage == "delete-file":
+        (entry / "output" / "sub" / "b.json").unlink()
+    elif damage == "extra-file":
+        (entry / "output" / "stray.txt").write_text("x")
+    elif damage == "truncated-record":
+        (entry / "cache.json").write_text((entry / "cache.json").read_text()[:40])
+    else:
+        (entry / "cache.json").unlink()
+    out = tmp_path / "o3"
+
+    def recompute(tags):
+        calls.append(tags)
+        out.mkdir()
+        (out / "fresh").write_text("1")
+        return {"value": 7}, "r2"
+
+    res = steps.cached_step("toy", "toy", lambda: {"data_sha256": "d1"}, out, cache, "", recompute)
+    assert res["cache"] == "miss" and res["value"] == 7 and len(calls) == 2
+    assert calls[-1]["unitoken.cache"] == "miss"
+    assert json.loads((entry / "cache.json").read_text())["summary"] == {"value": 7}  # replaced by the fresh output
+    assert not [p for p in (tmp_path / "cache" / "toy").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_killed_writer_leaves_no_entry(tmp_path, mlflow_home, monkeypatch):
+    """The entry appears only by the final rename: a writer that dies before it leaves debris
+    that is never read as an entry (the next run computes and stores)."""
+    import unitoken.pipeline.cache as cache_mod
+
+    real = Path.rename
+
+    def die(self, target):
+        if self.name.startswith(".tmp-"):
+            raise KeyboardInterrupt("killed before the rename")
+        return real(self, target)
+
+    monkeypatch.setattr(cache_mod.Path, "rename", die)
+    with pytest.raises(KeyboardInterrupt):
+        _entry_with(tmp_path, mlflow_home)
+    monkeypatch.setattr(cache_mod.Path, "rename", real)
+    toy = tmp_path / "cache" / "toy"
+    assert [p.name[:5] for p in toy.iterdir()] == [".tmp-"]
+    _, res, calls = _entry_with(tmp_path, mlflow_home)
+    assert res["cache"] == "miss" and len(calls) == 1
+
+
+def test_keys_follow_every_input(tmp_path):
+    """The key changes with the data, the recipe overrides, the step and the code; not with paths."""
+    from unitoken.pipeline.cache import cache_key, code_digest
+
+    base = {"data_sha256": "d", "recipe_sha256": "r"}
+    assert cache_key("stage1", base) == cache_key("stage1", dict(reversed(list(base.items()))))
+    others = [cache_key("stage1", {**base, "data_sha256": "e"}), cache_key("stage1", {**base, "recipe_sha256": "s"}),
+              cache_key("stage2", base)]
+    assert len({cache_key("stage1", base), *others}) == 4
+    from unitoken.config import config_hash
+    from unitoken.recipes import get_recipe
+
+    assert config_hash(get_recipe("tiny", ["train.seed=1"])) != config_hash(get_recipe("tiny", []))
+    assert len(code_digest()) == 64
+
+
+STAGE_DRIVER = """
+import json, sys
+from pathlib import Path
+from unitoken.pipeline import steps
+from unitoken.pipeline.cache import StepCache
+a = json.loads(sys.argv[1])
+res = steps.train_stage(1, "tiny", a["overrides"], Path(a["tokens"]), Path(a["init"]), Path(a["out"]),
+                        Path(a["work"]), a["parent"], max_steps=2, cache=StepCache(a["cache"]))
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.extended
+def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path, mlflow_home):
+    """Stage 1 trained once; the same inputs again give the same verified hand-off without
+    training (its MLflow run points at the training run, which the hand-off also names, so the
+    registry's lineage is intact); another override trains again."""
+    from unitoken.data.synth import synthesize
+    from unitoken.train.checkpoint import verify_handoff
+
+    synthesize(tmp_path / "data", 12)
+    cache = tmp_path / "cache"
+    parent, front, _ = _front(tmp_path, "job-s", tmp_path / "data", StepCache(cache))
+
+    def stage(name, overrides):
+        args = {"overrides": overrides, "tokens": str(front / "tokens"), "init": str(front / "model"),
+                "out": str(tmp_path / name / "handoff"), "work": str(tmp_path / name / "work"), "parent": parent,
+                "cache": str(cache)}
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", STAGE_DRIVER, json.dumps(args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        return json.loads(line[7:])
+
+    first = stage("a", [])
+    assert first["cache"] == "miss" and (tmp_path / "a" / "work" / "checkpoints").exists()
+    again = stage("b", [])
+    assert again["cache"] == "hit" and not (tmp_path / "b" / "work").exists()  # nothing trained
+    doc = verify_handoff(tmp_path / "b" / "handoff")
+    assert doc["mlflow_run_id"] == first["mlflow_run_id"] == again["cache_source_run"]
+    assert tree_files(tmp_path / "b" / "handoff") == tree_files(tmp_path / "a" / "handoff")
+    runs = mlflow_home.search_runs([mlflow_home.get_experiment_by_name("unitoken").experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = 'stage1'")
+    by_cache = {r.data.tags.get("unitoken.cache"): r for r in runs}
+    assert set(by_cache) == {"miss", "hit"}
+    assert by_cache["miss"].info.run_id == first["mlflow_run_id"]
+    assert by_cache["hit"].data.tags["unitoken.handoff_sha256"] == by_cache["miss"].data.tags["unitoken.handoff_sha256"]
+    changed = stage("c", ["train.seed=5"])
+    assert changed["cache"] == "miss" and changed["cache_key"] != first["cache_key"]

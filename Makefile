@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-faults test-all install clean
+.PHONY: demo test test-fast test-faults test-all install clean bench-gpu
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-faults: $(STAMP)
 # everything that runs without a GPU: make test + the fault matrix + the extended tests
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# every GPU benchmark of docs/performance.md in one call (run on the GPU machine; no venv there)
+BENCH_OUT ?= runs/bench
+bench-gpu:
+	PYTHON=$(PYTHON) bash bench/gpu_all.sh $(BENCH_OUT)
 
 demo: $(STAMP)
 	$(BIN)/python -m unitoken.demo

@@ -81,6 +81,7 @@ def test_varlen_metadata_from_positions():
     meta = varlen_metadata(pos)
     assert meta["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10, 12]
     assert meta["max_length_q"] == 4
+    assert meta["seq_bounds"] == [0, 3, 5, 6, 10, 12]
 
 
 @pytest.mark.parametrize("weighted", [False, True])

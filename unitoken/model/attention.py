@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 VARLEN = "unitoken_varlen"
+# "auto": varlen_attn on CUDA when torch has it, else the per-sample loop; "loop" forces the loop
+# (the benchmarks compare both).
+BACKEND = "auto"
 
 try:  # torch >= 2.10 on CUDA
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -44,14 +47,15 @@ def varlen_metadata(position_ids: torch.Tensor) -> dict:
     starts = torch.nonzero(flat == 0).squeeze(1)
     total = torch.tensor([flat.numel()], device=flat.device)
     cu = torch.cat([starts, total]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())  # one host sync per step
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    bounds = cu.tolist()  # one host sync per forward, not one per layer
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+            "seq_bounds": bounds}
 
 
-def _per_sample_sdpa(q, k, v, cu, scale):
-    """q, k, v: [N, h, d] -> [N, h, d]; causal attention within each [cu[i], cu[i+1]) span."""
+def _per_sample_sdpa(q, k, v, bounds, scale):
+    """q, k, v: [N, h, d] -> [N, h, d]; causal attention within each [bounds[i], bounds[i+1]) span."""
     out = torch.empty_like(q)
-    bounds = cu.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [h, n, d]
         out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
@@ -59,7 +63,8 @@ def _per_sample_sdpa(q, k, v, cu, scale):
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
+                             seq_bounds=None, **kwargs):
     """transformers attention interface: query/key/value [b, h, T, d] -> ([b, T, h, d], None).
 
     Raises:
@@ -77,13 +82,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         key = key.repeat_interleave(h // key.shape[1], dim=1)
         value = value.repeat_interleave(h // value.shape[1], dim=1)
     q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (query, key, value))
-    if _varlen_attn is not None and q.is_cuda:
+    if _varlen_attn is not None and q.is_cuda and BACKEND == "auto":
         extra = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
         if "scale" in _VARLEN_PARAMS:
             extra["scale"] = scaling
         out = _varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
     else:
-        out = _per_sample_sdpa(q, k, v, cu_seq_lens_q, scaling)
+        out = _per_sample_sdpa(q, k, v, seq_bounds if seq_bounds is not None else cu_seq_lens_q.tolist(), scaling)
     return out.view(b, t, h, d), None
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make bench-gpu`: every GPU benchmark of issue 8 in one call on one H200; JSON + log into $1.
+# Each benchmark prints its own table; the summary against the issue's targets comes last.
+set -u
+OUT=${1:-runs/bench}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=9.0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+BUDGET=${BENCH_BUDGET_S:-400}  # optional steps are skipped once this much wall time is gone
+
+run() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s, at ${SECONDS}s)" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$PY" "$@" >>"$OUT/log.txt" 2>&1 || echo "=== $name exited $?" | tee -a "$OUT/log.txt"
+}
+optional() {  # like run, but only while the budget allows
+  if (( SECONDS + $2 > BUDGET )); then echo "=== $1 skipped (budget)" | tee -a "$OUT/log.txt"; else run "$@"; fi
+}
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv >>"$OUT/log.txt" 2>&1
+run throughput-7b 170 bench/train_throughput.py --shape 7b --layers 8 --steps 3 --warmup 1 \
+    --variants reference,ours,ours-loop,ours-nochunk,ours-sdpa,ours-ckpt-half,anchor-ckpt,anchor,anchor-ours \
+    --out "$OUT/throughput_7b.json"
+run vq-encode 60 bench/vq_encode.py --variants fp32-single,bf16-autocast,bf16-cl --out "$OUT/vq_encode.json"
+run checkpoint-io 90 bench/checkpoint_io.py --layers 2 --dir /tmp/unitoken-ckpt-bench --out "$OUT/checkpoint_io.json"
+optional throughput-small 40 bench/train_throughput.py --shape small --samples 96 --row-len 4096 --rows 4 \
+    --ref-batch 16 --steps 3 --warmup 1 --variants reference,ours,anchor-ckpt,anchor,anchor-ours \
+    --out "$OUT/throughput_small.json"
+optional throughput-7b-compile 120 bench/train_throughput.py --shape 7b --layers 8 --steps 3 --warmup 2 \
+    --variants ours-compile --out "$OUT/throughput_7b_compile.json"
+optional vq-compile 60 bench/vq_encode.py --variants bf16-cl-compile --images 1024 --out "$OUT/vq_encode_compile.json"
+"$PY" bench/perf_summary.py "$OUT"

@@ -84,25 +84,25 @@ def unitoken_mix(model: UniToken, n: int, anyres: bool, seed: int = 0, text_shar
         units = tok.grid[min(cfg.vq.resolution // cfg.vq.grid_unit_px, len(tok.grid) - 1)]
         return [tok.boi, units, units] + rows
 
+    n_text = round(n * text_share)
+    tasks = ["text"] * n_text + ["understanding"] * ((n - n_text) // 2)
+    tasks += ["generation"] * (n - len(tasks))
+    rng.shuffle(tasks)
     out = []
-    for _ in range(n):
-        r = rng.random()
-        if r < text_share:
+    for task in tasks:
+        if task == "text":
             prompt, answer = text(rng.randint(20, 200)), text(rng.randint(50, 1500))
             ids, sup = [tok.bos] + prompt + answer + [tok.eos], 1 + len(prompt)
-            task = "text"
-        elif r < text_share + (1 - text_share) / 2:
+        elif task == "understanding":
             grid = rng.choice(ANYRES_GRIDS) if anyres else (0, 0)
             n_cont = num_continuous_features(grid, cfg.vision)
             q, a = text(rng.randint(10, 60)), text(rng.randint(5, 300))
             ids = [tok.bos] + discrete() + [tok.sep] + [tok.continuous] * n_cont + [tok.eoi] + q + a + [tok.eos]
             sup = len(ids) - len(a) - 1
-            task = "understanding"
         else:
             prompt = text(rng.randint(8, 60))
             ids = [tok.bos] + prompt + discrete() + [tok.eoi, tok.eos]
             sup = 1 + len(prompt)
-            task = "generation"
         ids = torch.tensor(ids)
         labels = ids.clone()
         labels[:sup] = IGNORE
@@ -151,16 +151,19 @@ def packed_batches(samples: list[Sample], row_len: int, rows_per_batch: int, pad
     out = []
     for i in range(0, len(rows), rows_per_batch):
         group = rows[i:i + rows_per_batch]
-        ids = torch.full((len(group), row_len), pad)
-        labels = torch.full((len(group), row_len), IGNORE)
-        pos = torch.zeros((len(group), row_len), dtype=torch.long)
+        # one row per micro-batch needs no common width: varlen attention takes any length, so
+        # the row ends with its last sample and nothing is padded
+        width = sum(len(s.ids) for s in group[0]) if rows_per_batch == 1 else row_len
+        ids = torch.full((len(group), width), pad)
+        labels = torch.full((len(group), width), IGNORE)
+        pos = torch.zeros((len(group), width), dtype=torch.long)
         for r, row in enumerate(group):
             at = 0
             for s in row:
                 n = len(s.ids)
                 ids[r, at:at + n], labels[r, at:at + n], pos[r, at:at + n] = s.ids, s.labels, torch.arange(n)
                 at += n
-            pos[r, at:] = torch.arange(row_len - at)
+            pos[r, at:] = torch.arange(width - at)
         out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return out
 
@@ -277,8 +280,8 @@ def main() -> None:
     ap.add_argument("--shape", default="7b", choices=["7b", "small", "tiny"])
     ap.add_argument("--layers", type=int, default=0, help="decoder layers (0 = the recipe's)")
     ap.add_argument("--samples", type=int, default=24, help="samples per optimizer step")
-    ap.add_argument("--row-len", type=int, default=8192)
-    ap.add_argument("--rows", type=int, default=2, help="packed rows per micro-batch")
+    ap.add_argument("--row-len", type=int, default=16384, help="token budget of a packed row")
+    ap.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
     ap.add_argument("--ref-batch", type=int, default=2, help="samples per padded micro-batch (reference)")
     ap.add_argument("--ckpt", type=int, default=0, help="layers checkpointed in 'ours'")
     ap.add_argument("--ce-chunk", type=int, default=4096)

@@ -9,12 +9,16 @@ only / both), on a machine with two GPUs (one for each; ``--main-only`` needs on
         --limit 10 --limit-gen 7 --sweep-limit 5    # CPU smoke test of the whole path
 
 Setup (data, VQ-GAN, inits, pre-tokenisation) runs once; then two processes each run their
-stages and evaluations in-process, one after another (processes sharing one GPU slowed each
-other ~10x in a first attempt). The main chain fits stages 2 + 3 into the time left before
-``--deadline``, from the measured stage-1 step time. The ablation's joint runs take 2u steps at
-1:1 and its single-task runs u steps, so each task sees as many samples alone as together
-(the paper's Table 5: 10M, 10M, 10M + 10M). ``OUT/results*.json`` are rewritten after every
-step, so a timeout still leaves what was done.
+plan of `unitoken train` runs and in-process evaluations, one after another (processes sharing
+one GPU slowed each other ~10x in a first attempt). The study outlasts one 10-minute call of the
+device tool, so it is resumable: run the same command again with the same ``--work`` (on a
+machine that kept it) and every finished task is skipped, a cut-off training run resumes from its
+last checkpoint. ``--deadline`` is this call's end, ``--later`` the seconds of later calls the
+plan may count on; stage 2 and 3 steps and the ablation's unit are sized once, from short
+calibration runs, to fit both. The ablation's joint runs take 2u steps and its single-task runs
+u steps, so each task sees as many samples alone as together (the paper's Table 5: 10M, 10M,
+10M + 10M); the Table 6 runs (und:gen 2:1 and 1:2) take 2u like the 1:1 run. ``OUT/results*.json``
+are rewritten after every task, so a timeout still leaves what was done.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class Results:
     def __init__(self, out: Path, name: str = "results.json") -> None:
         self.path = out / name
         self.doc = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "timings": {}, "evals": {}, "runs": {}}
+        if self.path.is_file():  # an earlier call of the same study: go on from its results
+            self.doc.update(json.loads(self.path.read_text()))
 
     def set(self, *keys, value) -> None:
         node = self.doc
@@ -182,14 +188,18 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (w / "logs").mkdir(parents=True, exist_ok=True)
     res = Results(out)
-    res.set("args", value=vars(args))
-    setup(args, w, out, res)
+    res.set("calls", value=res.doc.get("calls", []) + [{"started": time.strftime("%H:%M:%S"), "args": vars(args)}])
+    if (w / "setup_done").exists():
+        log("setup: already done in an earlier call (work dir kept)")
+    else:
+        setup(args, w, out, res)
+        (w / "setup_done").touch()
     # Step 3: the main chain (stages 1-3 + evaluations) on one GPU; the Table 5 ablation on another.
     gpus = args.gpus.split(",")
     chain = [PY, __file__, "chain", "--out", out, "--work", w, "--recipe", args.recipe, "--deadline",
-             args.deadline - (time.time() - T0), "--device", args.device]
+             args.deadline - (time.time() - T0), "--device", args.device, "--later", args.later]
     for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction", "limit", "limit_gen", "sweep_limit", "step_factor",
-              "reserve", "calib_steps", "abl_unit"):
+              "reserve", "calib_steps", "abl_unit", "save_every"):
         if getattr(args, k) is not None:
             chain += [f"--{k.replace('_', '-')}", getattr(args, k)]
     env0 = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0])
@@ -200,7 +210,7 @@ def run(args) -> None:
     for p in procs.values():
         p.wait()
     res.set("chains", value={k: p.returncode for k, p in procs.items()})
-    log("all done")
+    log("all done" if all(p.returncode == 0 for p in procs.values()) else "this call's deadline came first")
 
 
 def bundle(w: Path, dest: Path, which: str) -> None:
@@ -225,8 +235,18 @@ def steady_step_s(metrics: Path) -> float:
     return statistics.median(r["step_s"] for r in tail)
 
 
+class OutOfTime(Exception):
+    """This call's deadline came first; the next call with the same work dir goes on."""
+
+
 class Chain:
-    """Training stages and evaluations in one process (no start-up cost per step)."""
+    """One GPU's plan of training runs and evaluations, resumable across calls of the device tool.
+
+    Every task leaves a marker (a hand-off, an evaluation's items, plan.json), so a later call with
+    the same work dir skips what is done; a training run cut off by the deadline is killed and goes
+    on from its last checkpoint (``--resume auto``) in the next call. Training runs are
+    ``unitoken train`` subprocesses (the product's own path); evaluations run in this process.
+    """
 
     def __init__(self, args, which: str) -> None:
         self.args, self.which = args, which
@@ -237,22 +257,56 @@ class Chain:
     def left(self) -> float:
         return self.deadline - time.time()
 
-    def train(self, stage: int, name: str, init: Path, steps: int, sets: list[str]) -> dict:
-        from unitoken.recipes import get_recipe
-        from unitoken.train.train import main as train_main
+    def plan(self, name: str, make) -> dict:
+        """plan.json entries are computed once (in the first call) and kept."""
+        path = self.w / f"plan_{self.which}.json"
+        plans = json.loads(path.read_text()) if path.is_file() else {}
+        if name not in plans:
+            plans[name] = make()
+            path.write_text(json.dumps(plans, indent=1))
+            self.res.set("plan", value=plans)
+        return plans[name]
 
+    def train(self, stage: int, name: str, init: Path, steps: int, sets: list[str]) -> dict:
+        run_dir = self.w / name
+        key = name.replace("/", "_")
+        if (run_dir / "handoff" / "model.safetensors").is_file() and key in self.res.doc["runs"]:
+            return self.res.doc["runs"][key]
+        if self.left() < 30:
+            raise OutOfTime(name)
         t = time.time()
-        recipe = get_recipe(self.args.recipe, sets)
-        result = train_main(stage, recipe, self.w / "p", self.w / name, init, max_steps=steps, track=False,
-                            show_progress=False)
-        info = {"stage": stage, "steps": steps, "sets": sets, "seconds": round(time.time() - t, 1),
-                "step_s": round(steady_step_s(self.w / name / "metrics.jsonl"), 4),
-                "final_loss": result.losses[-1] if result.losses else None}
-        self.res.set("runs", name.replace("/", "_"), value=info)
+        cmd = U + ["train", "--stage", stage, "--recipe", self.args.recipe, "--data", self.w / "p", "--out", run_dir,
+                   "--init", init, "--max-steps", steps, "--no-track", "--resume", "auto",
+                   "--set", f"train.save_every={self.args.save_every}"]
+        for x in sets:
+            cmd += ["--set", x]
+        log(f"{self.which}: training {name} ({steps} steps, {self.left():.0f}s left in this call)")
+        with open(self.w / "logs" / f"{key}.log", "a") as fh:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=max(1.0, self.left()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                log(f"{self.which}: {name} cut off by this call's deadline; the next call resumes it")
+                raise OutOfTime(name) from None
+        if rc:
+            raise RuntimeError(f"{name}: unitoken train exited {rc}; see {self.w / 'logs' / (key + '.log')}")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        prev = self.res.doc["runs"].get(key, {}).get("seconds", 0.0)
+        info = {"stage": stage, "steps": steps, "sets": sets, "seconds": round(prev + time.time() - t, 1),
+                "step_s": round(steady_step_s(run_dir / "metrics.jsonl"), 4),
+                "final_loss": rows[-1]["loss"] if rows else None}
+        self.res.set("runs", key, value=info)
         log(f"{self.which}: trained {name} ({steps} steps, {info['seconds']}s, {info['step_s']}s/step)")
         return info
 
-    def eval(self, name: str, model: Path, suites: list[str], limit: int, limit_gen: int, sampling=None) -> None:
+    def eval(self, name: str, model: Path, suites: list[str], limit: int, limit_gen: int, sampling=None,
+             need: float = 40) -> None:
+        if name in self.res.doc["evals"]:
+            return
+        if self.left() < need:
+            raise OutOfTime(f"eval {name}")
         sampling = sampling or {"cfg": 3.0, "top_k": 0, "temperature": 1.0}
         summary = evaluate(model, self.w / "d", self.w / "evals" / name, suites, limit, limit_gen, sampling["cfg"],
                            sampling["top_k"], sampling["temperature"], self.args.device)
@@ -262,6 +316,10 @@ class Chain:
         log(f"{self.which}: eval {name}: " + ", ".join(f"{s} {v['overall']:.3f} {v['ci95']}"
                                                       for s, v in summary.items() if "overall" in v))
 
+    def budget(self) -> float:
+        """Seconds this chain has from now to the end of the study: this call and the later ones."""
+        return self.left() + self.args.later
+
     def main(self) -> None:
         a, w = self.args, self.w
         both = ["shapes-vqa", "shapes-geneval"]
@@ -269,50 +327,73 @@ class Chain:
         self.train(1, "s1", w / "m", a.s1_steps, [])
         (w / "s1_done").touch()
         self.eval("stage1", w / "s1" / "handoff", both, small_vqa, small_gen)
-        # Stage 2 gets what is left before the deadline (less the evaluations at the end), in
-        # steps of a short stage-2 calibration run (stage-1 steps cost less: the LLM is frozen).
-        if a.s2_steps:
-            s2_steps = a.s2_steps
-        else:
-            calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, [])
-            avail = (self.left() - a.reserve) / (1 + a.s3_fraction)
-            s2_steps = max(2, int(avail / (calib["step_s"] * a.step_factor)))
-        s2 = self.train(2, "s2", w / "s1" / "handoff", s2_steps, [])
+
+        def size_stages() -> dict:
+            # Stages 2 and 3 share what is left of the study (less the evaluations at the end), in
+            # steps of a short stage-2 calibration run (stage-1 steps cost less: the LLM is frozen).
+            if a.s2_steps:
+                s2 = a.s2_steps
+            else:
+                calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, [])
+                avail = (self.budget() - a.reserve) / (1 + a.s3_fraction)
+                s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
+            return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2))}
+
+        sizes = self.plan("stages", size_stages)
+        self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)
-        s3_steps = a.s3_steps or max(2, min(int(a.s3_fraction * s2_steps * 1.5),
-                                             int((self.left() - a.reserve + 25) / s2["step_s"])))
-        self.train(3, "s3", w / "s2" / "handoff", s3_steps, [])
-        self.eval("stage3", w / "s3" / "handoff", both, a.limit, a.limit_gen)
+        self.train(3, "s3", w / "s2" / "handoff", sizes["s3_steps"], [])
+        self.eval("stage3", w / "s3" / "handoff", both, a.limit, a.limit_gen, need=60)
         self.res.set("stage3_vs_stage1", value={
             s: paired_diff(item_scores(w / "evals" / "stage1", s), item_scores(w / "evals" / "stage3", s))
             for s in both})
-        sweep = sweep_sampling(w / "s3" / "handoff", w / "d", w / "sweep", a.sweep_limit, a.device)
-        self.res.set("sampling_sweep", value=sweep)
-        log(f"sampling sweep: {sweep}")
-        self.eval("stage3_tuned", w / "s3" / "handoff", ["shapes-geneval"], a.limit, a.limit_gen, sweep["chosen"])
+        if "sampling_sweep" not in self.res.doc:
+            if self.left() < 60:
+                raise OutOfTime("sampling sweep")
+            sweep = sweep_sampling(w / "s3" / "handoff", w / "d", w / "sweep", a.sweep_limit, a.device)
+            self.res.set("sampling_sweep", value=sweep)
+            log(f"sampling sweep: {sweep}")
+        self.eval("stage3_tuned", w / "s3" / "handoff", ["shapes-geneval"], a.limit, a.limit_gen,
+                  self.res.doc["sampling_sweep"]["chosen"])
         self.res.set("done", value=True)
 
     def ablation(self) -> None:
-        """Table 5: stage 2 alone, discrete-only vs dual, on understanding / generation / both.
-        Joint runs take 2u steps at 1:1, single-task runs u steps: each task sees as many samples."""
+        """Table 5: stage 2 alone, discrete-only vs dual, on understanding / generation / both, and
+        Table 6: dual stage 2 at und:gen 1:1 / 2:1 / 1:2. Joint runs take 2u steps, single-task
+        runs u steps: each task sees as many samples alone as together (the paper's 10M, 10M,
+        10M + 10M)."""
         a, w = self.args, self.w
         disc = ["model.encoder_mode=discrete"]
         und, gen = ["train.stage2.generation_ratio=0"], ["train.stage2.understanding_ratio=0"]
+        s1 = w / "s1" / "handoff"
         runs = [("disc_und", w / "m_disc", disc + und, 1), ("disc_gen", w / "m_disc", disc + gen, 1),
-                ("disc_both", w / "m_disc", disc, 2), ("dual_und", w / "s1" / "handoff", und, 1),
-                ("dual_gen", w / "s1" / "handoff", gen, 1), ("dual_both", w / "s1" / "handoff", [], 2)]
-        calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc)
-        per_step = calib["step_s"] * 1.2  # dual steps cost a little more than discrete ones
-        eval_s = 20.0  # one small evaluation
-        unit = a.abl_unit or max(2, int((self.left() - len(runs) * (eval_s + 8)) / (8 * per_step)))
+                ("disc_both", w / "m_disc", disc, 2), ("dual_und", s1, und, 1),
+                ("dual_gen", s1, gen, 1), ("dual_both", s1, [], 2),
+                ("dual_u2g1", s1, ["train.stage2.understanding_ratio=2", "train.stage2.generation_ratio=1"], 2),
+                ("dual_u1g2", s1, ["train.stage2.understanding_ratio=1", "train.stage2.generation_ratio=2"], 2)]
+        eval_s, start_s = 25.0, 20.0  # one small evaluation; one `unitoken train` start-up
+
+        def size_unit() -> dict:
+            if a.abl_unit:
+                return {"unit_steps": a.abl_unit}
+            calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc)
+            per_step = calib["step_s"] * 1.2  # dual steps cost a little more than discrete ones
+            steps = sum(r[3] for r in runs)
+            unit = max(2, int((self.budget() - len(runs) * (eval_s + start_s)) / (steps * per_step)))
+            log(f"ablation: {unit} steps per task ({per_step:.3f}s/step estimated)")
+            return {"unit_steps": unit}
+
+        unit = self.plan("ablation", size_unit)["unit_steps"]
         self.res.set("unit_steps", value=unit)
-        log(f"ablation: {unit} steps per task ({per_step:.3f}s/step estimated)")
-        suites = {"und": ["shapes-vqa"], "gen": ["shapes-geneval"], "both": ["shapes-vqa", "shapes-geneval"]}
+        suites = {"und": ["shapes-vqa"], "gen": ["shapes-geneval"]}
         for name, init, sets, rel in runs:
-            while name.startswith("dual") and not (w / "s1_done").exists():
+            while init == s1 and not (w / "s1_done").exists():
+                if self.left() < 30:
+                    raise OutOfTime("waiting for stage 1")
                 time.sleep(2)
             self.train(2, f"abl/{name}", init, rel * unit, sets)
-            self.eval(f"abl_{name}", w / "abl" / name / "handoff", suites[name.split("_")[1]],
+            self.eval(f"abl_{name}", w / "abl" / name / "handoff",
+                      suites.get(name.split("_")[1], ["shapes-vqa", "shapes-geneval"]),
                       max(1, a.limit // 2), max(1, a.limit_gen // 2))
         self.res.set("done", value=True)
 
@@ -329,7 +410,11 @@ def chain_main(args) -> None:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # evaluation runs the model in fp32
     c = Chain(args, args.which)
-    c.main() if args.which == "main" else c.ablation()
+    try:
+        c.main() if args.which == "main" else c.ablation()
+    except OutOfTime as e:
+        log(f"{args.which}: out of time at {e}; run the same command again (same --work) to go on")
+        sys.exit(75)
 
 
 def main() -> None:
@@ -354,6 +439,9 @@ def main() -> None:
         p.add_argument("--limit", type=int, default=1000, help="shapes-vqa items in the final evaluation")
         p.add_argument("--limit-gen", type=int, default=400, help="shapes-geneval prompts in the final evaluation")
         p.add_argument("--sweep-limit", type=int, default=128)
+        p.add_argument("--later", type=float, default=0.0,
+                       help="seconds of later calls (same --work) that the plan may count on")
+        p.add_argument("--save-every", type=int, default=100, help="checkpoint interval of every training run")
     r.add_argument("--scenes", type=int, default=4000)
     r.add_argument("--vq-scenes", type=int, default=1500)
     r.add_argument("--vq-steps", type=int, default=800)

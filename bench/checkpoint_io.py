@@ -204,12 +204,12 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    result = {"layers": args.layers, "hidden": args.hidden, "params": n_params, "state_bytes": state_bytes,
-              "scale_to_7b": round(scale, 2), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "variants": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        result = {"layers": args.layers, "hidden": args.hidden, "params": n_params, "state_bytes": state_bytes,
+                  "scale_to_7b": round(scale, 2), "torch": torch.__version__, "variants": rows,
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        if args.out:  # after every variant: a slow disk must not cost the finished ones
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"checkpoint I/O: {n_params / 1e9:.2f} B params ({state_bytes / 1e9:.1f} GB state), "
                         f"x{scale:.1f} to 7B")
     cols = ["variant", "bytes", "blocking_s", "total_s", "load_s", "write_gb_per_s", "blocking_s_7b_extrapolated",

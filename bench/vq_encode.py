@@ -45,9 +45,11 @@ def main() -> None:
     ap.add_argument("--single-images", type=int, default=32, help="images for the one-at-a-time variant")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--variants", default="fp32-single,bf16-autocast,bf16-cl,bf16-cl-compile")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms first")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = get_recipe(args.recipe).model.vq
     torch.manual_seed(0)
     vq = VQTokenizer(cfg).to(device)
@@ -95,7 +97,7 @@ def main() -> None:
     for r in rows:
         if base and "images_per_s" in r:
             r["speedup_vs_fp32_single"] = round(r["images_per_s"] / base, 1)
-    result = {"recipe": args.recipe, "resolution": res, "num_codes": cfg.num_codes,
+    result = {"recipe": args.recipe, "resolution": res, "cudnn_benchmark": args.cudnn_benchmark, "num_codes": cfg.num_codes,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "variants": rows}
     if args.out:

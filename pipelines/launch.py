@@ -62,7 +62,8 @@ def summarize(job: str, model_name: str) -> dict:
     for run in children:
         name = run.info.run_name
         secs = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
-        steps.append({"name": name, "status": run.info.status, "seconds": round(secs, 1), "run_id": run.info.run_id})
+        steps.append({"name": name, "status": run.info.status, "seconds": round(secs, 1), "run_id": run.info.run_id,
+                      "cache": run.data.tags.get("unitoken.cache", "")})
         m = run.data.metrics
         if name.startswith("eval-"):
             scores[name[5:]] = {k.removesuffix(".overall"): v for k, v in m.items() if k.endswith(".overall")}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
-from unitoken.train.tracking import default_tracking_uri, ensure_experiment
+from unitoken.train.tracking import ArtifactLogError, default_tracking_uri, ensure_experiment, with_artifact_retries
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
@@ -154,15 +154,22 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     if parent:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp_id, run_name=f"register-{name}", tags=tags).info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "passport.json").write_text(json.dumps(passport, indent=2))
-        client.log_artifact(run_id, str(Path(tmp) / "passport.json"))
-    client.log_artifact(run_id, str(eval_dir / "report.json"), "eval")
-    client.log_artifact(run_id, str(eval_dir / "items.jsonl"), "eval")
-    client.log_artifact(run_id, str(gate_file), "gate")
-    lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id,
-                                    params={"handoff_sha256": handoff_digest(model_dir)})
-    client.log_model_artifacts(lm.model_id, str(model_dir))
+    lm = None
+    try:  # every artifact is stored before anything is registered
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "passport.json").write_text(json.dumps(passport, indent=2))
+            _store(f"passport.json of run {run_id}", lambda: client.log_artifact(run_id, str(Path(tmp) / "passport.json")))
+        for f, sub in ((eval_dir / "report.json", "eval"), (eval_dir / "items.jsonl", "eval"), (gate_file, "gate")):
+            _store(f"{sub}/{f.name} of run {run_id}", lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
+        lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id,
+                                        params={"handoff_sha256": handoff_digest(model_dir)})
+        _store(f"model files of {model_dir} (logged model {lm.model_id})",
+               lambda: client.log_model_artifacts(lm.model_id, str(model_dir)))
+    except ArtifactLogError as err:
+        raise RegistryError(f"{err}. Nothing was registered: no model version and no alias for {name!r}; the "
+                            f"registration run {run_id} is marked FAILED{_abandon(client, run_id, lm, err)}. Check the "
+                            f"tracking server's artifact store (S3) and run the registration again once it "
+                            f"answers.") from err
     client.finalize_logged_model(lm.model_id, "READY")
     try:
         client.create_registered_model(name)
@@ -178,6 +185,26 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
             "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
+
+
+def _store(what: str, upload) -> None:
+    with_artifact_retries(what, upload)
+
+
+def _abandon(client, run_id: str, lm, err: Exception) -> str:
+    """Mark an interrupted registration's run FAILED (and its logged model); '' or what could not be marked."""
+    for attempt in range(3):  # the server may have dropped the connection the failed upload used
+        try:
+            client.set_tag(run_id, "unitoken.registration_error", str(err)[:5000])
+            if lm is not None:
+                client.finalize_logged_model(lm.model_id, "FAILED")
+            client.set_terminated(run_id, "FAILED")
+            return ""
+        except Exception as cleanup:  # noqa: BLE001 - the tracking server went too; say so
+            if attempt == 2:
+                return f" (marking it FAILED also failed: {type(cleanup).__name__})"
+            time.sleep(1.0)
+    return ""
 
 
 # --------------------------------------------------------------------------- fetch & verify

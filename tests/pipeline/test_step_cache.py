@@ -43,16 +43,17 @@ def _runs(client, parent):
     return {r.info.run_name: r for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")}
 
 
-def _front(tmp, name, data, cache, tokenizer_only=False):
-    """validate -> tokenizer -> init -> pretokenize -> evaluate the init model, as one pipeline run."""
+def _front(tmp, name, data, cache, tokenizer=False):
+    """validate -> [tokenizer ->] init -> pretokenize -> evaluate the init model, as one pipeline run
+    (without ``tokenizer`` the model keeps the recipe's initial VQ: training one costs ~5-9 s)."""
     out = tmp / name
     parent = steps.open_pipeline_run(f"{tmp.name}-{name}", {})
     steps.validate(str(data), out / "dataset", parent)
-    res = {"tokenizer": steps.tokenizer(out / "dataset", "tiny", [], "", 3, out / "tok", parent, batch_size=4,
-                                        cache=cache)}
-    if tokenizer_only:
-        return parent, out, res
-    steps.init_model("tiny", [], out / "tok", "", out / "model")
+    res = {}
+    if tokenizer:
+        res["tokenizer"] = steps.tokenizer(out / "dataset", "tiny", [], "", 3, out / "tok", parent, batch_size=4,
+                                           cache=cache)
+    steps.init_model("tiny", [], out / "tok" if tokenizer else None, "", out / "model")
     res["pretokenize"] = steps.pretokenize(out / "dataset", out / "model", out / "tokens", parent, cache=cache)
     res["evaluate"] = steps.evaluate(out / "model", out / "dataset", EVAL["suites"], EVAL["limit"], out / "eval",
                                      parent, "init", cache=cache)
@@ -60,7 +61,7 @@ def _front(tmp, name, data, cache, tokenizer_only=False):
 
 
 def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlflow_home, monkeypatch):
-    """Unchanged inputs: tokenizer, pretokenize and evaluation are cache hits (the code that
+    """Unchanged inputs: pre-tokenisation and evaluation are cache hits (the code that
     computes them is not called), outputs are byte-identical, and each hit is a nested MLflow run
     naming the key and the run that computed it. One changed image (a new data digest) gives
     another key and a recompute; --no-cache recomputes too."""
@@ -74,24 +75,22 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
 
     # a re-run must not train, encode or evaluate anything
     import unitoken.data.pretokenize
-    import unitoken.data.tokenizer_train
     import unitoken.eval.runner
 
     def refuse(*a, **k):
         raise AssertionError("recomputed although the inputs are unchanged")
 
     with monkeypatch.context() as m:
-        for mod, fn in ((unitoken.data.tokenizer_train, "train_tokenizer"), (unitoken.data.pretokenize, "pretokenize"),
-                        (unitoken.eval.runner, "evaluate")):
+        for mod, fn in ((unitoken.data.pretokenize, "pretokenize"), (unitoken.eval.runner, "evaluate")):
             m.setattr(mod, fn, refuse)
         parent, second, res2 = _front(tmp_path, "job-2", tmp_path / "data", cache)
     assert {r["cache"] for r in res2.values()} == {"hit"}
-    for step, sub in (("tokenizer", "tok"), ("pretokenize", "tokens"), ("evaluate", "eval")):
+    for step, sub in (("pretokenize", "tokens"), ("evaluate", "eval")):
         assert res2[step]["cache_key"] == res1[step]["cache_key"]
         assert tree_files(second / sub) == tree_files(first / sub), step
     assert res2["evaluate"] == {**res1["evaluate"], "cache": "hit", "cache_source_run": res2["evaluate"]["cache_source_run"]}
     runs = _runs(mlflow_home, parent)
-    for name in ("tokenizer", "pretokenize", "eval-init"):
+    for name in ("pretokenize", "eval-init"):
         tags = runs[name].data.tags
         assert runs[name].info.status == "FINISHED"
         assert tags["unitoken.cache"] == "hit" and tags["unitoken.cache_key"] == first_runs[name].data.tags["unitoken.cache_key"]
@@ -99,20 +98,22 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
         assert tags["unitoken.cache_source_pipeline_run"] == first_parent
     assert runs["eval-init"].data.metrics == first_runs["eval-init"].data.metrics  # scores read the same
 
-    # one image changed: another data digest, so every step recomputes
+    # one image changed: another data digest, another key, computed again (pre-tokenisation with
+    # the same model stands for every step: they all key on the digest)
     image = tmp_path / "data" / json.loads((tmp_path / "data" / "manifest.jsonl").read_text().splitlines()[0])["image"][0]
     from PIL import Image
 
     img = Image.open(image).convert("RGB")
     img.putpixel((0, 0), (255 - img.getpixel((0, 0))[0], 0, 0))
     img.save(image)
-    _, _, res3 = _front(tmp_path, "job-3", tmp_path / "data", cache, tokenizer_only=True)
-    assert res3["tokenizer"]["cache"] == "miss" and res3["tokenizer"]["cache_key"] != res1["tokenizer"]["cache_key"]
+    steps.validate(str(tmp_path / "data"), tmp_path / "changed", parent)
+    res3 = steps.pretokenize(tmp_path / "changed", first / "model", tmp_path / "tokens3", parent, cache=cache)
+    assert res3["cache"] == "miss" and res3["cache_key"] != res1["pretokenize"]["cache_key"]
 
     # --no-cache: computed again although an entry exists
-    _, _, res4 = _front(tmp_path, "job-4", tmp_path / "data", StepCache(tmp_path / "cache", reuse=False),
-                        tokenizer_only=True)
-    assert res4["tokenizer"]["cache"] == "miss" and res4["tokenizer"]["cache_key"] == res3["tokenizer"]["cache_key"]
+    res4 = steps.pretokenize(tmp_path / "changed", first / "model", tmp_path / "tokens4", parent,
+                             cache=StepCache(tmp_path / "cache", reuse=False))
+    assert res4["cache"] == "miss" and res4["cache_key"] == res3["cache_key"]
 
 
 def _entry_with(tmp_path, client, n=[0]):
@@ -222,15 +223,18 @@ print("RESULT " + json.dumps(res))
 
 @pytest.mark.extended
 def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path, mlflow_home):
-    """Stage 1 trained once; the same inputs again give the same verified hand-off without
-    training (its MLflow run points at the training run, which the hand-off also names, so the
+    """The VQ tokenizer and stage 1 trained once; the same inputs again give the same tokenizer
+    and the same verified hand-off without training (its MLflow run points at the training run, which the hand-off also names, so the
     registry's lineage is intact); another override trains again."""
     from unitoken.data.synth import synthesize
     from unitoken.train.checkpoint import verify_handoff
 
     synthesize(tmp_path / "data", 12)
     cache = tmp_path / "cache"
-    parent, front, _ = _front(tmp_path, "job-s", tmp_path / "data", StepCache(cache))
+    _, _, res1 = _front(tmp_path, "job-t", tmp_path / "data", StepCache(cache), tokenizer=True)
+    parent, front, res2 = _front(tmp_path, "job-s", tmp_path / "data", StepCache(cache), tokenizer=True)
+    assert res1["tokenizer"]["cache"] == "miss" and res2["tokenizer"]["cache"] == "hit"
+    assert {r["cache"] for r in res2.values()} == {"hit"}
 
     def stage(name, overrides):
         args = {"overrides": overrides, "tokens": str(front / "tokens"), "init": str(front / "model"),
@@ -244,7 +248,7 @@ def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path
         return json.loads(line[7:])
 
     first = stage("a", [])
-    assert first["cache"] == "miss" and (tmp_path / "a" / "work" / "checkpoints").exists()
+    assert first["cache"] == "miss" and (tmp_path / "a" / "work" / "handoff" / "handoff.json").is_file()
     again = stage("b", [])
     assert again["cache"] == "hit" and not (tmp_path / "b" / "work").exists()  # nothing trained
     doc = verify_handoff(tmp_path / "b" / "handoff")

@@ -172,10 +172,10 @@ def _progress(artifacts: Path, term: Console):
 
 def _print_summary(result: dict, name: str) -> None:
     steps = Table(title=f"pipeline {result['job']}: {result['state']} in {result.get('seconds', 0):.0f} s")
-    for col in ("MLflow run", "status", "seconds"):
+    for col in ("MLflow run", "status", "seconds", "cache"):
         steps.add_column(col)
     for s in result["steps"]:
-        steps.add_row(s["name"], s["status"], f"{s['seconds']:.1f}")
+        steps.add_row(s["name"], s["status"], f"{s['seconds']:.1f}", s.get("cache") or "")
     console.print(steps)
     if result["scores"]:
         scores = Table(title="scores per stage")

@@ -91,8 +91,20 @@ class StepRun:
             self.client.log_metric(self.run_id, key.replace("/", "."), float(value), step=step)
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Store a file with the run: retried with backoff; when the artifact store keeps failing
+        the step fails (StepError) naming the file, and KFP's retry / a re-run takes it from there."""
+        from unitoken.train.tracking import ArtifactLogError, with_artifact_retries
+
+        if not Path(path).is_file():
+            return
+        name = f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+        try:
+            with_artifact_retries(f"{name} of run {self.run_id}",
+                                  lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        except ArtifactLogError as err:
+            raise StepError(f"{err}. The step failed; check the tracking server's artifact store (S3), then retry "
+                            "the step or re-run the pipeline (steps that finished are reused from the step "
+                            "cache)") from err
 
     def tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -111,8 +123,14 @@ def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None
     run.params(params or {})
     try:
         yield run
-    except BaseException:
-        client.set_terminated(run.run_id, "FAILED")
+    except BaseException as err:
+        try:
+            client.set_terminated(run.run_id, "FAILED")
+        except Exception as mark:  # noqa: BLE001 - never hide the step's own error behind this one
+            import logging
+
+            logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED (%s) after: %s", run.run_id,
+                                                type(mark).__name__, err)
         raise
     client.set_terminated(run.run_id, "FINISHED")
 

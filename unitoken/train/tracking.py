@@ -8,10 +8,19 @@ to ``pending.jsonl`` next to the stage output (documented policy, tested) and a 
 
 The pipeline's parent run comes from ``MLFLOW_PARENT_RUN_ID`` or ``MLFLOW_RUN_ID``; the stage's
 run is created as its child (``mlflow.parentRunId``).
+
+**Artifact store (S3) errors.** The tracking server can be up while its artifact store (S3)
+fails. Training's artifacts are then *deferred*: the tracker keeps them aside, params and
+metrics keep flowing, and each deferred artifact is retried with exponential backoff (2 s to
+60 s) until it is stored, at the latest during ``close``; what is still not stored goes to
+``pending.jsonl`` like every other undelivered call. Code that must not go on without its
+artifact (registration, pipeline steps) calls ``with_artifact_retries``: a bounded number of
+attempts with exponential backoff, then ``ArtifactLogError`` naming the artifact and the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +29,81 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class ArtifactLogError(RuntimeError):
+    """MLflow could not store an artifact after every retry (its artifact store keeps failing)."""
+
+
+# 4xx answers other than 429 mean the request itself is wrong (or not allowed): not retried.
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST",
+                    "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+
+
+def _transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return False  # a local file problem: retrying cannot help
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    return getattr(err, "error_code", None) not in _PERMANENT_CODES
+
+
+@contextlib.contextmanager
+def _single_http_attempt():
+    """MLflow's own HTTP retries back off for minutes on a 500; our loop is the only retry layer."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def drop_pooled_connections() -> None:
+    """A server that fails an upload may close the connection mid-request while MLflow's pooled
+    session keeps it; the next call on it (with MLflow's retries at 0) fails with a reset. Start
+    from fresh sessions after an upload failure."""
+    try:
+        from mlflow.utils.request_utils import _cached_get_request_session
+
+        _cached_get_request_session.cache_clear()
+    except (ImportError, AttributeError):  # another MLflow layout: nothing pooled to drop
+        pass
+
+
+def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None):
+    """Run ``upload()`` (an MLflow artifact call) up to ``attempts`` times, waiting ``backoff_s``,
+    then twice as long after each failure (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and
+    ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up to 2+4+8+16 = 30 s of waiting).
+
+    Raises:
+        ArtifactLogError: still failing after the last attempt, or a permanent error (4xx, a
+            missing local file); the message names ``what`` and the last error.
+    """
+    attempts = attempts or int(os.environ.get("UNITOKEN_ARTIFACT_ATTEMPTS", "5"))
+    delay = float(os.environ.get("UNITOKEN_ARTIFACT_BACKOFF_S", "2")) if backoff_s is None else backoff_s
+    start = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            with _single_http_attempt():
+                return upload()
+        except Exception as err:  # noqa: BLE001 - classified below; re-raised with the artifact's name
+            drop_pooled_connections()
+            last = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            if not _transient(err) or attempt == attempts:
+                kind = "failed" if _transient(err) else "was refused (not retried)"
+                raise ArtifactLogError(
+                    f"{what}: storing it in MLflow's artifact store {kind} after {attempt} attempt(s) over "
+                    f"{time.monotonic() - start:.0f} s (last error {last})") from err
+            log.warning("%s: artifact store error (%s); attempt %d/%d, retrying in %.0f s", what, last, attempt,
+                        attempts, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 def default_tracking_uri() -> str:
@@ -76,6 +160,8 @@ class MLflowTracker(NullTracker):
         self.tags = dict(tags or {})
         self.run_id = run_id  # resuming an interrupted stage continues its run
         self.queue: list[tuple[str, tuple, float]] = []
+        # artifacts the artifact store refused: [op args, stamp, next attempt (monotonic), delay]
+        self.deferred: list[list] = []
         self.final_wait_s, self.min_flush_interval_s = final_wait_s, min_flush_interval_s
         self._last_flush = 0.0
         self.failures = 0
@@ -140,15 +226,30 @@ class MLflowTracker(NullTracker):
             self.client.set_terminated(self.run_id, args[0])
 
     def flush(self, force: bool = False) -> bool:
-        """Send queued calls in order; False (queue kept) when the server is unreachable."""
+        """Send queued calls in order; False (queue kept) when the server is unreachable.
+
+        An artifact that fails is set aside (``deferred``) and retried with backoff while the
+        rest of the queue goes on; the run is terminated only after its artifacts are stored.
+        """
         now = time.time()
         if not force and now - self._last_flush < self.min_flush_interval_s:
-            return not self.queue
+            return not self.queue and not self.deferred
         self._last_flush = now
         try:
             self._ensure_run()
+            self._retry_deferred(force)
             while self.queue:
-                self._send(*self.queue[0])
+                op, args, stamp = self.queue[0]
+                if op == "terminate" and self.deferred:
+                    return False  # the run ends once its artifacts are in
+                if op == "artifact":
+                    try:
+                        self._send(op, args, stamp)
+                    except Exception as err:  # noqa: BLE001 - e.g. S3 behind the server: set aside, go on
+                        self._defer(args, stamp, err)
+                    self.queue.pop(0)
+                    continue
+                self._send(op, args, stamp)
                 self.queue.pop(0)
         except Exception as err:  # noqa: BLE001 - any transport/server error: keep the queue, train on
             self.failures += 1
@@ -156,7 +257,29 @@ class MLflowTracker(NullTracker):
                 log.warning("MLflow at %s unreachable (%s); %d calls queued, training continues",
                             self.uri, type(err).__name__, len(self.queue))
             return False
-        return True
+        return not self.deferred
+
+    def _defer(self, args: tuple, stamp: float, err: Exception, delay: float = 2.0) -> None:
+        drop_pooled_connections()
+        self.deferred.append([args, stamp, time.monotonic() + delay, delay])
+        log.warning("artifact %s not stored (%s: %s); training continues, retrying in %.0f s", args[0],
+                    type(err).__name__, str(err).strip().splitlines()[0][:200] if str(err).strip() else "", delay)
+
+    def _retry_deferred(self, force: bool) -> None:
+        keep = []
+        for item in self.deferred:
+            args, stamp, due, delay = item
+            if time.monotonic() < due and not force:
+                keep.append(item)
+                continue
+            try:
+                self._send("artifact", args, stamp)
+                log.warning("artifact %s stored after the artifact store came back", args[0])
+            except Exception:  # noqa: BLE001 - still failing: back off further
+                drop_pooled_connections()
+                delay = min(delay * 2, 60.0)
+                keep.append([args, stamp, time.monotonic() + delay, delay])
+        self.deferred = keep
 
     def close(self, status: str = "FINISHED") -> None:
         self.queue.append(("terminate", (status,), time.time()))
@@ -165,35 +288,53 @@ class MLflowTracker(NullTracker):
         while not self.flush(force=True) and time.time() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-        if self.queue:
+        if self.queue or self.deferred:
             pending = self.out_dir / "pending.jsonl"
+            calls = [("artifact", args, stamp) for args, stamp, _, _ in self.deferred] + self.queue
             with open(pending, "a") as fh:
                 fh.write(json.dumps({"op": "run", "run_name": self.run_name, "experiment": self.experiment,
                                      "run_id": self.run_id, "parent": self.parent, "tags": self.tags}) + "\n")
-                for op, args, stamp in self.queue:
+                for op, args, stamp in calls:
                     fh.write(json.dumps({"op": op, "args": args, "time": stamp}, default=str) + "\n")
-            log.warning("MLflow stayed unreachable: %d calls written to %s (replay with "
-                        "`python -m unitoken.train.tracking replay %s`)", len(self.queue), pending, pending)
+            log.warning("MLflow (or its artifact store) stayed unreachable: %d calls (%d artifacts) written to %s "
+                        "(replay with `python -m unitoken.train.tracking replay %s`)", len(calls),
+                        sum(op == "artifact" for op, _, _ in calls), pending, pending)
             self.queue.clear()
+            self.deferred.clear()
 
 
 def replay(pending: Path, tracking_uri: str | None = None) -> int:
     """Send the calls a stage could not deliver (``pending.jsonl``) once MLflow is back.
 
-    Returns the number of calls sent; the file is removed only when all of them went through.
+    Returns the number of calls sent; the file is removed only when all of them went through,
+    otherwise it is rewritten with exactly what is still undelivered (nothing is sent twice).
+    A file may hold several sections (one per ``close``), each opened by a run header.
     """
     lines = [json.loads(x) for x in Path(pending).read_text().splitlines() if x.strip()]
-    sent, tracker = 0, None
+    sent, sections = 0, []
     for line in lines:
         if line["op"] == "run":
             tracker = MLflowTracker(line["run_name"], Path(pending).parent, experiment=line["experiment"],
                                     tracking_uri=tracking_uri, run_id=line["run_id"], parent_run_id=line["parent"],
                                     tags=line["tags"])
+            sections.append((line, tracker))
             continue
-        tracker.queue.append((line["op"], tuple(line["args"]), line["time"]))
+        if not sections:
+            raise ValueError(f"{pending}: calls before any run header; not a pending.jsonl written by a stage")
+        sections[-1][1].queue.append((line["op"], tuple(line["args"]), line["time"]))
         sent += 1
-    if tracker is None or not tracker.flush(force=True):
-        raise ConnectionError(f"MLflow still unreachable; {pending} kept")
+    left_lines = []
+    for head, tracker in sections:
+        if not tracker.flush(force=True):
+            left = [("artifact", args, stamp) for args, stamp, _, _ in tracker.deferred] + tracker.queue
+            left_lines += [head | {"run_id": tracker.run_id}] + [{"op": op, "args": args, "time": stamp}
+                                                                  for op, args, stamp in left]
+    if left_lines:
+        tmp = Path(pending).with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(x, default=str) + "\n" for x in left_lines))
+        tmp.replace(pending)
+        raise ConnectionError(f"MLflow (or its artifact store) still unreachable; "
+                              f"{len(left_lines) - sum(x['op'] == 'run' for x in left_lines)} calls kept in {pending}")
     Path(pending).unlink()
     return sent
 

@@ -262,3 +262,21 @@ def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path
     assert by_cache["hit"].data.tags["unitoken.handoff_sha256"] == by_cache["miss"].data.tags["unitoken.handoff_sha256"]
     changed = stage("c", ["train.seed=5"])
     assert changed["cache"] == "miss" and changed["cache_key"] != first["cache_key"]
+
+
+def test_compiled_pipeline_turns_kfp_caching_off_and_takes_use_cache(tmp_path):
+    """Every task of the compiled pipeline has KFP's cache off (it would key on URIs, not
+    contents), and ``use_cache`` is a pipeline parameter (default true) that reaches each cached step."""
+    import yaml
+
+    from pipelines.unitoken_training import compile_pipeline
+
+    doc = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    assert doc["root"]["inputDefinitions"]["parameters"]["use_cache"]["defaultValue"] is True
+    tasks = {k: v for c in [doc["root"], *doc["components"].values()] for k, v in c.get("dag", {}).get("tasks", {}).items()}
+    executed = {k: v for k, v in tasks.items() if "componentRef" in v and not k.startswith(("condition", "exit-handler"))}
+    assert len(executed) == 14
+    assert all(not v.get("cachingOptions", {}).get("enableCache") for v in executed.values())
+    takes = {k for k, v in executed.items() if "use_cache" in v.get("inputs", {}).get("parameters", {})}
+    assert takes == {"train-tokenizer", "pretokenize", "train-stage", "train-stage-2", "train-stage-3", "evaluate",
+                     "evaluate-2", "evaluate-3"}

@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import KEYS, _port, _wait
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.faults  # make test-faults (a second MLflow server and retries: ~45 s in all)
 
 
 class Relay:
@@ -209,7 +209,6 @@ def _registration_runs(client, name):
     return client.search_runs([exp], f"attributes.run_name = 'register-{name}'")
 
 
-@pytest.mark.faults_fast
 def test_short_s3_outage_during_registration_is_ridden_out(env, cut_at, tmp_path, caplog):
     """S3 cut as the 6th file (a model file) uploads, back 1.5 s later: the upload is retried with
     backoff, the version is registered, and its lineage verifies against what S3 holds."""

@@ -190,3 +190,23 @@ def test_stage_run_nests_under_pipeline_parent(tmp_path, monkeypatch):
     tracker.close()
     run = client.get_run(tracker.run_id)
     assert tracker.run_id != parent and run.data.tags["mlflow.parentRunId"] == parent
+
+
+def test_replay_sends_every_section_of_a_pending_file(tmp_path):
+    """A stage closed twice while MLflow was down (a resume) leaves two sections in pending.jsonl;
+    replay delivers both, not only the last."""
+    from mlflow import MlflowClient
+
+    from unitoken.train.tracking import MLflowTracker, replay
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for loss in (1.5, 1.25):
+        tracker = MLflowTracker("stage1", tmp_path, tracking_uri=dead, final_wait_s=0.2, min_flush_interval_s=0)
+        tracker.log_metrics({"loss": loss}, step=int(loss * 4))
+        tracker.close()
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    assert replay(tmp_path / "pending.jsonl", uri) == 4
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id])
+    assert sorted(r.data.metrics["loss"] for r in runs) == [1.25, 1.5]
+    assert {r.info.status for r in runs} == {"FINISHED"}

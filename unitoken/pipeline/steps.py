@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unitoken.pipeline.cache import StepCache, cache_key, dataset_digest, model_digest, write_dataset_digest
+from unitoken.pipeline.cache import (CacheCorrupt, StepCache, cache_key, dataset_digest, model_digest,
+                                     write_dataset_digest)
 
 PIPELINE_TAG = "unitoken.pipeline_job"
 
@@ -375,7 +376,15 @@ def cached_step(step: str, run_name: str, inputs, out: Path, cache: StepCache | 
     key = cache_key(step, inputs) if cache.active else ""
     meta = cache.lookup(step, key) if key else None
     if meta is not None:
-        cache.restore(step, key, meta, out)
+        try:
+            cache.restore(step, key, meta, out)
+        except (OSError, CacheCorrupt) as err:  # e.g. replaced by a concurrent writer mid-copy
+            import logging
+
+            logging.getLogger(__name__).warning("cache entry %s/%s could not be restored (%s); recomputing", step,
+                                                key[:12], err)
+            meta = None
+    if meta is not None:
         source = meta.get("mlflow_run_id") or "unknown"
         tags = {"unitoken.cache": "hit", "unitoken.cache_key": key, "unitoken.cache_source_run": source,
                 "unitoken.cache_source_pipeline_run": meta.get("pipeline_run_id") or "unknown"}

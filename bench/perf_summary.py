@@ -25,31 +25,49 @@ def _variant(doc: dict | None, name: str) -> dict:
     return next((v for v in doc["variants"] if v.get("variant") == name), {})
 
 
+def seven_b_variants(d: Path) -> list[dict]:
+    """Every 7B-shape variant; those from a separate process are named with their file's row length."""
+    main = _load(d, "throughput_7b.json")
+    rows = [dict(v, source="throughput_7b.json") for v in (main or {}).get("variants", []) if "mfu" in v]
+    for p in sorted(d.glob("throughput_7b_*.json")):
+        doc = json.loads(p.read_text())
+        for v in doc["variants"]:
+            if "mfu" in v:
+                rows.append(dict(v, variant=f"{v['variant']} ({doc['row_len'] // 1024}k)", source=p.name))
+    return rows
+
+
 def headline(d: Path) -> list[tuple[str, str, str, str]]:
     """(what, target, measured, verdict) rows."""
     rows = []
     t7 = _load(d, "throughput_7b.json")
-    comp = _variant(_load(d, "throughput_7b_compile.json"), "ours-compile")
+    variants = seven_b_variants(d)
     ours, ref = _variant(t7, "ours"), _variant(t7, "reference")
-    best = max([v for v in (t7 or {}).get("variants", []) if v.get("variant", "").startswith("ours") and "mfu" in v]
-               + ([comp] if "mfu" in comp else []), key=lambda v: v["mfu"], default={})
+    best = max([v for v in variants if v["variant"].startswith("ours")], key=lambda v: v["mfu"], default={})
     if best:
-        rows.append(("MFU, 7B layer shape, UniToken mix (best 'ours')", ">= 55 %",
-                     f"{best['mfu']:.1%} ({best['variant']}; {best.get('mfu_vs_measured') or 0:.1%} of measured ceiling)",
-                     "met" if best["mfu"] >= 0.55 else "missed"))
+        rows.append(("MFU, 7B layer shape x 8, UniToken mix: 6N (head on every token) + attention", ">= 55 %",
+                     f"{best['mfu_6n_all']:.1%} ({best['variant']})", "met" if best["mfu_6n_all"] >= 0.55 else "missed"))
+        rows.append(("  the same, counting the head only on supervised tokens (useful FLOPs)", ">= 55 %",
+                     f"{best['mfu']:.1%} ({best['variant']}; {best['mfu_vs_measured']:.1%} of the matrix "
+                     f"ceiling measured in that run)", "met" if best["mfu"] >= 0.55 else "missed"))
     if ours and ref and "tokens_per_s" in ours and "tokens_per_s" in ref:
-        bt = best.get("tokens_per_s", ours["tokens_per_s"])
-        rows.append(("tokens/s ours / reference batching, same samples", ">= 1.5x",
-                     f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x ('ours'), {bt / ref['tokens_per_s']:.2f}x (best)",
-                     "met" if bt / ref["tokens_per_s"] >= 1.5 else "missed"))
-    for name, label in (("anchor-ckpt", "anchor, every layer checkpointed"), ("anchor", "anchor, no checkpointing"),
-                        ("anchor-ours", "ours on the anchor's dense batch")):
+        same = ours["tokens_per_s"] / ref["tokens_per_s"]
+        rows.append(("tokens/s ours / reference batching, same samples, same process", ">= 1.5x",
+                     f"{same:.2f}x ({ours['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f})",
+                     "met" if same >= 1.5 else "missed"))
+        if best and best["source"] != "throughput_7b.json":
+            rows.append(("  best 'ours' (separate process) / the same reference", ">= 1.5x",
+                         f"{best['tokens_per_s'] / ref['tokens_per_s']:.2f}x ({best['tokens_per_s']:,.0f}, "
+                         f"{best['variant']}, {best['source']})", ""))
+    for name, label, issue in (("anchor-ckpt", "anchor: stock, dense 2 x 4096, every layer checkpointed", "37.2 %"),
+                               ("anchor", "anchor: stock, dense 2 x 4096, no checkpointing", "46.2 %"),
+                               ("anchor-ours", "ours on the anchor's dense batch (eager)", "-")):
         v = _variant(t7, name)
         if "mfu" in v:
-            ref_mfu = {"anchor-ckpt": "37.2 %", "anchor": "46.2 %"}.get(name, "-")
-            rows.append((label, ref_mfu, f"{v['mfu']:.1%}, {v['tokens_per_s']:,.0f} tok/s, peak {v['peak_gib']} GiB", "reproduced" if name != "anchor-ours" else ""))
-    vq = [v for doc in (_load(d, "vq_encode.json"), _load(d, "vq_encode_compile.json")) if doc
-          for v in doc["variants"] if "images_per_s" in v]
+            rows.append((label, f"issue: {issue}", f"{v['mfu']:.1%}, {v['tokens_per_s']:,.0f} tok/s, peak {v['peak_gib']} GiB",
+                         "measured here"))
+    vq = [dict(v, file=p.name) for p in sorted(d.glob("vq_encode*.json")) for v in json.loads(p.read_text())["variants"]
+          if "images_per_s" in v]
     if vq:
         top = max(vq, key=lambda v: v["images_per_s"])
         single = next((v for v in vq if v["variant"] == "fp32-single"), None)
@@ -57,15 +75,15 @@ def headline(d: Path) -> list[tuple[str, str, str, str]]:
                      f"{top['images_per_s']:,.0f} images/s ({top['variant']})"
                      + (f"; fp32 one at a time {single['images_per_s']:,.0f}" if single else ""),
                      "met" if top["images_per_s"] >= 1000 else "missed"))
-    ck = _load(d, "checkpoint_io.json")
-    if ck:
+    for p in sorted(d.glob("checkpoint_io*.json")):
+        ck = json.loads(p.read_text())
         for v in ck["variants"]:
             if "blocking_s" in v:
-                rows.append((f"checkpoint {v['variant']} (7B, extrapolated x{ck['scale_to_7b']})",
-                             "blocking <= 10 s" if v["variant"] != "handoff" else "-",
-                             f"blocking {v['blocking_s_7b_extrapolated']} s, total {v['total_s_7b_extrapolated']} s, "
-                             f"load {v['load_s_7b_extrapolated']} s",
-                             ("met" if v["blocking_s_7b_extrapolated"] <= 10 else "missed") if v["variant"] != "handoff" else ""))
+                target = "blocking <= 10 s" if v["variant"] != "handoff" else "-"
+                verdict = ("met" if v["blocking_s_7b_extrapolated"] <= 10 else "missed") if v["variant"] != "handoff" else ""
+                rows.append((f"checkpoint {v['variant']}, 7B extrapolated x{ck['scale_to_7b']} from {ck['layers']} layer(s)",
+                             target, f"blocking {v['blocking_s_7b_extrapolated']} s, on disk after "
+                                     f"{v['total_s_7b_extrapolated']} s, load {v['load_s_7b_extrapolated']} s", verdict))
     return rows
 
 
@@ -75,23 +93,19 @@ def plot(d: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t7 = _load(d, "throughput_7b.json")
-    comp = _variant(_load(d, "throughput_7b_compile.json"), "ours-compile")
-    vs = [v for v in t7["variants"] if "mfu" in v] + ([comp] if "mfu" in comp else [])
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    vs = seven_b_variants(d)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=90)
     names = [v["variant"] for v in vs]
-    colors = ["#999999" if n.startswith(("reference", "anchor-ckpt", "anchor")) and n != "anchor-ours" else "#2a7ab9"
-              for n in names]
+    colors = ["#2a7ab9" if n.startswith("ours") or n == "anchor-ours" else "#999999" for n in names]
     ax.barh(names, [v["mfu"] * 100 for v in vs], color=colors)
     for i, v in enumerate(vs):
-        ax.text(v["mfu"] * 100 + 0.5, i, f"{v['mfu']:.1%}  {v['tokens_per_s'] / 1e3:.1f}k tok/s  {v['peak_gib']} GiB",
+        ax.text(v["mfu"] * 100 + 0.5, i, f"{v['mfu']:.1%}   {v['tokens_per_s'] / 1e3:.1f}k tok/s   {v['peak_gib']} GiB",
                 va="center", fontsize=7)
     ax.axvline(55, color="k", ls="--", lw=0.8)
-    ax.text(55.3, len(vs) - 0.6, "target 55 %", fontsize=7)
-    ax.set_xlabel(f"MFU (% of 989 TFLOP/s), useful FLOPs; measured ceiling {t7['matmul_ceiling_tflops']} TFLOP/s")
-    ax.set_title(f"7B layer shape x {t7['layers']} layers, one H200, stage-2 UniToken mix (anchor*: dense text)",
-                 fontsize=9)
-    ax.set_xlim(0, 80)
+    ax.text(55.5, 0, "target 55 %", fontsize=7, va="center")
+    ax.set_xlabel("MFU, % of 989 TFLOP/s (useful FLOPs: head on supervised tokens only)")
+    ax.set_title("7B layer shape x 8 layers, one H200: UniToken stage-2 mix (anchor*: dense text 2 x 4096)", fontsize=9)
+    ax.set_xlim(0, 85)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(png)

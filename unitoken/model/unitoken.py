@@ -116,7 +116,8 @@ class UniToken(nn.Module):
 
     # ----------------------------------------------------------------------- speed settings
 
-    def configure_training(self, attention: str = "sdpa", ce_chunk: int = 0, checkpoint_layers: int = 0) -> None:
+    def configure_training(self, attention: str = "sdpa", ce_chunk: int = 0, checkpoint_layers: int = 0,
+                           compile_layers: bool = False) -> None:
         """Speed settings of the training path (see docs/performance.md).
 
         Args:
@@ -126,6 +127,8 @@ class UniToken(nn.Module):
                 supervised rows with fp32 logits.
             checkpoint_layers: recompute the activations of the first n decoder layers in the
                 backward pass (-1 = all: the reference's setting); 0 = none.
+            compile_layers: torch.compile every decoder layer (in place; fuses the norms, rotary
+                and activation around the matrix products).
         """
         if attention not in ("sdpa", "varlen"):
             raise ValueError(f"attention={attention!r}: use sdpa or varlen")
@@ -140,6 +143,8 @@ class UniToken(nn.Module):
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < n
+            if compile_layers:
+                layer.compile()
 
     # ----------------------------------------------------------------------- freezing
 

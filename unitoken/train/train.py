@@ -122,6 +122,22 @@ def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: in
     return out
 
 
+# Activation bytes one decoder layer keeps per token and hidden unit in bf16 without
+# checkpointing: 3.17 GiB per layer for a 16k-token micro-batch at hidden 4096 / MLP 11,008
+# (docs/performance.md: 'ours' vs 'ours-ckpt-half'). A checkpointed layer keeps its input only.
+ACT_BYTES_PER_TOKEN_HIDDEN = 48
+
+
+def checkpoint_layers_for_budget(num_layers: int, hidden: int, tokens: int, budget_bytes: float) -> int:
+    """Fewest decoder layers to checkpoint so that one micro-batch's activations fit the budget
+    (each checkpointed layer costs a recomputed forward pass: ~1/3 of its step time)."""
+    full, kept = ACT_BYTES_PER_TOKEN_HIDDEN * hidden * tokens, 2 * hidden * tokens
+    for n in range(num_layers + 1):
+        if (num_layers - n) * full + n * kept <= budget_bytes:
+            return n
+    return num_layers
+
+
 def model_flops_per_token(model, trainable_only: bool = False) -> float:
     """6N per trained token (forward + backward), N = parameters that see the token."""
     n = sum(p.numel() for name, p in model.named_parameters()
@@ -179,8 +195,16 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     for layer in model.llm.layers:  # dropout 0.05 (tech report scripts), a training-time setting
         layer.self_attn.attention_dropout = recipe.train.dropout
     train_cfg = recipe.train
-    model.configure_training(train_cfg.attention, train_cfg.ce_chunk,
-                             train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0)
+    ckpt_layers = train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0
+    if train_cfg.activation_checkpointing and train_cfg.activation_budget_gib > 0:
+        # upper bound of one micro-batch: every sample of this rank's share fills a row
+        tokens = max(1, stage.batch_size // world) * stage.max_seq_len
+        ckpt_layers = checkpoint_layers_for_budget(recipe.model.llm.num_layers, recipe.model.llm.hidden_size, tokens,
+                                                   train_cfg.activation_budget_gib * 2**30)
+        log.warning("activation checkpointing on %d of %d layers (budget %.1f GiB, <= %d tokens per micro-batch)",
+                    ckpt_layers, recipe.model.llm.num_layers, train_cfg.activation_budget_gib, tokens)
+    model.configure_training(train_cfg.attention, train_cfg.ce_chunk, ckpt_layers,
+                             compile_layers=train_cfg.compile and device.type == "cuda")
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
     model.to(device)

@@ -144,3 +144,22 @@ def test_checkpoint_layers_follow_the_memory_budget():
     few = checkpoint_layers_for_budget(32, 4096, 16384, 20 * per_layer)
     more = checkpoint_layers_for_budget(32, 4096, 16384, 10 * per_layer)
     assert 0 < few < more < 32
+
+
+def test_varlen_collate_packs_one_unpadded_row():
+    """With varlen attention the training collate puts every sample in one row, nothing padded."""
+    from types import SimpleNamespace
+
+    from unitoken.data.dataset import Sample
+    from unitoken.model.sequence import Encoded
+    from unitoken.train.train import collate
+
+    model, _, _ = build_tiny("discrete")
+    ids, labels = _rows(model, [30, 50, 7])
+    samples = [Sample(Encoded(x.tolist(), y.tolist()), None, "text", "", i) for i, (x, y) in enumerate(zip(ids, labels))]
+    stage = SimpleNamespace(max_seq_len=64)
+    batch = collate(samples, stage, True, model.tokens.pad, "cpu", attention="varlen")
+    assert batch["input_ids"].shape == (1, 87)
+    assert batch["position_ids"][0].tolist() == list(range(30)) + list(range(50)) + list(range(7))
+    with pytest.raises(ValueError, match="max_seq_len 40"):
+        collate(samples, SimpleNamespace(max_seq_len=40), True, model.tokens.pad, "cpu", attention="varlen")

@@ -111,8 +111,17 @@ def draw_batch(dataset, sampler, global_batch: int, rank: int, world: int, draws
 
 
 def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device,
-            loss_reduction: str = "token") -> dict:
-    batch = pack_samples(samples, stage.max_seq_len, pad_id) if packing else pad_samples(samples, pad_id)
+            loss_reduction: str = "token", attention: str = "sdpa") -> dict:
+    if packing and attention == "varlen":
+        # varlen attention needs no common row width: one row holding every sample, nothing padded
+        longest = max(samples, key=len)
+        if len(longest) > stage.max_seq_len:
+            raise ValueError(f"sample {longest.index} has {len(longest)} tokens > max_seq_len {stage.max_seq_len}")
+        batch = pack_samples(samples, sum(len(s) for s in samples), pad_id)
+    elif packing:
+        batch = pack_samples(samples, stage.max_seq_len, pad_id)
+    else:
+        batch = pad_samples(samples, pad_id)
     seq_lens = batch.pop("seq_lens", None) or [[len(s)] for s in samples]  # padding: one sample per row
     if loss_reduction == "sample":
         batch["loss_weights"] = sample_loss_weights(batch["labels"], seq_lens)
@@ -123,9 +132,10 @@ def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: in
 
 
 # Activation bytes one decoder layer keeps per token and hidden unit in bf16 without
-# checkpointing: 3.17 GiB per layer for a 16k-token micro-batch at hidden 4096 / MLP 11,008
-# (docs/performance.md: 'ours' vs 'ours-ckpt-half'). A checkpointed layer keeps its input only.
-ACT_BYTES_PER_TOKEN_HIDDEN = 48
+# checkpointing: 'ours' minus 'ours-ckpt-half' (4 of 8 layers) = 12.7 GiB for a 16,248-token
+# micro-batch at hidden 4096 / MLP 11,008 (docs/performance.md). A checkpointed layer keeps only
+# its input (2 bytes).
+ACT_BYTES_PER_TOKEN_HIDDEN = 53
 
 
 def checkpoint_layers_for_budget(num_layers: int, hidden: int, tokens: int, budget_bytes: float) -> int:
@@ -316,7 +326,7 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             t0 = time.perf_counter()
             samples, draws = draw_batch(dataset, sampler, stage.batch_size, rank, world, draws, train.seed,
                                         train.cfg_dropout)
-            batch = collate(samples, stage, train.packing, pad, device, train.loss_reduction)
+            batch = collate(samples, stage, train.packing, pad, device, train.loss_reduction, train.attention)
             out = engine(**batch)
             loss = out["loss"]
             if not torch.isfinite(loss):

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     msub = model.add_subparsers(dest="model_command", required=True)
     init = msub.add_parser("init", help="a model from a recipe (random, trained VQ tokenizer, released weights)",
                            epilog="example:\n  " + EXAMPLES["model init"], formatter_class=fmt)
-    init.add_argument("--recipe", required=True, help="tiny | small | unitoken-7b | unitoken-7b-anyres")
+    init.add_argument("--recipe", required=True, help="tiny | small | unitoken-7b | unitoken-7b-anyres | unitoken-7b-fast")
     init.add_argument("--out", required=True, type=Path, help="model directory to write (hand-off format)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--tokenizer", type=Path, help="VQ-GAN directory (vqgan.yaml + vqgan.ckpt) to use")

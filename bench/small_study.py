@@ -202,6 +202,8 @@ def run(args) -> None:
               "reserve", "calib_steps", "abl_unit", "save_every"):
         if getattr(args, k) is not None:
             chain += [f"--{k.replace('_', '-')}", getattr(args, k)]
+    if args.fast:
+        chain.append("--fast")
     env0 = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0])
     procs = {"main": subprocess.Popen([str(c) for c in chain + ["--which", "main"]], env=env0)}
     if not args.main_only:
@@ -233,6 +235,10 @@ def steady_step_s(metrics: Path) -> float:
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     tail = rows[len(rows) // 2:] or rows
     return statistics.median(r["step_s"] for r in tail)
+
+
+# --fast: every sample of a step in one packed row through the variable-length attention kernel
+FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 
 class OutOfTime(Exception):
@@ -278,9 +284,11 @@ class Chain:
         cmd = U + ["train", "--stage", stage, "--recipe", self.args.recipe, "--data", self.w / "p", "--out", run_dir,
                    "--init", init, "--max-steps", steps, "--no-track", "--resume", "auto",
                    "--set", f"train.save_every={self.args.save_every}"]
-        for x in sets:
+        fast = self.args.fast and not (self.w / "fast_failed").exists()
+        for x in sets + (FAST_SETS if fast else []):
             cmd += ["--set", x]
-        log(f"{self.which}: training {name} ({steps} steps, {self.left():.0f}s left in this call)")
+        log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}, "
+            f"{self.left():.0f}s left in this call)")
         with open(self.w / "logs" / f"{key}.log", "a") as fh:
             proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
             try:
@@ -290,11 +298,18 @@ class Chain:
                 proc.wait()
                 log(f"{self.which}: {name} cut off by this call's deadline; the next call resumes it")
                 raise OutOfTime(name) from None
+        if rc and fast:
+            # The packed varlen path failed here: say so, and redo the run with the recipe's padding.
+            log(f"{self.which}: {name} failed with {FAST_SETS} (exit {rc}); retrying without them")
+            (self.w / "fast_failed").write_text(f"{name} exit {rc}\n")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return self.train(stage, name, init, steps, sets)
         if rc:
             raise RuntimeError(f"{name}: unitoken train exited {rc}; see {self.w / 'logs' / (key + '.log')}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         prev = self.res.doc["runs"].get(key, {}).get("seconds", 0.0)
-        info = {"stage": stage, "steps": steps, "sets": sets, "seconds": round(prev + time.time() - t, 1),
+        info = {"stage": stage, "steps": steps, "sets": sets + (FAST_SETS if fast else []),
+                "seconds": round(prev + time.time() - t, 1),
                 "step_s": round(steady_step_s(run_dir / "metrics.jsonl"), 4),
                 "final_loss": rows[-1]["loss"] if rows else None}
         self.res.set("runs", key, value=info)
@@ -442,6 +457,7 @@ def main() -> None:
         p.add_argument("--later", type=float, default=0.0,
                        help="seconds of later calls (same --work) that the plan may count on")
         p.add_argument("--save-every", type=int, default=100, help="checkpoint interval of every training run")
+        p.add_argument("--fast", action="store_true", help=f"train with {FAST_SETS} (falls back without on failure)")
     r.add_argument("--scenes", type=int, default=4000)
     r.add_argument("--vq-scenes", type=int, default=1500)
     r.add_argument("--vq-steps", type=int, default=800)

@@ -119,7 +119,19 @@ def evaluate(model: Path, data: Path, out: Path, suites: list[str], limit_vqa: i
         summary[suite] = {"overall": s["overall"], "ci95": bootstrap_ci([i["score"] for i in items]),
                           "chance": s["chance"], "n": s["n"], "categories": s["categories"],
                           "seconds": round(time.time() - t, 1)}
+    _free_gpu()
     return summary
+
+
+def _free_gpu() -> None:
+    """Give the evaluation's cached GPU memory back: the next `unitoken train` is another process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def item_scores(eval_dir: Path, suite: str) -> dict[str, float]:
@@ -144,6 +156,8 @@ def sweep_sampling(model: Path, data: Path, out: Path, limit: int, device: str) 
         res = gen.run_generation(m, builder, items, out / f"cfg{cfg}_k{top_k}_t{temp}", det, cfg_scale=cfg,
                                  top_k=top_k, temperature=temp, seed=0, batch_size=128)
         scores[f"{cfg},{top_k},{temp}"] = round(sum(r["score"] for r in res) / len(res), 4)
+    del m
+    _free_gpu()
     best = max(scores, key=lambda k: (scores[k], k == "3.0,0,1.0"))
     cfg, top_k, temp = best.split(",")
     return {"val_scores": scores, "chosen": {"cfg": float(cfg), "top_k": int(top_k), "temperature": float(temp)}}

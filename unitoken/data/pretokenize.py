@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from unitoken.config import config_hash
 from unitoken.data.manifest import data_root, load_records, resolve_image
+from unitoken.files import write_json
 from unitoken.model.vision import preprocess_continuous, vq_pixels
 
 FORMAT = "unitoken-shards"
@@ -130,7 +131,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
             raise ValueError(f"{out} holds a pre-tokenisation of different inputs (differs in {diff}); "
                              "use a new --out or delete it")
     else:
-        _write_json(plan_path, plan)
+        write_json(plan_path, plan)
     for stale in (out / "shards").glob(".tmp-*"):  # left by a killed run: never a shard
         shutil.rmtree(stale)
 
@@ -165,7 +166,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
         total_images += n_img
         index["shards"].append({"name": shard.name, "records": n_rec, "images": n_img,
                                 "sha256": {p.name: sha256_file(p) for p in sorted(shard.iterdir())}})
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     return {"records": len(records), "images": total_images, "shards": n_shards, "skipped_shards": skipped,
             "encoded_images": done_images, "seconds": round(seconds, 3),
             "images_per_s": round(done_images / seconds, 1) if seconds > 0 and done_images else 0.0}
@@ -183,12 +184,6 @@ def _module_digest(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def tiles_to_pixels(tiles: torch.Tensor) -> torch.Tensor:

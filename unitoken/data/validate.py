@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from unitoken.data.manifest import ROLES, TASKS, RawRow, read_rows, resolve_image
+from unitoken.files import write_atomic
 from unitoken.model.tokens import IMAGE_PLACEHOLDER
 
 
@@ -229,8 +230,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "clean.jsonl", "".join(r.raw + "\n" for r in clean))
-    _write_atomic(out / "rejected.jsonl", "".join(
+    write_atomic(out / "clean.jsonl", "".join(r.raw + "\n" for r in clean))
+    write_atomic(out / "rejected.jsonl", "".join(
         json.dumps({"line": r.line, "reasons": why, "raw": r.raw}, ensure_ascii=False) + "\n" for r, why in rejected))
     counts = Counter(reason for _, why in rejected for reason in why)
     manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -243,20 +244,14 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
         "clean_sha256": hashlib.sha256((out / "clean.jsonl").read_bytes()).hexdigest(),
     }
     body = json.dumps(report, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / "report.json", body)
+    write_atomic(out / "report.json", body)
     sha = hashlib.sha256(body.encode()).hexdigest()
-    _write_atomic(out / "report.json.sha256", f"{sha}  report.json\n")
-    _write_atomic(out / "report.html", _html(report, rejected[:200]))
+    write_atomic(out / "report.json.sha256", f"{sha}  report.json\n")
+    write_atomic(out / "report.html", _html(report, rejected[:200]))
     recorded_root = os.path.relpath(root, out.resolve()) if relative_root else str(root)
-    _write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root, "source_manifest": str(manifest.resolve()),
+    write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root, "source_manifest": str(manifest.resolve()),
                                                     "manifest_sha256": manifest_sha, "report_sha256": sha}, indent=2))
     return ValidationResult(len(rows), len(clean), len(rejected), dict(counts), out / "report.json", sha, expectations)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-    tmp.replace(path)
 
 
 def _html(report: dict, rejected: list) -> str:

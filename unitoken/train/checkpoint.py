@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from unitoken.data.pretokenize import sha256_file
+from unitoken.files import write_json
 
 HANDOFF = "handoff.json"
 STEP_PREFIX = "step_"
@@ -137,9 +138,7 @@ def write_handoff(model_dir: Path, info: dict, state: dict[str, torch.Tensor], t
         "trainable_digest": tensor_digest(state, trainable), "frozen_digest": tensor_digest(state, frozen),
         "created_unix": round(time.time(), 3),
     }
-    tmp = model_dir / (HANDOFF + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    tmp.replace(model_dir / HANDOFF)
+    write_json(model_dir / HANDOFF, doc)
     return doc
 
 

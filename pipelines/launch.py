@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from pipelines.unitoken_training import build_pipeline, compile_pipeline
-from unitoken.pipeline.cluster import ClusterConfig
 
 
 def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] = (1, 2, 3)) -> dict:
@@ -33,13 +32,13 @@ def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] =
                raise_on_error=False)
     pipeline = build_pipeline(stages, checkpoint_root=str(root / "checkpoints"))
     start = time.perf_counter()
-    task = pipeline(data_uri=data_uri, **params)
+    pipeline(data_uri=data_uri, **params)
     seconds = time.perf_counter() - start
-    job = _job_name(task, root / "artifacts")
+    job = _job_name(root / "artifacts")
     return {"seconds": round(seconds, 1), **summarize(job, params.get("model_name", "unitoken"))}
 
 
-def _job_name(task, artifacts: Path) -> str:
+def _job_name(artifacts: Path) -> str:
     """kfp.local names the job <pipeline>-<timestamp>; the newest directory under the root is it."""
     jobs = sorted((p for p in artifacts.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return jobs[-1].name
@@ -128,6 +127,3 @@ def schedule(host: str, package: Path, params: dict, cron: str, name: str, exper
                                  max_concurrency=max_concurrency, enabled=True)
     return job.recurring_run_id
 
-
-def compile_to(out: Path, stages: tuple[int, ...], cluster: ClusterConfig | None) -> Path:
-    return compile_pipeline(out, stages, cluster)

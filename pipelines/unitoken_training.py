@@ -12,6 +12,7 @@ time; the local runner ignores it.
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
     if cluster is not None:
         validate_cluster(cluster)
         checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
-    cluster_json = json.dumps(_cluster_doc(cluster)) if cluster else "{}"
+    cluster_json = json.dumps(dataclasses.asdict(cluster)) if cluster else "{}"
     # Step outputs are cached by content on the checkpoint volume (unitoken/pipeline/cache.py);
     # no checkpoint root (a cluster without a PVC): nothing is cached.
     cache_root = f"{checkpoint_root.rstrip('/')}/cache" if checkpoint_root else ""
@@ -148,12 +149,6 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                       "register-model", cluster)
 
     return unitoken_training
-
-
-def _cluster_doc(cluster: ClusterConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cluster)
 
 
 def compile_pipeline(out: Path, stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None) -> Path:

@@ -174,7 +174,7 @@ def test_submit_and_schedule_pass_the_compiled_package_and_arguments(tmp_path):
     cron; a 5-field cron is refused with the fix before anything is sent."""
     from pipelines import launch
 
-    package = launch.compile_to(tmp_path / "p.yaml", (3,), load_cluster(EXAMPLE))
+    package = launch.compile_pipeline(tmp_path / "p.yaml", (3,), load_cluster(EXAMPLE))
     params = launch.parse_params(["data_uri=s3://b/new", "base_model=models:/unitoken@champion", "promote=true",
                                   "eval_limit=20"])
     assert params == {"data_uri": "s3://b/new", "base_model": "models:/unitoken@champion", "promote": True,

@@ -88,7 +88,7 @@ def cmd_pipeline(args) -> int:
         return _run_local(args, stages)
     cluster = load_cluster(args.cluster)
     if args.pipeline_command == "compile":
-        console.print(f"compiled {launch.compile_to(args.out, stages, cluster)} (stages {args.stages})")
+        console.print(f"compiled {launch.compile_pipeline(args.out, stages, cluster)} (stages {args.stages})")
         return 0
     params = launch.parse_params(args.param)
     if args.no_cache:
@@ -96,7 +96,7 @@ def cmd_pipeline(args) -> int:
     if "data_uri" not in params:
         raise ValueError("--param data_uri=URI is required (s3://bucket/prefix or a path on a shared volume)")
     package = LOCAL_ROOT / f"{args.pipeline_command}-{int(time.time())}.yaml"
-    launch.compile_to(package, stages, cluster)
+    launch.compile_pipeline(package, stages, cluster)
     if args.pipeline_command == "submit":
         run_id = launch.submit(args.host, package, params, args.experiment, args.run_name)
         console.print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")

@@ -43,9 +43,9 @@ def _runs(client, parent):
     return {r.info.run_name: r for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")}
 
 
-def _front(tmp, name, data, cache, tokenizer=False):
-    """validate -> [tokenizer ->] init -> pretokenize -> evaluate the init model, as one pipeline run
-    (without ``tokenizer`` the model keeps the recipe's initial VQ: training one costs ~5-9 s)."""
+def _front(tmp, name, data, cache, tokenizer=False, evaluate=False):
+    """validate -> [tokenizer ->] init -> pretokenize [-> evaluate the init model], as one pipeline
+    run (without ``tokenizer`` the model keeps the recipe's initial VQ: training one costs ~5-9 s)."""
     out = tmp / name
     parent = steps.open_pipeline_run(f"{tmp.name}-{name}", {})
     steps.validate(str(data), out / "dataset", parent)
@@ -55,16 +55,17 @@ def _front(tmp, name, data, cache, tokenizer=False):
                                            cache=cache)
     steps.init_model("tiny", [], out / "tok" if tokenizer else None, "", out / "model")
     res["pretokenize"] = steps.pretokenize(out / "dataset", out / "model", out / "tokens", parent, cache=cache)
-    res["evaluate"] = steps.evaluate(out / "model", out / "dataset", EVAL["suites"], EVAL["limit"], out / "eval",
-                                     parent, "init", cache=cache)
+    if evaluate:
+        res["evaluate"] = steps.evaluate(out / "model", out / "dataset", EVAL["suites"], EVAL["limit"], out / "eval",
+                                         parent, "init", cache=cache)
     return parent, out, res
 
 
 def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlflow_home, monkeypatch):
-    """Unchanged inputs: pre-tokenisation and evaluation are cache hits (the code that
-    computes them is not called), outputs are byte-identical, and each hit is a nested MLflow run
-    naming the key and the run that computed it. One changed image (a new data digest) gives
-    another key and a recompute; --no-cache recomputes too."""
+    """Unchanged inputs: pre-tokenisation is a cache hit (the code that computes it is not
+    called), its output byte-identical, and the hit is a nested MLflow run naming the key and the
+    run that computed it. One changed image (a new data digest) gives another key and a
+    recompute; --no-cache recomputes too. (Evaluation, tokenizer and stage: the extended test.)"""
     from unitoken.data.synth import synthesize
 
     synthesize(tmp_path / "data", 12)
@@ -75,28 +76,17 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
 
     # a re-run must not train, encode or evaluate anything
     import unitoken.data.pretokenize
-    import unitoken.eval.runner
 
     def refuse(*a, **k):
         raise AssertionError("recomputed although the inputs are unchanged")
 
     with monkeypatch.context() as m:
-        for mod, fn in ((unitoken.data.pretokenize, "pretokenize"), (unitoken.eval.runner, "evaluate")):
-            m.setattr(mod, fn, refuse)
+        m.setattr(unitoken.data.pretokenize, "pretokenize", refuse)
         parent, second, res2 = _front(tmp_path, "job-2", tmp_path / "data", cache)
     assert {r["cache"] for r in res2.values()} == {"hit"}
-    for step, sub in (("pretokenize", "tokens"), ("evaluate", "eval")):
-        assert res2[step]["cache_key"] == res1[step]["cache_key"]
-        assert tree_files(second / sub) == tree_files(first / sub), step
-    assert res2["evaluate"] == {**res1["evaluate"], "cache": "hit", "cache_source_run": res2["evaluate"]["cache_source_run"]}
-    runs = _runs(mlflow_home, parent)
-    for name in ("pretokenize", "eval-init"):
-        tags = runs[name].data.tags
-        assert runs[name].info.status == "FINISHED"
-        assert tags["unitoken.cache"] == "hit" and tags["unitoken.cache_key"] == first_runs[name].data.tags["unitoken.cache_key"]
-        assert tags["unitoken.cache_source_run"] == first_runs[name].info.run_id
-        assert tags["unitoken.cache_source_pipeline_run"] == first_parent
-    assert runs["eval-init"].data.metrics == first_runs["eval-init"].data.metrics  # scores read the same
+    assert res2["pretokenize"]["cache_key"] == res1["pretokenize"]["cache_key"]
+    assert tree_files(second / "tokens") == tree_files(first / "tokens")
+    _assert_hit_runs(_runs(mlflow_home, parent), first_runs, first_parent, ["pretokenize"])
 
     # one image changed: another data digest, another key, computed again (pre-tokenisation with
     # the same model stands for every step: they all key on the digest)
@@ -114,6 +104,15 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
     res4 = steps.pretokenize(tmp_path / "changed", first / "model", tmp_path / "tokens4", parent,
                              cache=StepCache(tmp_path / "cache", reuse=False))
     assert res4["cache"] == "miss" and res4["cache_key"] == res3["cache_key"]
+
+
+def _assert_hit_runs(runs, first_runs, first_parent, names):
+    for name in names:
+        tags = runs[name].data.tags
+        assert runs[name].info.status == "FINISHED"
+        assert tags["unitoken.cache"] == "hit" and tags["unitoken.cache_key"] == first_runs[name].data.tags["unitoken.cache_key"]
+        assert tags["unitoken.cache_source_run"] == first_runs[name].info.run_id
+        assert tags["unitoken.cache_source_pipeline_run"] == first_parent
 
 
 def _entry_with(tmp_path, client, n=[0]):
@@ -223,18 +222,26 @@ print("RESULT " + json.dumps(res))
 
 @pytest.mark.extended
 def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path, mlflow_home):
-    """The VQ tokenizer and stage 1 trained once; the same inputs again give the same tokenizer
-    and the same verified hand-off without training (its MLflow run points at the training run, which the hand-off also names, so the
+    """The VQ tokenizer, an evaluation and stage 1 computed once; the same inputs again give the
+    same tokenizer, the same scores and the same verified hand-off without computing (its MLflow run points at the training run, which the hand-off also names, so the
     registry's lineage is intact); another override trains again."""
     from unitoken.data.synth import synthesize
     from unitoken.train.checkpoint import verify_handoff
 
     synthesize(tmp_path / "data", 12)
     cache = tmp_path / "cache"
-    _, _, res1 = _front(tmp_path, "job-t", tmp_path / "data", StepCache(cache), tokenizer=True)
-    parent, front, res2 = _front(tmp_path, "job-s", tmp_path / "data", StepCache(cache), tokenizer=True)
-    assert res1["tokenizer"]["cache"] == "miss" and res2["tokenizer"]["cache"] == "hit"
-    assert {r["cache"] for r in res2.values()} == {"hit"}
+    first_parent, first, res1 = _front(tmp_path, "job-t", tmp_path / "data", StepCache(cache), tokenizer=True,
+                                       evaluate=True)
+    parent, front, res2 = _front(tmp_path, "job-s", tmp_path / "data", StepCache(cache), tokenizer=True,
+                                 evaluate=True)
+    assert {r["cache"] for r in res1.values()} == {"miss"} and {r["cache"] for r in res2.values()} == {"hit"}
+    for step, sub in (("tokenizer", "tok"), ("evaluate", "eval")):
+        assert tree_files(front / sub) == tree_files(first / sub), step
+    runs, first_runs = _runs(mlflow_home, parent), _runs(mlflow_home, first_parent)
+    _assert_hit_runs(runs, first_runs, first_parent, ["tokenizer", "pretokenize", "eval-init"])
+    assert runs["eval-init"].data.metrics == first_runs["eval-init"].data.metrics  # scores read the same
+    assert {k: v for k, v in res2["evaluate"].items() if not k.startswith("cache")} == \
+        {k: v for k, v in res1["evaluate"].items() if not k.startswith("cache")}
 
     def stage(name, overrides):
         args = {"overrides": overrides, "tokens": str(front / "tokens"), "init": str(front / "model"),

@@ -133,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--detector", help="module:Class detector for generated images (default: the shapes detector)")
     ev.add_argument("--cfg", type=float, default=3.0)
     ev.add_argument("--top-k", type=int, default=0)
+    ev.add_argument("--temperature", type=float, default=1.0, help="image sampling temperature")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
     gt = sub.add_parser("gate", help="two-track promotion gate against the champion",
@@ -439,7 +440,7 @@ def cmd_eval(args) -> int:
     report = evaluate(args.model, [s.strip() for s in args.suite.split(",") if s.strip()], args.out, data=args.data,
                       limit=args.limit, mc_file=args.mc_file, circular=args.circular,
                       geneval_metadata=args.geneval_metadata, detector=args.detector, cfg_scale=args.cfg,
-                      top_k=args.top_k, seed=args.seed, device=_device(args.device),
+                      top_k=args.top_k, temperature=args.temperature, seed=args.seed, device=_device(args.device),
                       progress_factory=lambda name: _progress(name))
     table = Table(title=f"evaluation -> {args.out}")
     for col in ("suite", "task", "score", "chance*", "items", "categories"):
@@ -460,14 +461,10 @@ def cmd_gate(args) -> int:
     policy = GatePolicy.from_yaml(args.policy)
     champion = args.champion
     if champion is not None and is_handoff_dir(champion):
-        from unitoken.eval.runner import evaluate, load_eval
+        from unitoken.eval.runner import evaluate_like
 
-        cand, _ = load_eval(args.candidate)
-        st = cand["settings"]
         champion = args.out.parent / (args.out.stem + "-champion-eval")
-        evaluate(args.champion, list(cand["suites"]), champion, data=Path(st["data"]) if st["data"] != "None" else None,
-                 limit=st["limit"], cfg_scale=st["cfg_scale"], top_k=st["top_k"], seed=st["seed"],
-                 device=_device("auto"))
+        evaluate_like(args.candidate, args.champion, champion, device=_device("auto"))
     decision = decide(args.candidate, champion, policy)
     write_decision(decision, args.out)
     table = Table(title=f"gate: {'PASS' if decision['passed'] else 'FAIL'}")

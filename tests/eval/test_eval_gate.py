@@ -149,3 +149,21 @@ def test_gate_policy_errors_name_the_field(tmp_path):
     bad.write_text("margins: {speech: 0.1}\n")
     with pytest.raises(ValueError, match=r"margins\.speech: unknown task"):
         GatePolicy.from_yaml(bad)
+
+
+def test_champion_model_is_evaluated_like_the_candidate(data, tmp_path):
+    """`unitoken gate --champion MODEL_DIR`: the champion gets the candidate's suites, items and
+    sampling settings (temperature included), so the comparison is paired and like for like."""
+    model, tok, _ = build_tiny()
+    save_model(model, tok, tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--suite", "shapes-geneval", "--data", str(data),
+                 "--out", str(tmp_path / "cand"), "--limit", "3", "--device", "cpu", "--temperature", "0.7",
+                 "--cfg", "2.0"]) == 0
+    main(["gate", "--candidate", str(tmp_path / "cand"), "--champion", str(tmp_path / "m"),
+          "--out", str(tmp_path / "d.json")])
+    champ = json.loads((tmp_path / "d-champion-eval" / "report.json").read_text())
+    cand = json.loads((tmp_path / "cand" / "report.json").read_text())
+    assert champ["settings"] == cand["settings"] and champ["settings"]["temperature"] == 0.7
+    assert list(champ["suites"]) == ["shapes-geneval"] and champ["suites"]["shapes-geneval"]["n"] == 3
+    decision = json.loads((tmp_path / "d.json").read_text())
+    assert any(c.get("task") == "generation" for c in decision["checks"])

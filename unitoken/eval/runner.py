@@ -93,6 +93,19 @@ def summarize(results: list[dict], task: str, chance: float) -> dict:
     return {"task": task, "overall": overall, "categories": per_cat, "n": len(results), "chance": round(chance, 4)}
 
 
+def evaluate_like(candidate_eval: str | Path, model_path: str | Path, out: str | Path, data: Path | None = None,
+                  device: str = "cpu") -> dict:
+    """Evaluate ``model_path`` (the champion) exactly as ``candidate_eval`` was evaluated: the same
+    suites, items (limit, data) and sampling settings, so the gate's comparison is paired.
+    ``data`` overrides the recorded data dir (another pod sees the data at another path)."""
+    report, _ = load_eval(candidate_eval)
+    st = report["settings"]
+    if data is None and st.get("data") not in (None, "None"):
+        data = Path(st["data"])
+    return evaluate(model_path, list(report["suites"]), out, data=data, limit=st["limit"], cfg_scale=st["cfg_scale"],
+                    top_k=st["top_k"], temperature=st.get("temperature", 1.0), seed=st["seed"], device=device)
+
+
 def load_eval(path: str | Path) -> tuple[dict, list[dict]]:
     path = Path(path)
     if not (path / "report.json").is_file() or not (path / "items.jsonl").is_file():

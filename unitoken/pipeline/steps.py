@@ -424,7 +424,7 @@ def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str,
     settings, from ``dataset``: paths recorded by another pod do not exist in this one), or
     against the policy's floors alone when ``model_name`` has no champion."""
     from unitoken.eval.gate import GatePolicy, decide, write_decision
-    from unitoken.eval.runner import evaluate as run_eval, load_eval
+    from unitoken.eval.runner import evaluate_like
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,12 +437,9 @@ def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str,
     if champion_version is not None:
         from unitoken.registry import load_uri
 
-        cand, _ = load_eval(candidate_eval)
-        st = cand["settings"]
         champion_eval = out / "champion-eval"
-        run_eval(load_uri(f"models:/{model_name}/{champion_version}"), list(cand["suites"]), champion_eval,
-                 data=data_root(dataset), limit=st["limit"], cfg_scale=st["cfg_scale"],
-                 top_k=st["top_k"], seed=st["seed"], device="cuda" if _cuda() else "cpu")
+        evaluate_like(candidate_eval, load_uri(f"models:/{model_name}/{champion_version}"), champion_eval,
+                      data=data_root(dataset), device="cuda" if _cuda() else "cpu")
     with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
         decision = decide(candidate_eval, champion_eval, policy)
         decision["champion_version"] = champion_version or "none"

@@ -32,6 +32,8 @@ from components.validate_data.component import validate_data
 from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, validate_cluster
 
 JOB = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+# steps that reuse their outputs from the step cache under the checkpoint volume (cache_root)
+CACHED_STEPS = ("train-tokenizer", "pretokenize", "evaluate")
 
 
 def place(task, step: str, cluster: ClusterConfig | None):
@@ -69,11 +71,10 @@ def place(task, step: str, cluster: ClusterConfig | None):
             k8s.add_pod_label(task, "kueue.x-k8s.io/queue-name", cluster.queue)
         if r.priority_class:
             k8s.add_pod_label(task, "kueue.x-k8s.io/priority-class", r.priority_class)
-    if step in TRAIN_STEPS:
-        if cluster.checkpoint_pvc:
-            k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
-        if r.retries:
-            task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
+    if step in TRAIN_STEPS + CACHED_STEPS and cluster.checkpoint_pvc:  # checkpoints and the step cache
+        k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
+    if step in TRAIN_STEPS and r.retries:
+        task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
     return task
 
 

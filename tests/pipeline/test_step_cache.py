@@ -287,3 +287,26 @@ def test_compiled_pipeline_turns_kfp_caching_off_and_takes_use_cache(tmp_path):
     takes = {k for k, v in executed.items() if "use_cache" in v.get("inputs", {}).get("parameters", {})}
     assert takes == {"train-tokenizer", "pretokenize", "train-stage", "train-stage-2", "train-stage-3", "evaluate",
                      "evaluate-2", "evaluate-3"}
+
+
+def test_on_a_cluster_every_cached_step_mounts_the_cache_volume(tmp_path):
+    """With a checkpoint PVC the cache root is on it, and every step that reads or writes the cache
+    mounts it (a path on the pod's own, read-only, filesystem would never be reused)."""
+    import yaml
+
+    from pipelines.unitoken_training import compile_pipeline
+    from unitoken.pipeline.cluster import load_cluster
+
+    cluster = load_cluster(ROOT / "examples" / "cluster.yaml")
+    doc, spec = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", cluster=cluster).read_text())
+    tasks = {k: v for c in [doc["root"], *doc["components"].values()] for k, v in c.get("dag", {}).get("tasks", {}).items()}
+    platform = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    cached = {k: v for k, v in tasks.items() if "use_cache" in v.get("inputs", {}).get("parameters", {})}
+    assert len(cached) == 8
+    for name, task in cached.items():
+        mounts = platform[f"exec-{task['componentRef']['name'][5:]}"].get("pvcMount", [])
+        assert [m["mountPath"] for m in mounts] == [cluster.checkpoint_mount], name
+        params = task["inputs"]["parameters"]
+        root = params["cache_root"]["runtimeValue"]["constant"] if "cache_root" in params else \
+            params["checkpoint_root"]["runtimeValue"]["constant"] + "/cache"
+        assert root == cluster.checkpoint_mount.rstrip("/") + "/cache", name

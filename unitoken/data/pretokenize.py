@@ -33,19 +33,11 @@ from safetensors.torch import save_file
 
 from unitoken.config import config_hash
 from unitoken.data.manifest import data_root, load_records, resolve_image
-from unitoken.files import write_json
+from unitoken.files import sha256_file, write_json
 from unitoken.model.vision import preprocess_continuous, vq_pixels
 
 FORMAT = "unitoken-shards"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tiles_uint8(tiles: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import io
 import json
 from pathlib import Path
 
-from unitoken.data.pretokenize import sha256_file
+from unitoken.files import sha256_file
 
 SUITES = {
     "shapes-vqa": "understanding",

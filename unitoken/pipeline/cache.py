@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from unitoken.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -48,14 +50,6 @@ class CacheCorrupt(ValueError):
     """A cache entry's files do not match its record (never reused)."""
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tree_files(root: Path) -> dict[str, dict]:
     """{relative path: {"sha256", "size"}} of every file under ``root`` (symlinks refused)."""
     root = Path(root)
@@ -64,7 +58,7 @@ def tree_files(root: Path) -> dict[str, dict]:
         if p.is_symlink():
             raise CacheCorrupt(f"{p}: symbolic link in a step output")
         if p.is_file():
-            files[p.relative_to(root).as_posix()] = {"sha256": _sha_file(p), "size": p.stat().st_size}
+            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return files
 
 
@@ -100,9 +94,9 @@ def compute_dataset_digest(dataset: Path) -> str:
         if line.strip():
             imgs = json.loads(line).get("image") or []
             images.update([imgs] if isinstance(imgs, str) else imgs)
-    h = hashlib.sha256(b"clean.jsonl\0" + _sha_file(manifest).encode())
+    h = hashlib.sha256(b"clean.jsonl\0" + sha256_file(manifest).encode())
     for rel in sorted(images):
-        h.update(b"\n" + rel.encode() + b"\0" + _sha_file(root / rel).encode())
+        h.update(b"\n" + rel.encode() + b"\0" + sha256_file(root / rel).encode())
     return h.hexdigest()
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unitoken.files import scoped_env
 from unitoken.pipeline.cache import (CacheCorrupt, StepCache, cache_key, dataset_digest, model_digest,
                                      write_dataset_digest)
 
@@ -139,16 +140,8 @@ def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None
 @contextlib.contextmanager
 def parent_env(parent_run_id: str) -> Iterator[None]:
     """Code that tracks by itself (training, registration) nests under the pipeline run."""
-    saved = os.environ.get("MLFLOW_PARENT_RUN_ID")
-    if parent_run_id:
-        os.environ["MLFLOW_PARENT_RUN_ID"] = parent_run_id
-    try:
+    with scoped_env("MLFLOW_PARENT_RUN_ID", parent_run_id):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_PARENT_RUN_ID", None)
-        else:
-            os.environ["MLFLOW_PARENT_RUN_ID"] = saved
 
 
 # --------------------------------------------------------------------------- data
@@ -298,7 +291,7 @@ def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, ini
 
 def _stage_inputs(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, max_steps: int) -> dict:
     from unitoken.config import config_hash
-    from unitoken.data.pretokenize import sha256_file
+    from unitoken.files import sha256_file
     from unitoken.recipes import get_recipe
 
     return {"stage": stage, "recipe": recipe, "recipe_sha256": config_hash(get_recipe(recipe, overrides)),

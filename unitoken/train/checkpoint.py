@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unitoken.data.pretokenize import sha256_file
+from unitoken.files import sha256_file
 from unitoken.files import write_json
 
 HANDOFF = "handoff.json"

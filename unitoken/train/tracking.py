@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unitoken.files import scoped_env
+
 log = logging.getLogger(__name__)
 
 
@@ -52,15 +54,8 @@ def _transient(err: BaseException) -> bool:
 @contextlib.contextmanager
 def _single_http_attempt():
     """MLflow's own HTTP retries back off for minutes on a 500; our loop is the only retry layer."""
-    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
+    with scoped_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 def drop_pooled_connections() -> None:

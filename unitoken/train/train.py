@@ -33,7 +33,7 @@ from unitoken.data.dataset import (
     pad_samples,
     sample_loss_weights,
 )
-from unitoken.data.pretokenize import sha256_file
+from unitoken.files import sha256_file
 from unitoken.model.io import is_handoff_dir, load_model, save_model
 from unitoken.model.sequence import T2I_TEMPLATE, SequenceBuilder
 from unitoken.train import checkpoint as ckpt

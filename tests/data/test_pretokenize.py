@@ -70,8 +70,7 @@ def test_resume_refuses_other_inputs(prepared, tmp_path):
         pretokenize(d / "v" / "clean.jsonl", model, tmp_path / "p", shard_size=10)
 
 
-@pytest.mark.faults
-@pytest.mark.faults_fast
+@pytest.mark.faults  # make test-faults only (26 s): make test's 15-minute budget
 def test_killed_run_resumes_to_identical_bytes(prepared, tmp_path):
     """SIGKILL mid-run, restart: the result is byte-identical to an uninterrupted run."""
     d, model, _ = prepared

@@ -132,6 +132,7 @@ def test_planted_secrets_appear_nowhere(home, first_run):
         assert needle.decode() not in first_run.stdout + first_run.stderr
 
 
+@pytest.mark.extended  # 21 s; make test-all
 def test_a_failing_pipeline_fails_clearly(home, first_run):
     """A data URI that does not exist: exit 1, the parent run FAILED with the error, nothing registered."""
     before = len(_mlflow(home).search_model_versions("name='unitoken'"))

@@ -3,7 +3,7 @@ checkpoint), then `--resume auto`: the per-step losses and the final weights mus
 uninterrupted run's.
 
 `make test-faults` runs all of them (`-m faults`); `make test` runs only the cases marked
-`faults_fast` (none here; pre-tokenisation and tracking-outage faults live beside their code)."""
+`faults_fast` (none here: the tracking-outage case in tests/train/test_train_units.py)."""
 
 from __future__ import annotations
 

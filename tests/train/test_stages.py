@@ -136,6 +136,7 @@ def test_resume_never_refuses_existing_checkpoints(stack, work):
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
 
 
+@pytest.mark.extended  # 31 s; make test-all
 def test_stage2_from_a_fresh_init_only_for_discrete_models(stack, work, tmp_path):
     """Stage 2 refuses a plain `model init` directory, except in discrete mode: there stage 1 has
     nothing to train (no vision tower or adapter), so the Table 5 ablation starts stage 2 there."""

@@ -245,11 +245,22 @@ def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
     uri = default_tracking_uri()
-    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dest / "model"),
-                                                     tracking_uri=uri))
+
+    def download(what: str, **where) -> Path:
+        # The same bounded retries with backoff as uploads; what arrives is verified afterwards
+        # (verify_version), so a retried, partly written download is never trusted.
+        try:
+            return Path(with_artifact_retries(
+                what, lambda: mlflow.artifacts.download_artifacts(tracking_uri=uri, **where), action="reading it from"))
+        except ArtifactLogError as err:
+            raise RegistryError(f"{err}. Check the tracking server's artifact store (S3) and run the command "
+                                "again; nothing was changed in the registry") from None
+
+    model = download(f"model files of {mv.name} version {mv.version}", artifact_uri=mv.source,
+                     dst_path=str(dest / "model"))
     run_id = mv.tags.get("unitoken.registration_run", mv.run_id)
-    evidence = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="", dst_path=str(dest / "run"),
-                                                        tracking_uri=uri))
+    evidence = download(f"evidence (passport, evaluation, gate) of run {run_id}", run_id=run_id, artifact_path="",
+                        dst_path=str(dest / "run"))
     return {"root": dest, "model": model, "passport": evidence / "passport.json", "eval": evidence / "eval",
             "gate": next((evidence / "gate").glob("*.json"))}
 

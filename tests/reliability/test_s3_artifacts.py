@@ -318,3 +318,24 @@ def test_pipeline_step_fails_naming_the_artifact(env, tmp_path):
         with steps.step_run("validate", "") as run:
             run.artifact(report, "validation")
     assert _read(_client(env).get_run, run.run_id).info.status == "FAILED"
+
+
+def test_model_download_rides_out_a_short_s3_outage_and_fails_clearly_on_a_long_one(env, tmp_path, caplog):
+    """`models:/` loads (every command that takes a registered model) retry their downloads with
+    the same backoff: S3 down for 1.5 s -> the model arrives and verifies; down for good -> one
+    RegistryError naming what was being read, the attempts and the fix."""
+    from unitoken import registry
+
+    info = registry.register(*_candidate(tmp_path), name="fetched")
+    env["relay"].down()
+    threading.Timer(1.5, env["relay"].up).start()
+    with caplog.at_level(logging.WARNING, logger="unitoken.train.tracking"):
+        model_dir = registry.load_uri(info["uri"])
+    assert any("retrying in" in r.getMessage() for r in caplog.records)  # the outage was met, and ridden out
+    assert (model_dir / "model.safetensors").is_file()
+    env["relay"].down()
+    with pytest.raises(registry.RegistryError, match=r"of fetched version 1: reading it from MLflow's artifact store "
+                                                      r"failed after 3 attempt\(s\).*artifact store \(S3\)"):
+        registry.load_uri(info["uri"])
+    env["relay"].up()
+    assert registry.lineage(info["uri"])["ok"]

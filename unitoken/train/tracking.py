@@ -70,8 +70,10 @@ def drop_pooled_connections() -> None:
         pass
 
 
-def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None):
-    """Run ``upload()`` (an MLflow artifact call) up to ``attempts`` times, waiting ``backoff_s``,
+def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None,
+                          action: str = "storing it in"):
+    """Run ``upload()`` (an MLflow artifact call: an upload, or a download with ``action="reading it
+    from"``) up to ``attempts`` times, waiting ``backoff_s``,
     then twice as long after each failure (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and
     ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up to 2+4+8+16 = 30 s of waiting).
 
@@ -92,7 +94,7 @@ def with_artifact_retries(what: str, upload, attempts: int | None = None, backof
             if not _transient(err) or attempt == attempts:
                 kind = "failed" if _transient(err) else "was refused (not retried)"
                 raise ArtifactLogError(
-                    f"{what}: storing it in MLflow's artifact store {kind} after {attempt} attempt(s) over "
+                    f"{what}: {action} MLflow's artifact store {kind} after {attempt} attempt(s) over "
                     f"{time.monotonic() - start:.0f} s (last error {last})") from err
             log.warning("%s: artifact store error (%s); attempt %d/%d, retrying in %.0f s", what, last, attempt,
                         attempts, delay)

@@ -158,12 +158,12 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     try:  # every artifact is stored before anything is registered
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "passport.json").write_text(json.dumps(passport, indent=2))
-            _store(f"passport.json of run {run_id}", lambda: client.log_artifact(run_id, str(Path(tmp) / "passport.json")))
+            with_artifact_retries(f"passport.json of run {run_id}", lambda: client.log_artifact(run_id, str(Path(tmp) / "passport.json")))
         for f, sub in ((eval_dir / "report.json", "eval"), (eval_dir / "items.jsonl", "eval"), (gate_file, "gate")):
-            _store(f"{sub}/{f.name} of run {run_id}", lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
+            with_artifact_retries(f"{sub}/{f.name} of run {run_id}", lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
         lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id,
                                         params={"handoff_sha256": handoff_digest(model_dir)})
-        _store(f"model files of {model_dir} (logged model {lm.model_id})",
+        with_artifact_retries(f"model files of {model_dir} (logged model {lm.model_id})",
                lambda: client.log_model_artifacts(lm.model_id, str(model_dir)))
     except ArtifactLogError as err:
         raise RegistryError(f"{err}. Nothing was registered: no model version and no alias for {name!r}; the "
@@ -185,10 +185,6 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
             "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
-
-
-def _store(what: str, upload) -> None:
-    with_artifact_retries(what, upload)
 
 
 def _abandon(client, run_id: str, lm, err: Exception) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from typing import Any
 from unitoken.files import scoped_env
 from unitoken.pipeline.cache import (CacheCorrupt, StepCache, cache_key, dataset_digest, model_digest,
                                      write_dataset_digest)
+
+log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "unitoken.pipeline_job"
 
@@ -129,10 +132,7 @@ def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None
         try:
             client.set_terminated(run.run_id, "FAILED")
         except Exception as mark:  # noqa: BLE001 - never hide the step's own error behind this one
-            import logging
-
-            logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED (%s) after: %s", run.run_id,
-                                                type(mark).__name__, err)
+            log.warning("could not mark MLflow run %s FAILED (%s) after: %s", run.run_id, type(mark).__name__, err)
         raise
     client.set_terminated(run.run_id, "FINISHED")
 
@@ -191,6 +191,7 @@ def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, s
               parent_run_id: str, batch_size: int = 32, lr: float = 1e-3, cache: StepCache | None = None) -> dict:
     """The recipe's VQ tokenizer: a released VQ-GAN directory (``released``) copied as is, or
     one trained on the validated images when the recipe names none (cached: ``cached_step``)."""
+    from unitoken.config import config_hash
     from unitoken.recipes import get_recipe
 
     out = Path(out)
@@ -204,8 +205,6 @@ def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, s
             shutil.copytree(src, out, dirs_exist_ok=True)
         return {"source": released}
     from unitoken.data.tokenizer_train import train_tokenizer
-
-    from unitoken.config import config_hash
 
     cfg = get_recipe(recipe, overrides).model.vq
     def inputs():
@@ -372,10 +371,7 @@ def cached_step(step: str, run_name: str, inputs, out: Path, cache: StepCache | 
         try:
             cache.restore(step, key, meta, out)
         except (OSError, CacheCorrupt) as err:  # e.g. replaced by a concurrent writer mid-copy
-            import logging
-
-            logging.getLogger(__name__).warning("cache entry %s/%s could not be restored (%s); recomputing", step,
-                                                key[:12], err)
+            log.warning("cache entry %s/%s could not be restored (%s); recomputing", step, key[:12], err)
             meta = None
     if meta is not None:
         source = meta.get("mlflow_run_id") or "unknown"
@@ -407,9 +403,7 @@ def _tag_run(run_id: str | None, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             client.set_tag(run_id, k, v)
     except Exception as err:  # noqa: BLE001 - the stage's output is complete and cached; say what is missing
-        import logging
-
-        logging.getLogger(__name__).warning("could not tag MLflow run %s with %s (%s)", run_id, tags, err)
+        log.warning("could not tag MLflow run %s with %s (%s)", run_id, tags, err)
 
 
 def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
@@ -432,7 +426,7 @@ def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str,
 
         champion_eval = out / "champion-eval"
         evaluate_like(candidate_eval, load_uri(f"models:/{model_name}/{champion_version}"), champion_eval,
-                      data=data_root(dataset), device="cuda" if _cuda() else "cpu")
+                      data=data_root(dataset), device=_device())
     with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
         decision = decide(candidate_eval, champion_eval, policy)
         decision["champion_version"] = champion_version or "none"

@@ -73,9 +73,9 @@ def drop_pooled_connections() -> None:
 def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None,
                           action: str = "storing it in"):
     """Run ``upload()`` (an MLflow artifact call: an upload, or a download with ``action="reading it
-    from"``) up to ``attempts`` times, waiting ``backoff_s``,
-    then twice as long after each failure (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and
-    ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up to 2+4+8+16 = 30 s of waiting).
+    from"``) up to ``attempts`` times, waiting ``backoff_s``, then twice as long after each failure
+    (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up
+    to 2+4+8+16 = 30 s of waiting).
 
     Raises:
         ArtifactLogError: still failing after the last attempt, or a permanent error (4xx, a

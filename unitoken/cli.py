@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", required=True, type=int, help="number of scenes")
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, help="rendering threads (default: CPU count, at most 8); "
+                       "the files do not depend on it")
     val = dsub.add_parser("validate", help="great-expectations validation with quarantine",
                           epilog="example:\n  " + EXAMPLES["data validate"], formatter_class=fmt)
     val.add_argument("manifest", type=Path)
@@ -317,7 +319,7 @@ def cmd_data_synth(args) -> int:
 
     bar, update = _progress("rendering scenes")
     with bar:
-        counts = synthesize(args.out, args.n, size=args.size, seed=args.seed, progress=update)
+        counts = synthesize(args.out, args.n, size=args.size, seed=args.seed, progress=update, workers=args.workers)
     table = Table(title=f"synthetic shapes -> {args.out}")
     table.add_column("what")
     table.add_column("count", justify="right")

@@ -125,3 +125,15 @@ def test_validation_never_loses_or_duplicates_rows(tmp_path_factory, lines):
     assert sorted(clean + [r["raw"] for r in rejected]) == sorted(lines)
     assert sorted(r["line"] for r in rejected) == sorted(set(r["line"] for r in rejected))
     assert all(r["reasons"] for r in rejected)
+
+
+def test_synth_files_do_not_depend_on_the_number_of_rendering_threads(tmp_path):
+    def files(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    one, four = tmp_path / "one", tmp_path / "four"
+    synthesize(one, 30, size=64, seed=4, workers=1)
+    synthesize(four, 30, size=64, seed=4, workers=4)
+    assert files(one) == files(four) and len(files(one)) == 32  # 30 images + manifest + scenes
+    with pytest.raises(ValueError, match="--workers 0"):
+        synthesize(tmp_path / "zero", 3, workers=0)

@@ -86,6 +86,15 @@ def tables(doc: dict) -> str:
                 dg = _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
                 v, g = v + dv, g + dg
             out.append(f"| {n} | {label} | {data} | {v} | {g} |")
+    out += ["", "Table 6 style (dual, stage 2, understanding:generation data ratio, same steps as the 1:1 run):",
+            "", "| und:gen | shapes-VQA | shapes-GenEval |", "|---|---|---|"]
+    for key, ratio in (("abl_dual_both", "1:1"), ("abl_dual_u2g1", "2:1"), ("abl_dual_u1g2", "1:2")):
+        out.append(f"| {ratio} | {fmt(ev.get(key), 'shapes-vqa')} | {fmt(ev.get(key), 'shapes-geneval')} |")
+    runs = doc["runs"]
+    if runs:
+        out += ["", "| training run | steps | seconds | s/step | final loss |", "|---|---|---|---|---|"]
+        for key, r in runs.items():
+            out.append(f"| {key} | {r['steps']} | {r['seconds']} | {r['step_s']} | {r['final_loss']} |")
     return "\n".join(out)
 
 

@@ -400,10 +400,15 @@ def cmd_train(args) -> int:
         raise UsageError(f"train needs {', '.join(missing)} (or --dry-run)")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
+    from unitoken.train.train import Stopped
     from unitoken.train.train import main as train_stage
 
-    result = train_stage(args.stage, recipe, args.data, args.out, args.init, resume=args.resume,
-                         max_steps=args.max_steps, track=not args.no_track)
+    try:
+        result = train_stage(args.stage, recipe, args.data, args.out, args.init, resume=args.resume,
+                             max_steps=args.max_steps, track=not args.no_track)
+    except Stopped as stop:
+        err_console.print(f"[yellow]stopped:[/yellow] {stop}", highlight=False, soft_wrap=True)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     table = Table(title=f"stage {result.stage} ({recipe.name})")
     for col in ("steps", "first loss", "final loss", "seconds", "hand-off", "MLflow run"):
         table.add_column(col)

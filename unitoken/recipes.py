@@ -93,8 +93,12 @@ def unitoken_7b_fast() -> Recipe:
 
 def small() -> Recipe:
     base = unitoken_7b()
+    # 128-px images as an 8 x 8 code grid (16-px codes: a small object spans ~2 x 2 codes): an
+    # image is 74 tokens instead of 272 with 8-px codes, so generation has a quarter of the
+    # tokens to learn and every sample is ~2.3x shorter (runs 1-3 used 8-px codes; see
+    # docs/results.md). `--set model.vq.channel_multiplier=[1,2,2,4]` gives the 16 x 16 grid.
     vq = VQConfig(num_codes=1024, embed_dim=64, latent_channels=64, base_channels=64,
-                  channel_multiplier=(1, 2, 2, 4), resolution=128, num_res_blocks=1)
+                  channel_multiplier=(1, 1, 2, 2, 4), resolution=128, num_res_blocks=1)
     max_grid = 16
     model = ModelConfig(
         llm=LLMConfig(hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12,
@@ -112,13 +116,14 @@ def small() -> Recipe:
     tune = OptimConfig(lr=3e-4, vision_lr=1e-4, warmup_fraction=0.05, min_lr_ratio=0.1, grad_clip=1.0)
     train = dataclasses.replace(
         base.train,
-        stage1=dataclasses.replace(base.train.stage1, optim=align, max_steps=150, batch_size=96, sources=SYNTH_STAGE1),
-        stage2=dataclasses.replace(base.train.stage2, optim=joint, max_steps=1200, batch_size=96, sources=SYNTH_STAGE2),
-        stage3=dataclasses.replace(base.train.stage3, optim=tune, max_steps=400, batch_size=96, sources=SYNTH_STAGE3),
+        # 256 samples (~40k tokens) per step: a 113M model leaves an H200 mostly idle at 96.
+        stage1=dataclasses.replace(base.train.stage1, optim=align, max_steps=150, batch_size=256, sources=SYNTH_STAGE1),
+        stage2=dataclasses.replace(base.train.stage2, optim=joint, max_steps=1200, batch_size=256, sources=SYNTH_STAGE2),
+        stage3=dataclasses.replace(base.train.stage3, optim=tune, max_steps=400, batch_size=256, sources=SYNTH_STAGE3),
         # Each sample weighs the same: with mean-over-tokens a 3-token answer counts 1/90 of a
         # 270-token image block and understanding learns far slower than generation.
         zero_stage=2, save_every=500, dropout=0.0, activation_checkpointing=False, loss_reduction="sample",
-        # Samples are ~300-450 tokens: padding them costs ~20 % pad tokens, while packing them
+        # Samples are ~100-250 tokens: padding them costs ~20 % pad tokens, while packing them
         # into 4096-token rows through stock SDPA makes every attention a 4096 x 4096 masked one
         # (10x the work). On a GPU, `--set train.packing=true --set train.attention=varlen` packs
         # without that cost (docs/performance.md: 6x the reference batching on this shape); the

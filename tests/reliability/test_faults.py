@@ -27,7 +27,7 @@ rng = random.Random(20261128)
 # checkpoint's temporary directory appears (a write cut off midway)
 CASES = [(s, f"step:{rng.randint(1, STEPS - 1)}") for s in (1, 2, 3) for _ in range(2)] + [(s, "ckpt") for s in (1, 2, 3)]
 # `make test` keeps its fault cases elsewhere (stage 2 killed mid-run: tests/train/test_stages.py; an
-# interrupted checkpoint: tests/train/test_train_units.py); this file is `make test-faults` only.
+# interrupted checkpoint: tests/train/test_train_units.py); of this file it runs only the SIGTERM case.
 FAST: set = set()
 
 
@@ -109,6 +109,35 @@ def test_sigkill_anywhere_then_resume_is_exact(chain, stage, when):
     assert outcome == "killed", "the stage finished before the kill landed"
     _cli(chain.work, *_args(stage, init), "--out", name, "--resume", "auto")
     assert not list((out / "checkpoints").glob(".tmp-*")), "debris of the cut-off checkpoint was not cleaned"
+    assert _losses(out / "metrics.jsonl") == _losses(ref / "metrics.jsonl")
+    want = load_file(str(ref / "handoff" / "model.safetensors"))
+    got = load_file(str(out / "handoff" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.faults
+@pytest.mark.faults_fast
+def test_sigterm_checkpoints_at_the_step_and_resume_is_exact(chain):
+    """SIGTERM (a preempted node, a suspended TrainJob) stops after the current step with a
+    checkpoint there, exit 143; no periodic checkpoint could have been used (save_every 1000)."""
+    ref = chain.ref(1)
+    args = [*_args(1, "m"), "--out", "term", "--set", "train.save_every=1000"]
+    out = chain.work / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "unitoken.cli", *args], cwd=chain.work, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "--resume auto" in err
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 4 <= steps < STEPS and not (out / "handoff").exists()
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == [f"step_{steps:06d}"], saved
+    _cli(chain.work, *args, "--resume", "auto")
     assert _losses(out / "metrics.jsonl") == _losses(ref / "metrics.jsonl")
     want = load_file(str(ref / "handoff" / "model.safetensors"))
     got = load_file(str(out / "handoff" / "model.safetensors"))

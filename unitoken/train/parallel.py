@@ -160,6 +160,15 @@ def check_frozen(engine, frozen: dict[str, torch.Tensor]) -> list[str]:
             and not torch.equal(params[n].detach().cpu(), v.to(params[n].dtype))]
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any (one all-reduce when distributed)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -18,7 +18,10 @@ import logging
 import math
 import os
 import random
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,37 @@ from unitoken.train.tracking import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
 H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, spec sheet
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a preempted node, a suspended TrainJob, a deadline): the loop finished its
+    step, saved a checkpoint there and stopped; ``--resume auto`` goes on from it."""
+
+    def __init__(self, stage_n: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stage {stage_n} stopped by SIGTERM after step {step}; checkpoint {checkpoint}; "
+                         "run the same command with --resume auto to go on")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextmanager
+def _sigterm_flag() -> Iterator[dict]:
+    """{"set": bool}, True once SIGTERM arrived (the default handler would lose the steps since
+    the last periodic checkpoint). Outside the main thread nothing is installed."""
+    flag = {"set": False}
+
+    def handler(signum, frame) -> None:
+        flag["set"] = True
+        log.warning("SIGTERM: stopping after this step with a checkpoint")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass
@@ -266,9 +300,14 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     # --- fit
     flops_per_token = model_flops_per_token(model)
     start_time = time.perf_counter()
-    losses = fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device,
-                 tracker, metrics_path, ckpt_root, flops_per_token, run_getter=lambda: tracker.run_id,
-                 show_progress=show_progress and rank == 0)
+    try:
+        losses = fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device,
+                     tracker, metrics_path, ckpt_root, flops_per_token, run_getter=lambda: tracker.run_id,
+                     show_progress=show_progress and rank == 0)
+    except Stopped as stop:
+        tracker.set_tags({"unitoken.stopped_at_step": str(stop.step)})
+        tracker.close("KILLED")  # reopened by the resumed run
+        raise
     seconds = time.perf_counter() - start_time
 
     # --- hand-off: frozen weights are re-read from the file the stage started from (exact fp32
@@ -319,8 +358,23 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
     bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                    TimeRemainingColumn(), disable=not show_progress, transient=False)
+
+    def save(step_done: int) -> Path:
+        client = {"step": step_done, "draws": draws, "sampler": sampler.state_dict(),
+                  "torch_rng": torch.get_rng_state(),
+                  "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                  "mlflow_run_id": run_getter()}
+        tmp = ckpt.prepare_tmp(ckpt_root, step_done) if rank == 0 else ckpt.tmp_dir(ckpt_root, step_done)
+        parallel.barrier()
+        parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes its part
+        parallel.barrier()
+        if rank == 0:
+            ckpt.publish(ckpt_root, step_done, {"step": step_done, "stage": stage_n, "recipe": recipe.name})
+        parallel.barrier()
+        return ckpt.step_dir(ckpt_root, step_done)
+
     engine.train()
-    with bar, open(metrics_path, "a") as metrics_file:
+    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm:
         task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
         for step in range(start_step, stage.max_steps):
             t0 = time.perf_counter()
@@ -357,18 +411,12 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
                     drawn = {f"data_drawn_{k}": v for k, v in sampler.drawn.items()}
                     tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | drawn, step=step + 1)
             bar.update(task, completed=step + 1, loss=row["loss"], tps=row["tokens_per_s"])
-            if (step + 1) % train.save_every == 0 and step + 1 < stage.max_steps:
-                client = {"step": step + 1, "draws": draws, "sampler": sampler.state_dict(),
-                          "torch_rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                          "mlflow_run_id": run_getter()}
-                tmp = ckpt.prepare_tmp(ckpt_root, step + 1) if rank == 0 else ckpt.tmp_dir(ckpt_root, step + 1)
-                parallel.barrier()
-                parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes its part
-                parallel.barrier()
-                if rank == 0:
-                    ckpt.publish(ckpt_root, step + 1, {"step": step + 1, "stage": stage_n, "recipe": recipe.name})
-                parallel.barrier()
+            last = step + 1 == stage.max_steps
+            stop = parallel.any_rank(sigterm["set"]) and not last  # the last step writes the hand-off anyway
+            if stop:
+                raise Stopped(stage_n, step + 1, save(step + 1))
+            if (step + 1) % train.save_every == 0 and not last:
+                save(step + 1)
     return losses
 
 

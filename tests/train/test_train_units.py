@@ -210,3 +210,39 @@ def test_replay_sends_every_section_of_a_pending_file(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id])
     assert sorted(r.data.metrics["loss"] for r in runs) == [1.25, 1.5]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_prefetch_yields_the_inline_batches_with_their_stream_positions():
+    """The prefetch thread calls the same draw function in the same order as inline drawing."""
+    from unitoken.train.train import Drawn, Prefetch
+
+    def drawer():
+        n = {"i": 0}
+
+        def make():
+            n["i"] += 1
+            return Drawn([n["i"]], {"x": torch.tensor([n["i"]])}, n["i"] * 4, {"pos": n["i"]})
+        return make
+
+    inline = Prefetch(drawer(), 5, depth=0)
+    ahead = Prefetch(drawer(), 5, depth=2)
+    try:
+        for _ in range(5):
+            a, b = inline.get(), ahead.get()
+            assert (a.samples, a.draws, a.sampler_state) == (b.samples, b.draws, b.sampler_state)
+            assert torch.equal(a.batch["x"], b.batch["x"])
+    finally:
+        ahead.close()
+    assert not ahead.thread.is_alive()
+
+
+def test_prefetch_raises_the_draw_error_in_the_training_thread():
+    from unitoken.train.train import Prefetch
+
+    def make():
+        raise ValueError("sample 7 has 900 tokens > max_seq_len 512")
+
+    pre = Prefetch(make, 3, depth=2)
+    with pytest.raises(ValueError, match="sample 7"):
+        pre.get()
+    pre.close()

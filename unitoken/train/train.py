@@ -17,10 +17,12 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,10 +161,68 @@ def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: in
     seq_lens = batch.pop("seq_lens", None) or [[len(s)] for s in samples]  # padding: one sample per row
     if loss_reduction == "sample":
         batch["loss_weights"] = sample_loss_weights(batch["labels"], seq_lens)
+    return to_device(batch, device)
+
+
+def to_device(batch: dict, device) -> dict:
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     if out.get("images") is not None:
         out["images"].pixel_values = out["images"].pixel_values.to(device)
     return out
+
+
+@dataclass
+class Drawn:
+    """One collated batch (on the CPU) and the data stream's position right after it."""
+    samples: list[Sample]
+    batch: dict
+    draws: int
+    sampler_state: dict
+
+
+class Prefetch:
+    """Draws and collates the next batches on a thread while the accelerator runs the current one
+    (in run 4 of the small study the CPU side took ~0.25 s of a 0.76 s step). Only this thread
+    touches the sampler, in the same order as drawing inline would, so the batches are identical;
+    each carries the sampler state right after it, which is what a checkpoint after it records."""
+
+    def __init__(self, make: Callable[[], Drawn], count: int, depth: int = 2) -> None:
+        self.make = make if depth == 0 else None  # depth 0: draw inline, in get()
+        self.items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(make, count), name="unitoken-prefetch", daemon=True)
+        if depth:
+            self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[], Drawn], count: int) -> None:
+        try:
+            for _ in range(count):
+                if not self._put(make()):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, raised there
+            self._put(err)
+
+    def get(self) -> Drawn:
+        if self.make:
+            return self.make()
+        item = self.items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
 
 # Activation bytes one decoder layer keeps per token and hidden unit in bf16 without
@@ -359,8 +419,19 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                    TimeRemainingColumn(), disable=not show_progress, transient=False)
 
+    # the data stream's position after the last batch trained on (the prefetcher is ahead of it)
+    consumed = {"draws": draws, "sampler": sampler.state_dict()}
+
+    cursor = {"draws": draws}  # the prefetch thread's position
+
+    def make() -> Drawn:
+        samples, cursor["draws"] = draw_batch(dataset, sampler, stage.batch_size, rank, world, cursor["draws"],
+                                              train.seed, train.cfg_dropout)
+        batch = collate(samples, stage, train.packing, pad, "cpu", train.loss_reduction, train.attention)
+        return Drawn(samples, batch, cursor["draws"], sampler.state_dict())
+
     def save(step_done: int) -> Path:
-        client = {"step": step_done, "draws": draws, "sampler": sampler.state_dict(),
+        client = {"step": step_done, "draws": consumed["draws"], "sampler": consumed["sampler"],
                   "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                   "mlflow_run_id": run_getter()}
@@ -374,13 +445,14 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
         return ckpt.step_dir(ckpt_root, step_done)
 
     engine.train()
-    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm:
+    prefetch = Prefetch(make, stage.max_steps - start_step, depth=train.prefetch)
+    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch):
         task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
         for step in range(start_step, stage.max_steps):
             t0 = time.perf_counter()
-            samples, draws = draw_batch(dataset, sampler, stage.batch_size, rank, world, draws, train.seed,
-                                        train.cfg_dropout)
-            batch = collate(samples, stage, train.packing, pad, device, train.loss_reduction, train.attention)
+            drawn = prefetch.get()
+            samples, batch = drawn.samples, to_device(drawn.batch, device)
+            consumed = {"draws": drawn.draws, "sampler": drawn.sampler_state}
             out = engine(**batch)
             loss = out["loss"]
             if not torch.isfinite(loss):
@@ -408,8 +480,8 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 if (step + 1) % train.log_every == 0 or step + 1 == stage.max_steps:
-                    drawn = {f"data_drawn_{k}": v for k, v in sampler.drawn.items()}
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | drawn, step=step + 1)
+                    mix = {f"data_drawn_{k}": v for k, v in drawn.sampler_state["drawn"].items()}
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | mix, step=step + 1)
             bar.update(task, completed=step + 1, loss=row["loss"], tps=row["tokens_per_s"])
             last = step + 1 == stage.max_steps
             stop = parallel.any_rank(sigterm["set"]) and not last  # the last step writes the hand-off anyway
@@ -421,6 +493,14 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _closing(prefetch: Prefetch) -> Iterator[Prefetch]:
+    try:
+        yield prefetch
+    finally:
+        prefetch.close()
 
 
 def _grad_norm(model: torch.nn.Module) -> float:

@@ -163,6 +163,15 @@ def sweep_sampling(model: Path, data: Path, out: Path, limit: int, device: str) 
     return {"val_scores": scores, "chosen": {"cfg": float(cfg), "top_k": int(top_k), "temperature": float(temp)}}
 
 
+def choose_vq(reports: dict[str, dict], min_recognition: float) -> str:
+    """"vq" (the recipe's VQ-GAN) unless it recognises fewer than ``min_recognition`` of the test
+    objects after reconstruction and "vq_fallback" recognises more."""
+    rate = {name: r.get("recognition_rate") or 0.0 for name, r in reports.items()}
+    if "vq_fallback" in rate and rate["vq"] < min_recognition and rate["vq_fallback"] > rate["vq"]:
+        return "vq_fallback"
+    return "vq"
+
+
 def setup(args, w: Path, out: Path, res: Results) -> None:
     """Data, VQ-GAN, model inits and pre-tokenised data (CPU + GPU 0)."""
     R, dev = args.recipe, args.device
@@ -191,10 +200,7 @@ def setup(args, w: Path, out: Path, res: Results) -> None:
     reports = {name: json.loads((w / name / "report.json").read_text()) for name in variants}
     res.set("vq_candidates", value={n: {k: r.get(k) for k in keys} | {"sets": args.vq_fallback if n != "vq" else []}
                                     for n, r in reports.items()})
-    chosen = "vq"
-    if "vq_fallback" in reports and (reports["vq"]["recognition_rate"] or 0) < args.min_recognition and \
-            (reports["vq_fallback"]["recognition_rate"] or 0) > (reports["vq"]["recognition_rate"] or 0):
-        chosen = "vq_fallback"
+    chosen = choose_vq(reports, args.min_recognition)
     model_sets = args.vq_fallback if chosen == "vq_fallback" else []
     (w / "model_sets.json").write_text(json.dumps(model_sets))
     res.set("vq", value={k: reports[chosen].get(k) for k in keys} | {"chosen": chosen, "model_sets": model_sets})

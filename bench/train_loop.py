@@ -50,11 +50,14 @@ def main() -> None:
     for depth in (0, 2):
         run = w / f"prefetch{depth}"
         sh(*U, "train", "--stage", 2, "--recipe", args.recipe, "--data", w / "p", "--out", run,
-           "--init", w / "s1" / "handoff", "--max-steps", args.steps, "--no-track", "--resume", "never", *sets, "--set", f"train.prefetch={depth}")
+           "--init", w / "s1" / "handoff", "--max-steps", args.steps, "--no-track", "--resume", "never",
+           *sets, "--set", f"train.prefetch={depth}")
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         tail = metrics[len(metrics) // 2:]
-        rows.append({"prefetch": depth, "steps": len(metrics), "median_step_s": statistics.median(r["step_s"] for r in tail),
-                     "tokens_per_step": statistics.median(r["tokens"] for r in tail), "final_loss": metrics[-1]["loss"]})
+        rows.append({"prefetch": depth, "steps": len(metrics),
+                     "median_step_s": statistics.median(r["step_s"] for r in tail),
+                     "tokens_per_step": statistics.median(r["tokens"] for r in tail),
+                     "final_loss": metrics[-1]["loss"]})
     base = rows[0]["median_step_s"]
     print("| prefetch | steps | median step s | tokens/step | speed-up | final loss |")
     print("|---|---|---|---|---|---|")

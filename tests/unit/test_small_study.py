@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("small_study", Path(__file__).resolve().parents[2] / "bench" / "small_study.py")
+_path = Path(__file__).resolve().parents[2] / "bench" / "small_study.py"
+_spec = importlib.util.spec_from_file_location("small_study", _path)
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 

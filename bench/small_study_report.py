@@ -1,6 +1,7 @@
 """Tables, the per-stage plot and a grid of generated images of a `bench/small_study.sh` run.
 
     python bench/small_study_report.py DIR      # DIR: results*.json and raw_main.tar.gz from the run
+    python bench/small_study_report.py --compare OUT.png RUN_DIR RUN_DIR ...   # runs side by side
 
 Writes ``scores_per_stage.png`` and ``stage3_generations.png`` into DIR and prints the Markdown
 tables that docs/results.md quotes (every number comes from the JSON files).
@@ -152,7 +153,47 @@ def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
     plt.close(fig)
 
 
+def compare(folders: list[Path], png: Path) -> None:
+    """Scores after each stage, runs side by side (the legend gives each run's stage steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    styles = {"shapes-vqa": ("#4C72B0", 0.95), "shapes-geneval": ("#DD8452", 0.80)}
+    stages = ("stage1", "stage2", "stage3")
+    for k, folder in enumerate(folders):
+        doc = load(folder)
+        steps = "+".join(str(doc["runs"][r]["steps"]) for r in ("s1", "s2", "s3") if r in doc["runs"])
+        shift = (k - (len(folders) - 1) / 2) * 0.08
+        for suite, (color, target) in styles.items():
+            pts = [(i + shift, doc["evals"][key][suite]) for i, key in enumerate(stages)
+                   if score(doc["evals"].get(key), suite) is not None]
+            if not pts:
+                continue
+            ax.errorbar([x for x, _ in pts], [e["overall"] for _, e in pts],
+                        yerr=[[e["overall"] - e["ci95"][0] for _, e in pts],
+                              [e["ci95"][1] - e["overall"] for _, e in pts]],
+                        marker="os^"[k % 3], capsize=3, color=color, alpha=0.4 + 0.6 * (k + 1) / len(folders),
+                        label=f"{folder.name} ({steps} steps) {suite}")
+            if k == 0:
+                ax.axhline(target, color=color, ls="--", lw=1)
+    ax.set_xticks(range(3), ["after stage 1", "after stage 2", "after stage 3"])
+    ax.set_ylabel("score (95 % CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title("small recipe, run by run; dashed: the issue's targets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="center left")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main() -> None:
+    if sys.argv[1] == "--compare":  # --compare OUT.png DIR DIR ...
+        compare([Path(p) for p in sys.argv[3:]], Path(sys.argv[2]))
+        return
     folder = Path(sys.argv[1])
     doc = load(folder)
     plot(doc, folder / "scores_per_stage.png")

@@ -37,3 +37,40 @@ def test_bootstrap_interval_and_paired_difference():
     assert study.bootstrap_ci([]) == [0.0, 0.0]
     d = study.paired_diff({"a": 0.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 0.0})
     assert d["n"] == 3 and d["diff"] == pytest.approx(2 / 3, abs=1e-4) and d["ci95"][0] >= 0
+
+
+@pytest.mark.extended
+def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resumes(tmp_path, monkeypatch):
+    """The study SIGTERMs `unitoken train` before a device call's deadline; the run checkpoints at
+    its step (exit 143), and the same command in the next call goes on from that step."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    w = tmp_path / "w"
+    (w / "logs").mkdir(parents=True)
+    for args in (["data", "synth", "--out", w / "d", "--n", 20],
+                 ["model", "init", "--recipe", "tiny", "--out", w / "m"],
+                 ["data", "pretokenize", w / "d" / "manifest.jsonl", "--model", w / "m", "--out", w / "p"]):
+        subprocess.run([sys.executable, "-m", "unitoken.cli", *map(str, args)], check=True, capture_output=True)
+    monkeypatch.setattr(study, "STOP_GRACE_S", 5.0)
+
+    def call(seconds):
+        study.T0 = time.time()
+        args = SimpleNamespace(out=str(tmp_path / "out"), work=str(w), recipe="tiny", deadline=seconds,
+                               save_every=10_000, fast=False, shared=False, later=0.0)
+        (tmp_path / "out").mkdir(exist_ok=True)
+        with pytest.raises(study.OutOfTime):
+            study.Chain(args, "main").train(1, "s1", w / "m", 100_000, [])
+        return [json.loads(x)["step"] for x in (w / "s1" / "metrics.jsonl").read_text().splitlines()]
+
+    first = call(60)
+    log = (w / "logs" / "s1.log").read_text()
+    assert "stopped by SIGTERM" in log and len(first) > 0
+    assert [p.name for p in (w / "s1" / "checkpoints").iterdir()] == [f"step_{first[-1]:06d}"]
+    second = call(60)
+    assert second[: len(first)] == first and second == list(range(1, len(second) + 1)) and len(second) > len(first)
+    spent = json.loads((tmp_path / "out" / "results_main.json").read_text())["partial_seconds"]["s1"]
+    assert spent > 60  # both calls' training time, kept across calls

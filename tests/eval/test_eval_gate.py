@@ -167,3 +167,23 @@ def test_champion_model_is_evaluated_like_the_candidate(data, tmp_path):
     assert list(champ["suites"]) == ["shapes-geneval"] and champ["suites"]["shapes-geneval"]["n"] == 3
     decision = json.loads((tmp_path / "d.json").read_text())
     assert any(c.get("task") == "generation" for c in decision["checks"])
+
+
+def test_generation_items_list_what_the_detector_found(tmp_path, monkeypatch):
+    """A failed prompt says what was drawn instead (here: the ground truth of another prompt)."""
+    import torch
+
+    import unitoken.model.generation as mg
+    from unitoken.data.shapes import ShapeObject, render
+    from unitoken.eval.generation import run_generation
+
+    drawn = render([ShapeObject("square", "blue", "large", 1, 0)], 64)
+    monkeypatch.setattr(mg, "generate_image_codes_batch",
+                        lambda model, builder, prompts, **kw: torch.zeros(len(prompts)))
+    monkeypatch.setattr(mg, "decode_images", lambda model, codes: [drawn] * len(codes))
+    items = [{"id": k, "category": "single_object", "prompt": f"a {shape}", "include": [{"class": shape, "count": 1}]}
+             for k, shape in (("a", "circle"), ("b", "square"))]
+    fail, ok = run_generation(None, None, items, tmp_path, ShapesDetector())
+    assert (fail["score"], ok["score"]) == (0.0, 1.0)
+    assert fail["reason"] == "expected one circle, found 0"
+    assert fail["detected"] == ok["detected"] == ["large blue square (row 1, col 0)"]

@@ -157,9 +157,12 @@ def run_generation(model, builder, items: list[dict], out_dir: Path, detector: D
         for item, image in zip(chunk, decode_images(model, codes)):
             path = images_dir / f"{item['id']}.png"
             image.save(path)
-            ok, reason = check(item["include"], detector(image))
+            found = detector(image)
+            ok, reason = check(item["include"], found)
             results.append({"id": item["id"], "category": item["category"], "prompt": item["prompt"],
-                            "image": str(path.relative_to(out_dir)), "score": float(ok), "reason": reason})
+                            "image": str(path.relative_to(out_dir)), "score": float(ok), "reason": reason,
+                            # what the detector did see, so a failure can be read without the image
+                            "detected": [f"{d.size} {d.color} {d.shape} (row {d.row}, col {d.col})" for d in found]})
         if progress:
             progress(len(results), len(items))
     return results

@@ -27,7 +27,8 @@ rng = random.Random(20261128)
 # checkpoint's temporary directory appears (a write cut off midway)
 CASES = [(s, f"step:{rng.randint(1, STEPS - 1)}") for s in (1, 2, 3) for _ in range(2)] + [(s, "ckpt") for s in (1, 2, 3)]
 # `make test` keeps its fault cases elsewhere (stage 2 killed mid-run: tests/train/test_stages.py; an
-# interrupted checkpoint: tests/train/test_train_units.py); of this file it runs only the SIGTERM case.
+# interrupted checkpoint: tests/train/test_train_units.py); this file is `make test-faults` only (the
+# SIGTERM case took 57 s of make test's 15-minute budget).
 FAST: set = set()
 
 
@@ -116,7 +117,6 @@ def test_sigkill_anywhere_then_resume_is_exact(chain, stage, when):
 
 
 @pytest.mark.faults
-@pytest.mark.faults_fast
 def test_sigterm_checkpoints_at_the_step_and_resume_is_exact(chain):
     """SIGTERM (a preempted node, a suspended TrainJob) stops after the current step with a
     checkpoint there, exit 143; no periodic checkpoint could have been used (save_every 1000)."""

@@ -53,11 +53,18 @@ def plot(doc: dict, png: Path) -> None:
         ax.plot([2], [tuned["shapes-geneval"]["overall"]], marker="*", ms=11, color="#C44E52", ls="",
                 label="stage 3 GenEval, sampling chosen on val")
     ax.set_xticks(range(len(stages)), [s for _, s in stages])
+    _finish(fig, ax, png, "small recipe: scores after each stage", "score (95 % CI); dotted: chance",
+            fontsize=7, loc="upper left")
+
+
+def _finish(fig, ax, png: Path, title: str, ylabel: str, **legend) -> None:
+    import matplotlib.pyplot as plt
+
     ax.set_ylim(0, 1)
-    ax.set_ylabel("score (95 % CI); dotted: chance")
-    ax.set_title("small recipe: scores after each stage")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -180,14 +187,8 @@ def compare(folders: list[Path], png: Path) -> None:
             if k == 0:
                 ax.axhline(target, color=color, ls="--", lw=1)
     ax.set_xticks(range(3), ["after stage 1", "after stage 2", "after stage 3"])
-    ax.set_ylabel("score (95 % CI)")
-    ax.set_ylim(0, 1)
-    ax.set_title("small recipe, run by run; dashed: the issue's targets")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="center left")
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    _finish(fig, ax, png, "small recipe, run by run; dashed: the issue's targets", "score (95 % CI)",
+            fontsize=6.5, loc="center left")
 
 
 def main() -> None:

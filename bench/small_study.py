@@ -282,7 +282,7 @@ FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 # Both chains on one GPU (--gpus 0): run 4's two trainings took ~70 GiB each (16 x 16 grid, 256
 # samples in one packed row) and the second OOMed. Recomputed activations (a third more compute)
 # and the chunked head + cross-entropy keep each near the weights and optimizer state.
-SHARED_SETS = ["train.activation_checkpointing=true", "train.checkpoint_layers=-1", "train.ce_chunk=8192"]
+SHARED_SETS = ["train.activation_checkpointing=true", "train.ce_chunk=8192"]  # every layer recomputed
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
 
 

@@ -157,14 +157,17 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     lm = None
     try:  # every artifact is stored before anything is registered
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "passport.json").write_text(json.dumps(passport, indent=2))
-            with_artifact_retries(f"passport.json of run {run_id}", lambda: client.log_artifact(run_id, str(Path(tmp) / "passport.json")))
+            passport_file = Path(tmp) / "passport.json"
+            passport_file.write_text(json.dumps(passport, indent=2))
+            with_artifact_retries(f"passport.json of run {run_id}",
+                                  lambda: client.log_artifact(run_id, str(passport_file)))
         for f, sub in ((eval_dir / "report.json", "eval"), (eval_dir / "items.jsonl", "eval"), (gate_file, "gate")):
-            with_artifact_retries(f"{sub}/{f.name} of run {run_id}", lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
+            with_artifact_retries(f"{sub}/{f.name} of run {run_id}",
+                                  lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
         lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id,
                                         params={"handoff_sha256": handoff_digest(model_dir)})
         with_artifact_retries(f"model files of {model_dir} (logged model {lm.model_id})",
-               lambda: client.log_model_artifacts(lm.model_id, str(model_dir)))
+                              lambda: client.log_model_artifacts(lm.model_id, str(model_dir)))
     except ArtifactLogError as err:
         raise RegistryError(f"{err}. Nothing was registered: no model version and no alias for {name!r}; the "
                             f"registration run {run_id} is marked FAILED{_abandon(client, run_id, lm, err)}. Check the "

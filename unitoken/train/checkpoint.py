@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unitoken.files import sha256_file
-from unitoken.files import write_json
+from unitoken.files import sha256_file, write_json
 
 HANDOFF = "handoff.json"
 STEP_PREFIX = "step_"

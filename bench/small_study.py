@@ -280,9 +280,12 @@ FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 
 # Both chains on one GPU (--gpus 0): run 4's two trainings took ~70 GiB each (16 x 16 grid, 256
-# samples in one packed row) and the second OOMed. Recomputed activations (a third more compute)
-# and the chunked head + cross-entropy keep each near the weights and optimizer state.
-SHARED_SETS = ["train.activation_checkpointing=true", "train.ce_chunk=8192"]  # every layer recomputed
+# samples, ~99k tokens in one packed row) and the second OOMed. The 8 x 8 grid's ~40k tokens need
+# ~2.5x less; the chunked head + cross-entropy and expandable allocator segments trim the rest.
+# Should a shared training still run out of memory, it and every later one recompute activations
+# (RECOMPUTE_SETS, a third more compute) and it resumes from its last checkpoint.
+SHARED_SETS = ["train.ce_chunk=8192"]
+RECOMPUTE_SETS = ["train.activation_checkpointing=true"]  # every layer recomputed
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
 
 
@@ -332,12 +335,16 @@ class Chain:
                    "--init", init, "--max-steps", steps, "--no-track", "--resume", "auto",
                    "--set", f"train.save_every={self.args.save_every}"]
         fast = self.args.fast and not (self.w / "fast_failed").exists()
-        for x in self.model_sets + sets + (FAST_SETS if fast else []) + (SHARED_SETS if self.args.shared else []):
+        recompute = self.args.shared and (self.w / "recompute").exists()
+        extra = (FAST_SETS if fast else []) + (SHARED_SETS if self.args.shared else []) + \
+            (RECOMPUTE_SETS if recompute else [])
+        for x in self.model_sets + sets + extra:
             cmd += ["--set", x]
-        log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}, "
-            f"{self.left():.0f}s left in this call)")
+        log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}"
+            f"{', recomputed activations' if recompute else ''}, {self.left():.0f}s left in this call)")
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True") if self.args.shared else None
         with open(self.w / "logs" / f"{key}.log", "a") as fh:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env)
             try:
                 rc = proc.wait(timeout=max(1.0, self.left() - STOP_GRACE_S))
             except subprocess.TimeoutExpired:
@@ -354,6 +361,13 @@ class Chain:
                 self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
                 raise OutOfTime(name) from None
         log_text = (self.w / "logs" / f"{key}.log").read_text(errors="replace") if rc else ""
+        if rc and "OutOfMemoryError" in log_text and self.args.shared and not recompute:
+            log(f"{self.which}: {name} ran out of GPU memory beside the other chain; it and every later "
+                f"training recompute activations ({RECOMPUTE_SETS}) and it resumes from its last checkpoint")
+            (self.w / "recompute").write_text(f"{name}\n")
+            spent = self.res.doc.get("partial_seconds", {}).get(key, 0.0)  # the failed attempt's time counts
+            self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
+            return self.train(stage, name, init, steps, sets)
         if rc and fast and "OutOfMemoryError" not in log_text:  # run 3: an OOM was blamed on varlen
             # The packed varlen path failed here: say so, and redo the run with the recipe's padding.
             log(f"{self.which}: {name} failed with {FAST_SETS} (exit {rc}); retrying without them")
@@ -364,8 +378,7 @@ class Chain:
             raise RuntimeError(f"{name}: unitoken train exited {rc}; see {self.w / 'logs' / (key + '.log')}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         prev = self.res.doc.get("partial_seconds", {}).get(key, 0.0)  # earlier calls' share of this run
-        info = {"stage": stage, "steps": steps,
-                "sets": sets + (FAST_SETS if fast else []) + (SHARED_SETS if self.args.shared else []),
+        info = {"stage": stage, "steps": steps, "sets": sets + extra,
                 "seconds": round(prev + time.time() - t, 1),
                 "step_s": round(steady_step_s(run_dir / "metrics.jsonl"), 4),
                 "final_loss": rows[-1]["loss"] if rows else None}

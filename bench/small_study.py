@@ -1,6 +1,7 @@
 """The `small` recipe through stages 1 -> 2 -> 3, evaluated after every stage, and the paper's
 Table 5 ablation (dual vs discrete-only encoding; stage 2 on understanding only / generation
-only / both), on a machine with two GPUs (one for each; ``--main-only`` needs one).
+only / both) and Table 6 (data ratios): on two GPUs one chain each, on one GPU the ablation
+after the main chain in ``--ablation-share`` of the time left after stage 1.
 
     bash bench/small_study.sh OUT [run args]            # on the GPU machine (wheels, env, then this)
     python bench/small_study.py run --out OUT --work W --deadline 560
@@ -9,8 +10,8 @@ only / both), on a machine with two GPUs (one for each; ``--main-only`` needs on
         --limit 10 --limit-gen 7 --sweep-limit 5    # CPU smoke test of the whole path
 
 Setup (data, VQ-GAN, inits, pre-tokenisation) runs once; then two processes each run their
-plan of `unitoken train` runs and in-process evaluations, one after another (processes sharing
-one GPU slowed each other ~10x in a first attempt). The study outlasts one 10-minute call of the
+plan of `unitoken train` runs and in-process evaluations (every evaluation also reports the
+held-out loss per task, which moves before the scores leave chance). The study outlasts one 10-minute call of the
 device tool, so it is resumable: run the same command again with the same ``--work`` (on a
 machine that kept it) and every finished task is skipped, a cut-off training run resumes from its
 last checkpoint. ``--deadline`` is this call's end, ``--later`` the seconds of later calls the
@@ -104,8 +105,10 @@ def paired_diff(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: i
 
 
 def evaluate(model: Path, data: Path, out: Path, suites: list[str], limit_vqa: int, limit_gen: int,
-             cfg: float, top_k: int, temperature: float, device: str) -> dict:
-    """``unitoken eval`` in-process, with per-suite limits; returns a compact summary."""
+             cfg: float, top_k: int, temperature: float, device: str, tokens: Path | None = None,
+             heldout_limit: int = 0) -> dict:
+    """``unitoken eval`` in-process, with per-suite limits, and (``heldout_limit`` > 0) the
+    held-out loss per task on the pre-tokenised ``tokens``; returns a compact summary."""
     from unitoken.eval.runner import evaluate as run_eval
 
     summary = {}
@@ -119,7 +122,29 @@ def evaluate(model: Path, data: Path, out: Path, suites: list[str], limit_vqa: i
         summary[suite] = {"overall": s["overall"], "ci95": bootstrap_ci([i["score"] for i in items]),
                           "chance": s["chance"], "n": s["n"], "categories": s["categories"],
                           "seconds": round(time.time() - t, 1)}
+    if heldout_limit:
+        summary["heldout"] = heldout(model, tokens, out / "heldout", heldout_limit, device)
     _free_gpu()
+    return summary
+
+
+def heldout(model: Path, tokens: Path, out: Path, limit: int, device: str) -> dict:
+    """Per-task loss on ``limit`` test-split records per task (unitoken.eval.heldout): moves long
+    before the benchmark scores leave chance, so short ablation runs can still be compared."""
+    from unitoken.eval.heldout import heldout_loss, summarize_loss
+    from unitoken.model.io import load_model
+    from unitoken.model.sequence import SequenceBuilder
+
+    t = time.time()
+    m, tok = load_model(model, device=device)
+    results = heldout_loss(m, SequenceBuilder(m.tokens, tok, m.config), tokens, limit=limit, batch_size=64)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    summary = summarize_loss(results)
+    for task, s in summary.items():
+        s["ci95"] = bootstrap_ci([r["score"] for r in results if r["task"] == task])
+    summary["seconds"] = round(time.time() - t, 1)
+    del m
     return summary
 
 
@@ -230,25 +255,34 @@ def run(args) -> None:
     else:
         setup(args, w, out, res)
         (w / "setup_done").touch()
-    # Step 3: the main chain (stages 1-3 + evaluations) on one GPU; the Table 5 ablation on another.
+    # Step 3: the main chain (stages 1-3 + evaluations) and the Table 5/6 ablation: on two GPUs side
+    # by side, on one GPU one after the other (runs 4 and 5 shared one GPU: the trainings ran out of
+    # memory beside each other, and recomputing activations made the main chain overrun its plan).
     gpus = args.gpus.split(",")
-    chain = [PY, __file__, "chain", "--out", out, "--work", w, "--recipe", args.recipe, "--deadline",
-             args.deadline - (time.time() - T0), "--device", args.device, "--later", args.later]
-    if not args.main_only and gpus[0] == gpus[-1]:
-        chain.append("--shared")
+    one_gpu = gpus[0] == gpus[-1]
+    share = args.ablation_share if one_gpu and not args.main_only else 0.0
+    chain = [PY, __file__, "chain", "--out", out, "--work", w, "--recipe", args.recipe, "--device", args.device,
+             "--later", args.later, "--ablation-share", share]
     for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction", "limit", "limit_gen", "sweep_limit", "step_factor",
-              "reserve", "calib_steps", "abl_unit", "save_every"):
+              "reserve", "calib_steps", "abl_unit", "save_every", "heldout_limit"):
         if getattr(args, k) is not None:
             chain += [f"--{k.replace('_', '-')}", getattr(args, k)]
     if args.fast:
         chain.append("--fast")
-    env0 = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0])
-    procs = {"main": subprocess.Popen([str(c) for c in chain + ["--which", "main"]], env=env0)}
-    if not args.main_only:
-        env1 = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[-1])
-        procs["ablation"] = subprocess.Popen([str(c) for c in chain + ["--which", "ablation"]], env=env1)
+
+    def launch(which: str) -> subprocess.Popen:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0] if which == "main" else gpus[-1])
+        cmd = chain + ["--which", which, "--deadline", args.deadline - (time.time() - T0)]
+        return subprocess.Popen([str(c) for c in cmd], env=env)
+
+    procs = {"main": launch("main")}
+    if not args.main_only and not one_gpu:
+        procs["ablation"] = launch("ablation")
     for p in procs.values():
         p.wait()
+    if not args.main_only and one_gpu and procs["main"].returncode == 0:
+        procs["ablation"] = launch("ablation")
+        procs["ablation"].wait()
     res.set("chains", value={k: p.returncode for k, p in procs.items()})
     log("all done" if all(p.returncode == 0 for p in procs.values()) else "this call's deadline came first")
 
@@ -279,13 +313,6 @@ def steady_step_s(metrics: Path) -> float:
 FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 
-# Both chains on one GPU (--gpus 0): run 4's two trainings took ~70 GiB each (16 x 16 grid, 256
-# samples, ~99k tokens in one packed row) and the second OOMed. The 8 x 8 grid's ~40k tokens need
-# ~2.5x less; the chunked head + cross-entropy and expandable allocator segments trim the rest.
-# Should a shared training still run out of memory, it and every later one recompute activations
-# (RECOMPUTE_SETS, a third more compute) and it resumes from its last checkpoint.
-SHARED_SETS = ["train.ce_chunk=8192"]
-RECOMPUTE_SETS = ["train.activation_checkpointing=true"]  # every layer recomputed
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
 
 
@@ -335,16 +362,13 @@ class Chain:
                    "--init", init, "--max-steps", steps, "--no-track", "--resume", "auto",
                    "--set", f"train.save_every={self.args.save_every}"]
         fast = self.args.fast and not (self.w / "fast_failed").exists()
-        recompute = self.args.shared and (self.w / "recompute").exists()
-        extra = (FAST_SETS if fast else []) + (SHARED_SETS if self.args.shared else []) + \
-            (RECOMPUTE_SETS if recompute else [])
+        extra = FAST_SETS if fast else []
         for x in self.model_sets + sets + extra:
             cmd += ["--set", x]
-        log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}"
-            f"{', recomputed activations' if recompute else ''}, {self.left():.0f}s left in this call)")
-        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True") if self.args.shared else None
+        log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}, "
+            f"{self.left():.0f}s left in this call)")
         with open(self.w / "logs" / f"{key}.log", "a") as fh:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=max(1.0, self.left() - STOP_GRACE_S))
             except subprocess.TimeoutExpired:
@@ -361,13 +385,6 @@ class Chain:
                 self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
                 raise OutOfTime(name) from None
         log_text = (self.w / "logs" / f"{key}.log").read_text(errors="replace") if rc else ""
-        if rc and "OutOfMemoryError" in log_text and self.args.shared and not recompute:
-            log(f"{self.which}: {name} ran out of GPU memory beside the other chain; it and every later "
-                f"training recompute activations ({RECOMPUTE_SETS}) and it resumes from its last checkpoint")
-            (self.w / "recompute").write_text(f"{name}\n")
-            spent = self.res.doc.get("partial_seconds", {}).get(key, 0.0)  # the failed attempt's time counts
-            self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
-            return self.train(stage, name, init, steps, sets)
         if rc and fast and "OutOfMemoryError" not in log_text:  # run 3: an OOM was blamed on varlen
             # The packed varlen path failed here: say so, and redo the run with the recipe's padding.
             log(f"{self.which}: {name} failed with {FAST_SETS} (exit {rc}); retrying without them")
@@ -394,12 +411,15 @@ class Chain:
             raise OutOfTime(f"eval {name}")
         sampling = sampling or {"cfg": 3.0, "top_k": 0, "temperature": 1.0}
         summary = evaluate(model, self.w / "d", self.w / "evals" / name, suites, limit, limit_gen, sampling["cfg"],
-                           sampling["top_k"], sampling["temperature"], self.args.device)
+                           sampling["top_k"], sampling["temperature"], self.args.device, self.w / "p",
+                           0 if name.endswith("_tuned") else self.args.heldout_limit)
         summary["sampling"] = sampling
         self.res.set("evals", name, value=summary)
         bundle(self.w, self.out / f"raw_{self.which}.tar.gz", self.which)  # a timeout keeps what is done
+        losses = {t: v["mean"] for t, v in summary.get("heldout", {}).items() if isinstance(v, dict)}
         log(f"{self.which}: eval {name}: " + ", ".join(f"{s} {v['overall']:.3f} {v['ci95']}"
-                                                      for s, v in summary.items() if "overall" in v))
+                                                      for s, v in summary.items() if "overall" in v) +
+            (f"; held-out loss {losses}" if losses else ""))
 
     def budget(self) -> float:
         """Seconds this chain has from now to the end of the study: this call and the later ones."""
@@ -420,10 +440,14 @@ class Chain:
                 s2 = a.s2_steps
             else:
                 calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, [])
-                avail = (self.budget() - a.reserve) / (1 + a.s3_fraction)
+                # on one GPU the ablation runs after this chain, in --ablation-share of the time left
+                avail = (self.budget() * (1 - a.ablation_share) - a.reserve) / (1 + a.s3_fraction)
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
             return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2))}
 
+        if a.ablation_share >= 1:  # this study's time goes to the ablation, which starts from stage 1
+            self.res.set("done", value=True)
+            return
         sizes = self.plan("stages", size_stages)
         self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)
@@ -524,6 +548,8 @@ def main() -> None:
         p.add_argument("--limit", type=int, default=1000, help="shapes-vqa items in the final evaluation")
         p.add_argument("--limit-gen", type=int, default=400, help="shapes-geneval prompts in the final evaluation")
         p.add_argument("--sweep-limit", type=int, default=128)
+        p.add_argument("--heldout-limit", type=int, default=500,
+                       help="test records per task whose loss every evaluation also reports (0: none)")
         p.add_argument("--later", type=float, default=0.0,
                        help="seconds of later calls (same --work) that the plan may count on")
         p.add_argument("--save-every", type=int, default=100, help="checkpoint interval of every training run")
@@ -539,10 +565,15 @@ def main() -> None:
     # showed the token count to bind far earlier (its 0.938 coarse VQ-GAN lost to a 0.95 minimum,
     # and the 16 x 16 grid ran at 0.76 s per step).
     r.add_argument("--min-recognition", type=float, default=0.9)
-    r.add_argument("--gpus", default="0,1", help="main chain on the first, ablation on the last")
+    r.add_argument("--gpus", default="0,1", help="main chain on the first, ablation on the last (one GPU: the "
+                                                  "ablation after the main chain)")
+    r.add_argument("--ablation-share", type=float, default=0.5,
+                   help="one GPU: the ablation's share of the time left after stage 1 (1: only stage 1 and the "
+                        "ablation)")
     r.add_argument("--main-only", action="store_true", help="no Table 5 ablation runs")
     c.add_argument("--which", choices=("main", "ablation"), required=True)
-    c.add_argument("--shared", action="store_true", help=f"both chains on one GPU: train with {SHARED_SETS}")
+    c.add_argument("--ablation-share", type=float, default=0.0, help="main: leave this share of the time to the "
+                   "ablation (run after it on the same GPU)")
     args = ap.parse_args()
     if args.cmd == "run" and args.vq_fallback is None:
         args.vq_fallback = ["model.vq.channel_multiplier=[1,2,2,4]"] if args.recipe == "small" else []

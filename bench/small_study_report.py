@@ -21,6 +21,18 @@ def fmt(e: dict | None, suite: str) -> str:
     return f"{s['overall']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
+def loss(e: dict | None, task: str) -> float | None:
+    """Held-out loss of a task (bench/small_study.py heldout); None where not measured."""
+    return e["heldout"][task]["mean"] if e and task in e.get("heldout", {}) else None
+
+
+def fmt_loss(e: dict | None, task: str) -> str:
+    if loss(e, task) is None:
+        return "-"
+    s = e["heldout"][task]
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+
 def score(e: dict | None, suite: str) -> float | None:
     return e[suite]["overall"] if e and suite in e and "overall" in e[suite] else None
 
@@ -72,37 +84,48 @@ def _finish(fig, ax, png: Path, title: str, ylabel: str, **legend) -> None:
 
 def tables(doc: dict) -> str:
     ev = doc["evals"]
-    out = ["| model | shapes-VQA (95 % CI) | VQA chance | shapes-GenEval (95 % CI) | GenEval chance |",
-           "|---|---|---|---|---|"]
+    out = ["| model | shapes-VQA (95 % CI) | VQA chance | shapes-GenEval (95 % CI) | GenEval chance | "
+           "held-out loss, und | held-out loss, gen |", "|---|---|---|---|---|---|---|"]
     for key, name in (("stage1", "after stage 1"), ("stage2", "after stage 2"), ("stage3", "after stage 3"),
                       ("stage3_tuned", "after stage 3, sampling chosen on val")):
         e = ev.get(key)
         if not e:
             continue
         out.append(f"| {name} | {fmt(e, 'shapes-vqa')} | {_chance(e, 'shapes-vqa')} | {fmt(e, 'shapes-geneval')} | "
-                   f"{_chance(e, 'shapes-geneval')} |")
-    out += ["", "Table 5 style (stage 2 only; single-task runs see as many samples of their task as the joint run):",
-            "", "| # | encoding | stage-2 data | shapes-VQA | shapes-GenEval |", "|---|---|---|---|---|"]
+                   f"{_chance(e, 'shapes-geneval')} | {fmt_loss(e, 'understanding')} | {fmt_loss(e, 'generation')} |")
+    out += ["", "Table 5 style (stage 2 only; single-task runs see as many samples of their task as the joint run;",
+            "held-out loss: mean NLL per supervised token of test records, lower is better; in brackets after",
+            "a joint run: its change against the single-task run of the same encoding):", "",
+            "| # | encoding | stage-2 data | shapes-VQA | shapes-GenEval | held-out loss, und | held-out loss, gen |",
+            "|---|---|---|---|---|---|---|"]
     n = 0
     for enc, label in (("disc", "discrete only"), ("dual", "dual (UniToken)")):
         und, gen, both = (ev.get(f"abl_{enc}_{k}") for k in ("und", "gen", "both"))
         for data, e in (("understanding only", und), ("generation only", gen), ("both", both)):
             n += 1
             v, g = fmt(e, "shapes-vqa"), fmt(e, "shapes-geneval")
+            lu, lg = fmt_loss(e, "understanding"), fmt_loss(e, "generation")
             if data == "both":
-                dv = _delta(score(e, "shapes-vqa"), score(und, "shapes-vqa"))
-                dg = _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
-                v, g = v + dv, g + dg
-            out.append(f"| {n} | {label} | {data} | {v} | {g} |")
+                v += _delta(score(e, "shapes-vqa"), score(und, "shapes-vqa"))
+                g += _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
+                lu += _delta(loss(e, "understanding"), loss(und, "understanding"))
+                lg += _delta(loss(e, "generation"), loss(gen, "generation"))
+            out.append(f"| {n} | {label} | {data} | {v} | {g} | {lu} | {lg} |")
     out += ["", "Table 6 style (dual, stage 2, understanding:generation data ratio, same steps as the 1:1 run):",
-            "", "| und:gen | shapes-VQA | shapes-GenEval |", "|---|---|---|"]
+            "", "| und:gen | shapes-VQA | shapes-GenEval | held-out loss, und | held-out loss, gen |",
+            "|---|---|---|---|---|"]
     for key, ratio in (("abl_dual_both", "1:1"), ("abl_dual_u2g1", "2:1"), ("abl_dual_u1g2", "1:2")):
-        out.append(f"| {ratio} | {fmt(ev.get(key), 'shapes-vqa')} | {fmt(ev.get(key), 'shapes-geneval')} |")
+        e = ev.get(key)
+        out.append(f"| {ratio} | {fmt(e, 'shapes-vqa')} | {fmt(e, 'shapes-geneval')} | "
+                   f"{fmt_loss(e, 'understanding')} | {fmt_loss(e, 'generation')} |")
     runs = doc["runs"]
-    if runs:
+    if runs or doc.get("partial_seconds"):
         out += ["", "| training run | steps | seconds | s/step | final loss |", "|---|---|---|---|---|"]
         for key, r in runs.items():
             out.append(f"| {key} | {r['steps']} | {r['seconds']} | {r['step_s']} | {r['final_loss']} |")
+    for key, seconds in doc.get("partial_seconds", {}).items():
+        if key not in runs:  # cut off by the study's end: the time it had, no result
+            out.append(f"| {key} (unfinished) | - | {seconds} | - | - |")
     return "\n".join(out)
 
 
@@ -115,13 +138,13 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 def load(folder: Path) -> dict:
-    """results.json (setup) + results_main.json + results_ablation.json, evals merged."""
-    doc = {"evals": {}, "runs": {}}
+    """results.json (setup) + results_main.json + results_ablation.json, evals and runs merged."""
+    doc = {"evals": {}, "runs": {}, "partial_seconds": {}}
     for name in ("results.json", "results_main.json", "results_ablation.json"):
         path = folder / name
         if path.is_file():
             part = json.loads(path.read_text())
-            for key in ("evals", "runs"):
+            for key in ("evals", "runs", "partial_seconds"):
                 doc[key].update(part.pop(key, {}))
             doc[name] = part
     return doc

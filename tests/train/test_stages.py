@@ -149,3 +149,34 @@ def test_stage2_from_a_fresh_init_only_for_discrete_models(stack, work, tmp_path
              "--init", str(tmp_path / "m_disc"), "--no-track", "--max-steps", "2", *disc)
     doc = json.loads((tmp_path / "b" / "handoff" / "handoff.json").read_text())
     assert doc["stage"] == 2 and doc["parent_stage"] == 0
+
+
+def test_heldout_loss_is_the_training_objective_on_unseen_records_and_falls_with_training(work):
+    """unitoken.eval.heldout: one record's score equals the model's own mean cross-entropy of it,
+    only test-split records are scored, and the trained model's held-out loss is below the
+    initial model's on both tasks."""
+    from unitoken.data.dataset import ShardDataset, pad_samples
+    from unitoken.eval.heldout import heldout_loss, summarize_loss
+    from unitoken.model.io import load_model
+    from unitoken.model.sequence import SequenceBuilder
+
+    summaries = {}
+    for name in ("m", "s3/handoff"):
+        model, tok = load_model(work / name)
+        builder = SequenceBuilder(model.tokens, tok, model.config)
+        results = heldout_loss(model, builder, work / "p", limit=6, batch_size=4)
+        test_ids = {r["id"] for _, _, r in ShardDataset(work / "p", builder, splits=["test"]).records}
+        assert {r["id"] for r in results} <= test_ids and {r["task"] for r in results} == {"understanding",
+                                                                                           "generation"}
+        summaries[name] = summarize_loss(results)
+        assert all(s["n"] <= 6 for s in summaries[name].values())
+    first = results[0]
+    ds = ShardDataset(work / "p", builder, splits=["test"])
+    sample = ds[[r["id"] for _, _, r in ds.records].index(first["id"])]
+    batch = pad_samples([sample], model.tokens.pad)
+    with torch.no_grad():
+        ce = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
+                   images=batch["images"])["ce"]
+    assert first["score"] == pytest.approx(float(ce), rel=1e-4)
+    for task in ("understanding", "generation"):
+        assert summaries["s3/handoff"][task]["mean"] < summaries["m"][task]["mean"], summaries

@@ -76,51 +76,21 @@ def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resu
     assert spent > 60  # both calls' training time, kept across calls
 
 
-FAKE_TRAIN = '''
-import json, sys
-from pathlib import Path
-args = sys.argv[1:]
-out = Path(args[args.index("--out") + 1])
-sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-calls = out.parent / "calls.jsonl"
-calls.parent.mkdir(parents=True, exist_ok=True)
-with open(calls, "a") as fh:
-    fh.write(json.dumps(sets) + "\\n")
-if "train.activation_checkpointing=true" not in sets:
-    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    sys.exit(1)
-(out / "handoff").mkdir(parents=True, exist_ok=True)
-(out / "handoff" / "model.safetensors").write_bytes(b"")
-(out / "metrics.jsonl").write_text(json.dumps({"step": 1, "step_s": 0.5, "loss": 1.0}) + "\\n")
-'''
 
+def test_table_5_shows_the_held_out_loss_change_of_joint_training():
+    """The report's Table 5: a joint run's held-out loss is set against the single-task run of
+    the same encoding (+ = worse when the tasks share training)."""
+    spec = importlib.util.spec_from_file_location("small_study_report", _path.with_name("small_study_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
 
-def test_an_out_of_memory_beside_the_other_chain_retries_with_recomputed_activations(tmp_path, monkeypatch):
-    """--shared: a training that runs out of GPU memory is run again with activation
-    checkpointing, and so is every later one; the failed attempt's time is counted."""
-    import json
-    import sys
-    import time
-    from types import SimpleNamespace
+    def ev(und, gen):
+        return {"heldout": {"understanding": {"mean": und, "ci95": [und - 0.1, und + 0.1], "n": 500},
+                            "generation": {"mean": gen, "ci95": [gen - 0.1, gen + 0.1], "n": 500}}}
 
-    fake = tmp_path / "fake_train.py"
-    fake.write_text(FAKE_TRAIN)
-    monkeypatch.setattr(study, "U", [sys.executable, str(fake)])
-    w = tmp_path / "w"
-    (w / "logs").mkdir(parents=True)
-    (tmp_path / "out").mkdir()
-    study.T0 = time.time()
-    args = SimpleNamespace(out=str(tmp_path / "out"), work=str(w), recipe="small", deadline=600, save_every=100,
-                           fast=True, shared=True, later=0.0)
-    chain = study.Chain(args, "ablation")
-    info = chain.train(2, "abl/a", w / "m", 5, ["model.encoder_mode=discrete"])
-    chain.train(2, "abl/b", w / "m", 5, [])
-    calls = [json.loads(x) for x in (w / "abl" / "calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 3  # a (out of memory), a again, b
-    assert study.RECOMPUTE_SETS[0] not in calls[0] and all(study.RECOMPUTE_SETS[0] in c for c in calls[1:])
-    assert all(s in c for c in calls for s in study.SHARED_SETS + study.FAST_SETS)
-    assert (w / "recompute").read_text() == "abl/a\n"
-    assert info["sets"] == ["model.encoder_mode=discrete", *study.FAST_SETS, *study.SHARED_SETS,
-                            *study.RECOMPUTE_SETS]
-    assert json.loads((tmp_path / "out" / "results_ablation.json").read_text())["partial_seconds"]["abl_a"] > 0
-    assert not (w / "fast_failed").exists()  # an OOM is not blamed on the varlen path
+    doc = {"evals": {"abl_disc_und": ev(1.0, 6.0), "abl_disc_gen": ev(6.0, 3.0), "abl_disc_both": ev(1.25, 3.5)},
+           "runs": {}, "partial_seconds": {"s2": 1121.7}}
+    text = report.tables(doc)
+    row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
+    assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
+    assert "| s2 (unfinished) | - | 1121.7 |" in text

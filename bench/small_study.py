@@ -11,10 +11,10 @@ after the main chain in ``--ablation-share`` of the time left after stage 1.
 
 Setup (data, VQ-GAN, inits, pre-tokenisation) runs once; then two processes each run their
 plan of `unitoken train` runs and in-process evaluations (every evaluation also reports the
-held-out loss per task, which moves before the scores leave chance). The study outlasts one 10-minute call of the
-device tool, so it is resumable: run the same command again with the same ``--work`` (on a
-machine that kept it) and every finished task is skipped, a cut-off training run resumes from its
-last checkpoint. ``--deadline`` is this call's end, ``--later`` the seconds of later calls the
+held-out loss per task, which moves before the scores leave chance). The study outlasts one
+10-minute call of the device tool, so it is resumable: run the same command again with the
+same ``--work`` (on a machine that kept it) and every finished task is skipped, a cut-off
+training run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later`` the seconds of later calls the
 plan may count on; stage 2 and 3 steps and the ablation's unit are sized once, from short
 calibration runs, to fit both. The ablation's joint runs take 2u steps and its single-task runs
 u steps, so each task sees as many samples alone as together (the paper's Table 5: 10M, 10M,

@@ -138,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=1.0, help="image sampling temperature")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--heldout-tokens", type=Path, metavar="DIR",
+                    help="pre-tokenised data (`unitoken data pretokenize`): also report the loss per task on its "
+                         "test split")
+    ev.add_argument("--heldout-limit", type=int, default=500, help="held-out records per task (default 500)")
     gt = sub.add_parser("gate", help="two-track promotion gate against the champion",
                         epilog="example:\n  " + EXAMPLES["gate"], formatter_class=fmt)
     gt.add_argument("--candidate", required=True, type=Path, help="evaluation dir of the candidate")
@@ -444,11 +448,14 @@ def cmd_eval(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit {args.limit}: must be >= 1")
+    if args.heldout_limit < 1:
+        raise UsageError(f"--heldout-limit {args.heldout_limit}: must be >= 1")
     report = evaluate(args.model, [s.strip() for s in args.suite.split(",") if s.strip()], args.out, data=args.data,
                       limit=args.limit, mc_file=args.mc_file, circular=args.circular,
                       geneval_metadata=args.geneval_metadata, detector=args.detector, cfg_scale=args.cfg,
                       top_k=args.top_k, temperature=args.temperature, seed=args.seed, device=_device(args.device),
-                      progress_factory=lambda name: _progress(name))
+                      progress_factory=lambda name: _progress(name), heldout_tokens=args.heldout_tokens,
+                      heldout_limit=args.heldout_limit)
     table = Table(title=f"evaluation -> {args.out}")
     for col in ("suite", "task", "score", "chance*", "items", "categories"):
         table.add_column(col)
@@ -458,6 +465,10 @@ def cmd_eval(args) -> int:
     console.print(table)
     console.print("* chance: uniform guessing within each question's answer space (understanding); "
                   "random VQ codes through the same decoder and detector (generation)")
+    for task, v in (report.get("heldout") or {}).items():
+        if isinstance(v, dict):
+            console.print(f"held-out loss, {task}: {v['mean']:.4f} (mean NLL per supervised token, {v['n']} test "
+                          "records)")
     return 0
 
 

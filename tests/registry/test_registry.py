@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def registered(trained):
     servers = trained
     run(servers, "eval", "--model", "s3/handoff", "--suite", "shapes-vqa,shapes-geneval", "--data", "d", "--out", "e",
-        "--limit", "3", "--device", "cpu")
+        "--limit", "3", "--device", "cpu", "--heldout-tokens", "p", "--heldout-limit", "4")
     run(servers, "gate", "--candidate", "e", "--out", "gate.json", inprocess=True)
     out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
               "--name", "shapes", inprocess=True)
@@ -123,3 +123,20 @@ def test_register_refuses_failed_gate_without_force(servers, registered, tmp_pat
     lin = json.loads(run(servers, "lineage", f"models:/shapes/{version}", "--json", inprocess=True).stdout)
     gate = next(e for e in lin["passport"] if e["kind"] == "gate")
     assert gate["passed"] is False and gate["forced_reason"] == "hotfix approved by on-call"
+
+
+def test_eval_reports_the_heldout_loss_beside_the_scores_and_the_gate_never_reads_it(registered, trained):
+    """`unitoken eval --heldout-tokens`: the loss per task on the test split is in report.json,
+    heldout.jsonl and the HTML, not in the metrics or items the gate reads as scores."""
+    e = trained["tmp"] / "e"
+    report = json.loads((e / "report.json").read_text())
+    held = report["heldout"]
+    assert held["split"] == "test" and set(held) >= {"understanding", "generation"}
+    assert all(0 < held[t]["mean"] < 20 and 1 <= held[t]["n"] <= 4 for t in ("understanding", "generation"))
+    rows = [json.loads(x) for x in (e / "heldout.jsonl").read_text().splitlines()]
+    assert len(rows) == held["understanding"]["n"] + held["generation"]["n"]
+    assert not any("heldout" in k for k in report["metrics"])
+    assert {json.loads(x)["suite"] for x in (e / "items.jsonl").read_text().splitlines()} == {"shapes-vqa",
+                                                                                            "shapes-geneval"}
+    assert "Held-out loss" in (e / "report.html").read_text()
+    assert json.loads((trained["tmp"] / "gate.json").read_text())["passed"] is True

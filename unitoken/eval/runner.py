@@ -29,7 +29,11 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
              limit: int | None = None, mc_file: Path | None = None, circular: bool = False,
              geneval_metadata: Path | None = None, detector: str | None = None, cfg_scale: float = 3.0,
              top_k: int = 0, seed: int = 0, device: str = "cpu", progress_factory=None,
-             temperature: float = 1.0, batch_size: int = 64) -> dict:
+             temperature: float = 1.0, batch_size: int = 64, heldout_tokens: Path | None = None,
+             heldout_limit: int | None = 500) -> dict:
+    """Run ``suites`` on the model; with ``heldout_tokens`` (a pre-tokenised dir) also the
+    held-out loss per task on its test split (``report["heldout"]``, ``heldout.jsonl``). The loss
+    stays out of ``metrics`` and ``items.jsonl``: the gate reads those as higher-is-better scores."""
     from unitoken.eval import generation as gen
     from unitoken.eval import understanding as und
     from unitoken.model.io import load_model
@@ -65,6 +69,16 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         for r in results:
             all_items.append({"suite": suite, "task": SUITES[suite], **r})
         summary[suite] = summarize(results, SUITES[suite], chance)
+    heldout = None
+    if heldout_tokens is not None:
+        from unitoken.eval.heldout import heldout_loss, summarize_loss
+
+        bar, update = progress_factory("held-out loss") if progress_factory else (None, None)
+        with bar or nullcontext():
+            losses = heldout_loss(model, builder, heldout_tokens, limit=heldout_limit, batch_size=batch_size,
+                                  seed=seed, progress=update)
+        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
+        heldout = {"tokens": str(heldout_tokens), "split": "test", **summarize_loss(losses)}
     metrics = {f"{s}/overall": v["overall"] for s, v in summary.items()}
     metrics.update({f"{s}/{c}": x for s, v in summary.items() for c, x in v["categories"].items()})
     weights = Path(model_path) / "model.safetensors"
@@ -72,6 +86,8 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
               "model_sha256": sha256_file(weights) if weights.is_file() else None,
               "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
                            "seed": seed, "data": str(data)}}
+    if heldout:
+        report["heldout"] = heldout
     (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in all_items))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.html").write_text(render_html(report, all_items, out))
@@ -149,13 +165,20 @@ def render_html(report: dict, items: list[dict], out: Path) -> str:
                       f"<td>{esc(str(i['answer']))}</td><td>{esc(str(i['prediction']))[:80]}</td></tr>"
                       for i in items if "prediction" in i)
     chart = _chart(report["suites"]) if report["suites"] else ""
+    held = report.get("heldout") or {}
+    losses = "".join(f"<tr><td>{esc(t)}</td><td>{v['mean']:.4f}</td><td>{v['n']}</td><td>"
+                     + esc(", ".join(f"{c} {x:.3f}" for c, x in v["categories"].items())) + "</td></tr>"
+                     for t, v in held.items() if isinstance(v, dict))
+    losses = (f"<h2>Held-out loss (test split of <code>{esc(held['tokens'])}</code>; mean NLL per supervised token, "
+              f"lower is better)</h2><table><tr><th>task</th><th>loss</th><th>records</th><th>by source</th></tr>"
+              f"{losses}</table>") if held else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation</title><style>
 body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}
 figure{{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}}
 .ok{{background:#e8f6e8}}.bad{{background:#fbe9e9}}</style></head><body>
 <h1>Evaluation of <code>{esc(report['model'])}</code></h1>
 <table><tr><th>suite</th><th>task</th><th>score</th><th>chance</th><th>items</th></tr>{rows}</table>
-<img src="data:image/png;base64,{chart}">
+<img src="data:image/png;base64,{chart}">{losses}
 <h2>Generated images</h2>{grid or '<p>none</p>'}
 <h2>Answers</h2><table><tr><th>id</th><th>category</th><th>answer</th><th>prediction</th></tr>{answers}</table>
 </body></html>"""

@@ -431,6 +431,9 @@ class Chain:
         small_vqa, small_gen = max(1, a.limit // 2), max(1, a.limit_gen // 2)
         self.train(1, "s1", w / "m", a.s1_steps, [])
         (w / "s1_done").touch()
+        if a.ablation_share >= 1:  # this study's time goes to the ablation, which starts from stage 1
+            self.res.set("done", value=True)
+            return
         self.eval("stage1", w / "s1" / "handoff", both, small_vqa, small_gen)
 
         def size_stages() -> dict:
@@ -445,9 +448,6 @@ class Chain:
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
             return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2))}
 
-        if a.ablation_share >= 1:  # this study's time goes to the ablation, which starts from stage 1
-            self.res.set("done", value=True)
-            return
         sizes = self.plan("stages", size_stages)
         self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)

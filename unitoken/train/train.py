@@ -187,11 +187,13 @@ class Prefetch:
     each carries the sampler state right after it, which is what a checkpoint after it records."""
 
     def __init__(self, make: Callable[[], Drawn], count: int, depth: int = 2) -> None:
-        self.make = make if depth == 0 else None  # depth 0: draw inline, in get()
-        self.items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.make = make if depth == 0 else None  # depth 0: draw inline, in get(); no thread
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(make, count), name="unitoken-prefetch", daemon=True)
+        self.thread = None
         if depth:
+            self.items: queue.Queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._run, args=(make, count), name="unitoken-prefetch",
+                                           daemon=True)
             self.thread.start()
 
     def _put(self, item) -> bool:
@@ -221,7 +223,7 @@ class Prefetch:
 
     def close(self) -> None:
         self.stopping.set()
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive():
             self.thread.join(timeout=10)
 
 

@@ -136,8 +136,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                                           max_steps=max_steps, num_nodes=r.num_nodes if r else 1,
                                           cluster_json=cluster_json, use_cache=use_cache), f"train-stage{n}", cluster)
                 model = stage.outputs["handoff"]
-                scored = place(evaluate(model=model, dataset=data.outputs["dataset"], suites=eval_suites,
-                                        limit=eval_limit, label=f"stage{n}", parent_run_id=parent,
+                scored = place(evaluate(model=model, dataset=data.outputs["dataset"], tokens=tokens.outputs["tokens"],
+                                        suites=eval_suites, limit=eval_limit, label=f"stage{n}", parent_run_id=parent,
                                         cache_root=cache_root, use_cache=use_cache), "evaluate", cluster)
                 scored.set_display_name(f"evaluate-stage{n}")
             # Step 6: the two-track gate against the champion, then registration

@@ -7,12 +7,12 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(model: Input[Model], dataset: Input[Dataset], suites: str, limit: int, label: str, parent_run_id: str,
-             cache_root: str, use_cache: bool, evaluation: Output[Artifact], report: Output[HTML],
+def evaluate(model: Input[Model], dataset: Input[Dataset], tokens: Input[Dataset], suites: str, limit: int, label: str,
+             parent_run_id: str, cache_root: str, use_cache: bool, evaluation: Output[Artifact], report: Output[HTML],
              metrics: Output[Metrics]) -> str:
     """Writes report.json + items.jsonl (per-item results for the gate) and the HTML report;
-    returns the overall scores as JSON. Reused from ``cache_root`` for the same model, data and
-    settings (``use_cache``)."""
+    returns the overall scores and the held-out losses (``tokens``' test split) as JSON. Reused
+    from ``cache_root`` for the same model, data and settings (``use_cache``)."""
     import json
     import shutil
     from pathlib import Path
@@ -21,7 +21,7 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], suites: str, limit: i
     from unitoken.pipeline.cache import StepCache
 
     scores = steps.evaluate(Path(model.path), Path(dataset.path), suites, limit, Path(evaluation.path), parent_run_id,
-                            label, cache=StepCache(cache_root, use_cache))
+                            label, cache=StepCache(cache_root, use_cache), tokens=Path(tokens.path))
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
     for key, value in scores.items():
         if key.startswith("cache"):

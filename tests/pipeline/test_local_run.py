@@ -79,6 +79,10 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert children["validate"].data.metrics["clean_rows"] > 0
     assert "shapes-vqa.overall" in children["eval-stage3"].data.metrics
+    # held-out loss per task on the test split: the trained model's is below stage 1's (random LLM)
+    for task in ("understanding", "generation"):
+        first, last = (children[f"eval-stage{n}"].data.metrics[f"heldout_loss.{task}"] for n in (1, 3))
+        assert 0 < last < first, (task, first, last)
     assert str(client.get_registered_model("unitoken").aliases["champion"]) == "1"
 
     lineage = _unitoken(home, "lineage", "models:/unitoken@champion", "--json")

@@ -312,31 +312,47 @@ def publish_handoff(handoff: Path, out: Path) -> dict:
 
 
 def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str, label: str,
-             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0, cache: StepCache | None = None) -> dict:
-    """Run the evaluation suites; metrics go to a nested run named ``eval-<label>`` (cached:
-    ``cached_step``; a hit logs the cached metrics on its run, so scores read the same)."""
+             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0, cache: StepCache | None = None,
+             tokens: Path | None = None, heldout_limit: int = 500) -> dict:
+    """Run the evaluation suites, and with ``tokens`` (the pre-tokenised data) the held-out loss
+    per task on its test split; metrics go to a nested run named ``eval-<label>``, the losses as
+    ``heldout_loss/<task>`` (cached: ``cached_step``; a hit logs the cached metrics on its run, so
+    scores read the same)."""
     from unitoken.eval.runner import evaluate as run_eval
+    from unitoken.files import sha256_file
 
     device = _device()
     names = [s.strip() for s in suites.split(",") if s.strip()]
     def inputs():
+        held = {"tokens_sha256": sha256_file(Path(tokens) / "index.json"), "heldout_limit": heldout_limit} \
+            if tokens else {}
         return {"model_sha256": model_digest(model_dir), "data_sha256": dataset_digest(dataset), "suites": names,
-                "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "device": device}
+                "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "device": device, **held}
 
     def compute(tags):
         with step_run(f"eval-{label}", parent_run_id, {"suites": suites, "limit": limit, "model": label}) as run:
             run.tags(tags)
             report = run_eval(model_dir, names, out, data=data_root(dataset), limit=limit or None,
-                              cfg_scale=cfg_scale, top_k=top_k, seed=seed, device=device)
-            run.metrics(report["metrics"])
+                              cfg_scale=cfg_scale, top_k=top_k, seed=seed, device=device, heldout_tokens=tokens,
+                              heldout_limit=heldout_limit)
+            run.metrics(eval_metrics(report))
             for name in ("report.json", "report.html"):
                 run.artifact(Path(out) / name, f"eval-{label}")
-        return {k: v for k, v in report["metrics"].items() if k.endswith("/overall")}, run.run_id
+        return {k: v for k, v in eval_metrics(report).items() if k.endswith("/overall") or
+                k.startswith("heldout_loss/")}, run.run_id
 
     def hit_metrics(out_dir: Path) -> dict:
-        return json.loads((out_dir / "report.json").read_text())["metrics"]
+        return eval_metrics(json.loads((out_dir / "report.json").read_text()))
 
     return cached_step("evaluate", f"eval-{label}", inputs, out, cache, parent_run_id, compute, hit_metrics)
+
+
+def eval_metrics(report: dict) -> dict:
+    """An evaluation's scores plus its held-out losses (``heldout_loss/<task>``; lower is better,
+    so they stay out of ``report["metrics"]``, which the gate reads)."""
+    losses = {f"heldout_loss/{task}": v["mean"] for task, v in (report.get("heldout") or {}).items()
+              if isinstance(v, dict)}
+    return report["metrics"] | losses
 
 
 def _cuda() -> bool:

@@ -14,9 +14,10 @@ plan of `unitoken train` runs and in-process evaluations (every evaluation also 
 held-out loss per task, which moves before the scores leave chance). The study outlasts one
 10-minute call of the device tool, so it is resumable: run the same command again with the
 same ``--work`` (on a machine that kept it) and every finished task is skipped, a cut-off
-training run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later`` the seconds of later calls the
-plan may count on; stage 2 and 3 steps and the ablation's unit are sized once, from short
-calibration runs, to fit both. The ablation's joint runs take 2u steps and its single-task runs
+training run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later``
+the seconds of later calls the plan may count on; stage 2 and 3 steps and the ablation's unit
+are sized once, from short calibration runs, to fit both. The ablation evaluates each run
+while the next one trains. The ablation's joint runs take 2u steps and its single-task runs
 u steps, so each task sees as many samples alone as together (the paper's Table 5: 10M, 10M,
 10M + 10M); the Table 6 runs (und:gen 2:1 and 1:2) take 2u like the 1:1 run. ``OUT/results*.json``
 are rewritten after every task, so a timeout still leaves what was done.
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,18 +53,20 @@ class Results:
     def __init__(self, out: Path, name: str = "results.json") -> None:
         self.path = out / name
         self.doc = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "timings": {}, "evals": {}, "runs": {}}
+        self.lock = threading.Lock()  # the ablation's evaluations run on a thread beside its training
         if self.path.is_file():  # an earlier call of the same study: go on from its results
             self.doc.update(json.loads(self.path.read_text()))
 
     def set(self, *keys, value) -> None:
-        node = self.doc
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-        self.doc["elapsed_s"] = round(time.time() - T0, 1)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
-        tmp.replace(self.path)
+        with self.lock:
+            node = self.doc
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+            self.doc["elapsed_s"] = round(time.time() - T0, 1)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
+            tmp.replace(self.path)
 
 
 def sh(cmd: list[str], logfile: Path | None = None) -> None:
@@ -334,6 +338,8 @@ class Chain:
         self.out, self.w = Path(args.out), Path(args.work)
         self.res = Results(self.out, f"results_{which}.json")
         self.deadline = T0 + args.deadline
+        self.pending: threading.Thread | None = None  # the ablation's evaluation in flight (eval_beside)
+        self.pending_error: BaseException | None = None
         sets_file = self.w / "model_sets.json"  # the VQ-GAN chosen in setup (bench/small_study.py setup)
         self.model_sets = json.loads(sets_file.read_text()) if sets_file.is_file() else []
 
@@ -421,6 +427,28 @@ class Chain:
                                                       for s, v in summary.items() if "overall" in v) +
             (f"; held-out loss {losses}" if losses else ""))
 
+    def eval_beside(self, *args, **kwargs) -> None:
+        """``eval`` on a thread while the next training runs (one evaluation at a time; a failure
+        or OutOfTime surfaces at the next ``eval_beside`` or ``wait_evals``)."""
+        self.wait_evals()
+
+        def work() -> None:
+            try:
+                self.eval(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - raised in the chain's thread by wait_evals
+                self.pending_error = err
+
+        self.pending = threading.Thread(target=work, name=f"eval-{args[0]}")
+        self.pending.start()
+
+    def wait_evals(self) -> None:
+        if self.pending is not None:
+            self.pending.join()
+            self.pending = None
+        err, self.pending_error = self.pending_error, None
+        if err is not None:
+            raise err
+
     def budget(self) -> float:
         """Seconds this chain has from now to the end of the study: this call and the later ones."""
         return self.left() + self.args.later
@@ -480,7 +508,9 @@ class Chain:
                 ("dual_gen", s1, gen, 1), ("dual_both", s1, [], 2),
                 ("dual_u2g1", s1, ["train.stage2.understanding_ratio=2", "train.stage2.generation_ratio=1"], 2),
                 ("dual_u1g2", s1, ["train.stage2.understanding_ratio=1", "train.stage2.generation_ratio=2"], 2)]
-        eval_s, start_s = 25.0, 20.0  # one small evaluation; one `unitoken train` start-up
+        # Each evaluation runs beside the next training (run 5: 11-56 s each, ~40 % of the
+        # ablation's time when they ran in turn); what it still costs: contention, and the last one.
+        eval_s, last_eval_s, start_s = 10.0, 45.0, 30.0
 
         def size_unit() -> dict:
             if a.abl_unit:
@@ -488,7 +518,7 @@ class Chain:
             calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc)
             per_step = calib["step_s"] * 1.2  # dual steps cost a little more than discrete ones
             steps = sum(r[3] for r in runs)
-            unit = max(2, int((self.budget() - len(runs) * (eval_s + start_s)) / (steps * per_step)))
+            unit = max(2, int((self.budget() - len(runs) * (eval_s + start_s) - last_eval_s) / (steps * per_step)))
             log(f"ablation: {unit} steps per task ({per_step:.3f}s/step estimated)")
             return {"unit_steps": unit}
 
@@ -501,9 +531,10 @@ class Chain:
                     raise OutOfTime("waiting for stage 1")
                 time.sleep(2)
             self.train(2, f"abl/{name}", init, rel * unit, sets)
-            self.eval(f"abl_{name}", w / "abl" / name / "handoff",
-                      suites.get(name.split("_")[1], ["shapes-vqa", "shapes-geneval"]),
-                      max(1, a.limit // 2), max(1, a.limit_gen // 2))
+            self.eval_beside(f"abl_{name}", w / "abl" / name / "handoff",
+                             suites.get(name.split("_")[1], ["shapes-vqa", "shapes-geneval"]),
+                             max(1, a.limit // 2), max(1, a.limit_gen // 2))
+        self.wait_evals()
         self.res.set("done", value=True)
 
 
@@ -522,6 +553,10 @@ def chain_main(args) -> None:
     try:
         c.main() if args.which == "main" else c.ablation()
     except OutOfTime as e:
+        try:
+            c.wait_evals()  # an evaluation in flight finishes (it checked the time when it began)
+        except OutOfTime:
+            pass
         log(f"{args.which}: out of time at {e}; run the same command again (same --work) to go on")
         sys.exit(75)
 

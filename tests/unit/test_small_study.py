@@ -94,3 +94,35 @@ def test_table_5_shows_the_held_out_loss_change_of_joint_training():
     row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
     assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
     assert "| s2 (unfinished) | - | 1121.7 |" in text
+
+
+def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, monkeypatch):
+    """The ablation evaluates a run on a thread while the next one trains; an evaluation that
+    runs out of time (or fails) surfaces in the chain's own thread, one evaluation at a time."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    (tmp_path / "w").mkdir()
+    study.T0 = time.time()
+    args = SimpleNamespace(out=str(tmp_path), work=str(tmp_path / "w"), deadline=600)
+    chain = study.Chain(args, "ablation")
+    running, order = threading.Event(), []
+
+    def fake_eval(name, *rest, **kw):
+        assert not running.is_set()  # never two at once
+        running.set()
+        time.sleep(0.2)
+        order.append(name)
+        running.clear()
+        if name == "late":
+            raise study.OutOfTime(f"eval {name}")
+
+    monkeypatch.setattr(chain, "eval", fake_eval)
+    chain.eval_beside("a")
+    chain.eval_beside("late")  # waits for "a" first
+    assert order == ["a"]
+    with pytest.raises(study.OutOfTime, match="eval late"):
+        chain.wait_evals()
+    assert order == ["a", "late"] and chain.pending is None
+    chain.wait_evals()  # the failure was handed over once

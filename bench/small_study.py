@@ -389,6 +389,10 @@ class Chain:
                     "the step); the next call resumes it")
                 spent = self.res.doc.get("partial_seconds", {}).get(key, 0.0)
                 self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
+                metrics = run_dir / "metrics.jsonl"  # how far it got (run 5's stage 2 left no trace)
+                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()] \
+                    if metrics.is_file() else []
+                self.res.set("partial_steps", key, value=[done[-1] if done else 0, steps])
                 raise OutOfTime(name) from None
         log_text = (self.w / "logs" / f"{key}.log").read_text(errors="replace") if rc else ""
         if rc and fast and "OutOfMemoryError" not in log_text:  # run 3: an OOM was blamed on varlen
@@ -557,6 +561,7 @@ def chain_main(args) -> None:
             c.wait_evals()  # an evaluation in flight finishes (it checked the time when it began)
         except OutOfTime:
             pass
+        bundle(c.w, c.out / f"raw_{args.which}.tar.gz", args.which)  # with the cut-off run's metrics
         log(f"{args.which}: out of time at {e}; run the same command again (same --work) to go on")
         sys.exit(75)
 

@@ -124,8 +124,9 @@ def tables(doc: dict) -> str:
         for key, r in runs.items():
             out.append(f"| {key} | {r['steps']} | {r['seconds']} | {r['step_s']} | {r['final_loss']} |")
     for key, seconds in doc.get("partial_seconds", {}).items():
-        if key not in runs:  # cut off by the study's end: the time it had, no result
-            out.append(f"| {key} (unfinished) | - | {seconds} | - | - |")
+        if key not in runs:  # cut off by the study's end: the time it had and how far it got
+            done, planned = doc["partial_steps"].get(key, ("-", "-"))
+            out.append(f"| {key} (unfinished) | {done} of {planned} | {seconds} | - | - |")
     return "\n".join(out)
 
 
@@ -139,12 +140,12 @@ def _delta(a: float | None, b: float | None) -> str:
 
 def load(folder: Path) -> dict:
     """results.json (setup) + results_main.json + results_ablation.json, evals and runs merged."""
-    doc = {"evals": {}, "runs": {}, "partial_seconds": {}}
+    doc = {"evals": {}, "runs": {}, "partial_seconds": {}, "partial_steps": {}}
     for name in ("results.json", "results_main.json", "results_ablation.json"):
         path = folder / name
         if path.is_file():
             part = json.loads(path.read_text())
-            for key in ("evals", "runs", "partial_seconds"):
+            for key in ("evals", "runs", "partial_seconds", "partial_steps"):
                 doc[key].update(part.pop(key, {}))
             doc[name] = part
     return doc

@@ -72,8 +72,9 @@ def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resu
     assert [p.name for p in (w / "s1" / "checkpoints").iterdir()] == [f"step_{first[-1]:06d}"]
     second = call(60)
     assert second[: len(first)] == first and second == list(range(1, len(second) + 1)) and len(second) > len(first)
-    spent = json.loads((tmp_path / "out" / "results_main.json").read_text())["partial_seconds"]["s1"]
-    assert spent > 60  # both calls' training time, kept across calls
+    doc = json.loads((tmp_path / "out" / "results_main.json").read_text())
+    assert doc["partial_seconds"]["s1"] > 60  # both calls' training time, kept across calls
+    assert doc["partial_steps"]["s1"] == [second[-1], 100_000]  # how far the cut-off run got
 
 
 
@@ -89,11 +90,11 @@ def test_table_5_shows_the_held_out_loss_change_of_joint_training():
                             "generation": {"mean": gen, "ci95": [gen - 0.1, gen + 0.1], "n": 500}}}
 
     doc = {"evals": {"abl_disc_und": ev(1.0, 6.0), "abl_disc_gen": ev(6.0, 3.0), "abl_disc_both": ev(1.25, 3.5)},
-           "runs": {}, "partial_seconds": {"s2": 1121.7}}
+           "runs": {}, "partial_seconds": {"s2": 1121.7}, "partial_steps": {"s2": [640, 863]}}
     text = report.tables(doc)
     row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
     assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
-    assert "| s2 (unfinished) | - | 1121.7 |" in text
+    assert "| s2 (unfinished) | 640 of 863 | 1121.7 |" in text
 
 
 def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resu
     def call(seconds):
         study.T0 = time.time()
         args = SimpleNamespace(out=str(tmp_path / "out"), work=str(w), recipe="tiny", deadline=seconds,
-                               save_every=10_000, fast=False, shared=False, later=0.0)
+                               save_every=10_000, fast=False, later=0.0)
         (tmp_path / "out").mkdir(exist_ok=True)
         with pytest.raises(study.OutOfTime):
             study.Chain(args, "main").train(1, "s1", w / "m", 100_000, [])

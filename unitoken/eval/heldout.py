@@ -36,21 +36,32 @@ def heldout_items(dataset: ShardDataset, limit: int | None, seed: int = 0) -> li
     return picked
 
 
-@torch.no_grad()
-def heldout_loss(model, builder, tokens: str | Path, split: str = "test", limit: int | None = 500,
-                 batch_size: int = 32, seed: int = 0, progress=None) -> list[dict]:
-    """Per-record loss on ``split`` -> [{id, task, category (the record's source), score (mean
-    NLL per supervised token), tokens}], ``limit`` records per task.
+def heldout_dataset(tokens: str | Path, builder, split: str = "test") -> ShardDataset:
+    """The ``split`` records of a pre-tokenised dir (checked against the model's VQ/vision config).
 
     Raises:
-        ValueError: the split has no records in ``tokens``.
+        ValueError: pre-tokenised for another config, or no records of ``split``.
     """
     dataset = ShardDataset(tokens, builder, splits=[split])
     if not len(dataset):
         raise ValueError(f"{tokens}: no pre-tokenised records of split {split!r}")
+    return dataset
+
+
+@torch.no_grad()
+def heldout_loss(model, builder, tokens: str | Path | ShardDataset, split: str = "test", limit: int | None = 500,
+                 batch_size: int = 32, progress=None) -> list[dict]:
+    """Per-record loss on ``split`` -> [{id, task, category (the record's source), score (mean
+    NLL per supervised token), tokens}], ``limit`` records per task, the same records for every
+    model. A record without supervised tokens has no loss and is left out.
+
+    Raises:
+        ValueError: see ``heldout_dataset``.
+    """
+    dataset = tokens if isinstance(tokens, ShardDataset) else heldout_dataset(tokens, builder, split)
     model.eval()
     device = next(model.parameters()).device
-    picked = heldout_items(dataset, limit, seed)
+    picked = heldout_items(dataset, limit)
     results = []
     for start in range(0, len(picked), batch_size):
         samples = [dataset[i] for i in picked[start : start + batch_size]]
@@ -63,6 +74,8 @@ def heldout_loss(model, builder, tokens: str | Path, split: str = "test", limit:
         targets = batch["labels"][:, 1:].to(device)
         for row, sample in enumerate(samples):
             keep = targets[row] != IGNORE
+            if not bool(keep.any()):
+                continue
             logits = model.lm_head(hidden[row, :-1][keep]).float()
             nll = torch.nn.functional.cross_entropy(logits, targets[row][keep], reduction="sum")
             n = int(keep.sum())
@@ -76,11 +89,10 @@ def heldout_loss(model, builder, tokens: str | Path, split: str = "test", limit:
 
 def summarize_loss(results: list[dict]) -> dict:
     """{task: {"mean", "n", "categories": {source: mean}}} of per-record losses."""
-    out: dict[str, dict] = {}
+    from unitoken.eval.runner import summarize
+
+    out = {}
     for task in sorted({r["task"] for r in results}):
-        rows = [r for r in results if r["task"] == task]
-        cats = sorted({r["category"] for r in rows})
-        out[task] = {"mean": round(sum(r["score"] for r in rows) / len(rows), 5), "n": len(rows),
-                     "categories": {c: round(sum(r["score"] for r in rows if r["category"] == c) /
-                                             sum(1 for r in rows if r["category"] == c), 5) for c in cats}}
+        s = summarize([r for r in results if r["task"] == task], task, 0.0)
+        out[task] = {"mean": s["overall"], "n": s["n"], "categories": s["categories"]}
     return out

@@ -48,6 +48,10 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(model_path, device=device)
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+    if heldout_tokens is not None:  # a mismatched or empty dir fails before the suites run
+        from unitoken.eval.heldout import heldout_dataset, heldout_loss, summarize_loss
+
+        heldout_data = heldout_dataset(heldout_tokens, builder)
     all_items, summary = [], {}
     for suite in suites:
         bar, update = progress_factory(suite) if progress_factory else (None, None)
@@ -71,12 +75,10 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         summary[suite] = summarize(results, SUITES[suite], chance)
     heldout = None
     if heldout_tokens is not None:
-        from unitoken.eval.heldout import heldout_loss, summarize_loss
-
         bar, update = progress_factory("held-out loss") if progress_factory else (None, None)
         with bar or nullcontext():
-            losses = heldout_loss(model, builder, heldout_tokens, limit=heldout_limit, batch_size=batch_size,
-                                  seed=seed, progress=update)
+            losses = heldout_loss(model, builder, heldout_data, limit=heldout_limit, batch_size=batch_size,
+                                  progress=update)
         (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
         heldout = {"tokens": str(heldout_tokens), "split": "test", **summarize_loss(losses)}
     metrics = {f"{s}/overall": v["overall"] for s, v in summary.items()}

@@ -127,3 +127,49 @@ def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, 
         chain.wait_evals()
     assert order == ["a", "late"] and chain.pending is None
     chain.wait_evals()  # the failure was handed over once
+
+
+FAKE_CHAIN = """#!/usr/bin/env bash
+# stands in for `python small_study.py chain ...`: logs its GPU, role and share, then exits
+which=""; share=""
+while [ $# -gt 0 ]; do
+  case "$1" in --which) which=$2;; --ablation-share) share=$2;; esac; shift
+done
+echo "start $which gpu=$CUDA_VISIBLE_DEVICES share=$share" >> "$CHAIN_LOG"
+sleep 0.5
+echo "end $which" >> "$CHAIN_LOG"
+[ "$which" = main ] && exit "${MAIN_RC:-0}"
+exit 0
+"""
+
+
+@pytest.mark.parametrize("gpus, main_only, main_rc, want", [
+    ("0", False, 0, ["start main gpu=0 share=0.5", "end main", "start ablation gpu=0 share=0.5", "end ablation"]),
+    ("0", False, 75, ["start main gpu=0 share=0.5", "end main"]),  # main out of time: no ablation this call
+    ("0", True, 0, ["start main gpu=0 share=0.0", "end main"]),
+    ("0,1", False, 0, None),  # side by side, one GPU each
+])
+def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, gpus, main_only, main_rc, want):
+    import argparse
+    import stat
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_CHAIN)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(study, "PY", str(fake))
+    monkeypatch.setenv("CHAIN_LOG", str(tmp_path / "chains.log"))
+    monkeypatch.setenv("MAIN_RC", str(main_rc))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "setup_done").touch()
+    args = argparse.Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "w"), recipe="small", device="cuda",
+                              deadline=500.0, later=0.0, gpus=gpus, main_only=main_only, ablation_share=0.5,
+                              fast=True, **{k: None for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction",
+                                                                "limit", "limit_gen", "sweep_limit", "step_factor",
+                                                                "reserve", "calib_steps", "abl_unit", "save_every",
+                                                                "heldout_limit")})
+    study.run(args)
+    lines = (tmp_path / "chains.log").read_text().splitlines()
+    if want is not None:
+        assert lines == want
+    else:
+        assert sorted(lines[:2]) == ["start ablation gpu=1 share=0.0", "start main gpu=0 share=0.0"]

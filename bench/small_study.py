@@ -329,15 +329,44 @@ class Chain:
     def left(self) -> float:
         return self.deadline - time.time()
 
-    def plan(self, name: str, make) -> dict:
-        """plan.json entries are computed once (in the first call) and kept."""
+    def plan(self, name: str, make, replace: bool = False) -> dict:
+        """plan.json entries are computed once (in the first call) and kept (``replace``: ``make()`` anew)."""
         path = self.w / f"plan_{self.which}.json"
         plans = json.loads(path.read_text()) if path.is_file() else {}
-        if name not in plans:
+        if name not in plans or replace:
             plans[name] = make()
             path.write_text(json.dumps(plans, indent=1))
             self.res.set("plan", value=plans)
         return plans[name]
+
+    def fit_stages(self, sizes: dict) -> dict:
+        """Shorten stages 2 and 3 when stage 2, resumed in a later call, cannot finish them and the
+        evaluations in the time left at its measured speed (run 5's stage 2 ran at half its planned
+        speed and the study ended with no stage-2 or stage-3 score). The learning rate then drops
+        to where the shorter cosine is at the resumed step and follows it to the new end (checked
+        on the CPU: `unitoken train --resume auto` with a smaller --max-steps); the plan keeps
+        what it replaced, and the report says so."""
+        a = self.args
+        metrics = self.w / "s2" / "metrics.jsonl"
+        if a.s2_steps or "s2" in self.res.doc["runs"] or not metrics.is_file():
+            return sizes
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if len(rows) < 5:
+            return sizes
+        ckpts = [int(c.name.removeprefix("step_")) for c in (self.w / "s2" / "checkpoints").glob("step_*")]
+        done, step_s = max([rows[-1]["step"], *ckpts]), steady_step_s(metrics) * a.step_factor
+        need = (sizes["s2_steps"] - done + sizes["s3_steps"]) * step_s
+        afford = self.budget() - a.reserve - 60  # the stage-2 evaluation
+        if need <= afford:
+            return sizes
+        f = max(0.0, afford) / need
+        new = {"s2_steps": done + max(2, int((sizes["s2_steps"] - done) * f)),
+               "s3_steps": max(2, int(sizes["s3_steps"] * f)),
+               "replanned": {"at_step": done, "step_s": round(step_s, 4), "from": sizes.get("replanned", {}).get(
+                   "from", {k: sizes[k] for k in ("s2_steps", "s3_steps")})}}
+        log(f"main: stage 2 at step {done} of {sizes['s2_steps']} needs ~{need:.0f}s with stage 3, {afford:.0f}s "
+            f"left: stages shortened to {new['s2_steps']} + {new['s3_steps']} steps")
+        return self.plan("stages", lambda: new, replace=True)
 
     def train(self, stage: int, name: str, init: Path, steps: int, sets: list[str]) -> dict:
         run_dir = self.w / name
@@ -463,7 +492,7 @@ class Chain:
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
             return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2))}
 
-        sizes = self.plan("stages", size_stages)
+        sizes = self.fit_stages(self.plan("stages", size_stages))
         self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)
         self.train(3, "s3", w / "s2" / "handoff", sizes["s3_steps"], [])

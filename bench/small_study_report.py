@@ -127,6 +127,12 @@ def tables(doc: dict) -> str:
         if key not in runs:  # cut off by the study's end: the time it had and how far it got
             done, planned = doc["partial_steps"].get(key, ("-", "-"))
             out.append(f"| {key} (unfinished) | {done} of {planned} | {seconds} | - | - |")
+    stages = doc.get("results_main.json", {}).get("plan", {}).get("stages", {})
+    if "replanned" in stages:  # bench/small_study.py Chain.fit_stages
+        r = stages["replanned"]
+        out += ["", f"Stages 2 + 3 were shortened from {r['from']['s2_steps']} + {r['from']['s3_steps']} to "
+                    f"{stages['s2_steps']} + {stages['s3_steps']} steps when stage 2, at step {r['at_step']} "
+                    f"({r['step_s']} s/step with the margin), could not finish in the time left."]
     return "\n".join(out)
 
 

@@ -91,7 +91,10 @@ def test_table_5_shows_the_held_out_loss_change_of_joint_training():
 
     doc = {"evals": {"abl_disc_und": ev(1.0, 6.0), "abl_disc_gen": ev(6.0, 3.0), "abl_disc_both": ev(1.25, 3.5)},
            "runs": {}, "partial_seconds": {"s2": 1121.7}, "partial_steps": {"s2": [640, 863]}}
+    doc["results_main.json"] = {"plan": {"stages": {"s2_steps": 300, "s3_steps": 90, "replanned": {
+        "at_step": 200, "step_s": 1.2, "from": {"s2_steps": 863, "s3_steps": 258}}}}}
     text = report.tables(doc)
+    assert "shortened from 863 + 258 to 300 + 90 steps when stage 2, at step 200" in text
     row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
     assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
     assert "| s2 (unfinished) | 640 of 863 | 1121.7 |" in text
@@ -173,3 +176,34 @@ def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, g
         assert lines == want
     else:
         assert sorted(lines[:2]) == ["start ablation gpu=1 share=0.0", "start main gpu=0 share=0.0"]
+
+
+def test_a_stage_2_too_slow_for_the_time_left_is_shortened_and_stage_3_with_it(tmp_path):
+    """Run 5's failure: stage 2 ran at half its planned speed and no stage-2/3 score came out.
+    Resumed in a later call, the main chain now fits stages 2 + 3 and the evaluations into the
+    time left at the measured speed; with time enough it keeps the plan."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    w = tmp_path / "w"
+    (w / "s2" / "checkpoints" / "step_000100").mkdir(parents=True)
+    (w / "s2" / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "step_s": 1.0, "loss": 2.0}) + "\n"
+                                                    for i in range(1, 98)))
+    study.T0 = time.time()
+
+    def chain(deadline):
+        args = SimpleNamespace(out=str(tmp_path), work=str(w), deadline=deadline, later=0.0, s2_steps=None,
+                               reserve=170.0, step_factor=1.15)
+        return study.Chain(args, "main")
+
+    plan = {"s2_steps": 863, "s3_steps": 258}
+    assert chain(10_000).fit_stages(plan) == plan  # (763 + 258) steps x 1.15 s fit in 10,000 s
+    c = chain(400)
+    new = c.fit_stages(plan)
+    assert 100 < new["s2_steps"] < 863 and 2 <= new["s3_steps"] < 258
+    assert (new["s2_steps"] - 100 + new["s3_steps"]) * 1.15 <= 400 - 170 - 60
+    assert new["replanned"] == {"at_step": 100, "step_s": 1.15, "from": plan}
+    assert json.loads((w / "plan_main.json").read_text())["stages"] == new  # the next call starts from it
+    again = c.fit_stages(new)  # still too slow later on: shortened again, the original plan kept
+    assert again["replanned"]["from"] == plan

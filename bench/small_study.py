@@ -356,12 +356,13 @@ class Chain:
         ckpts = [int(c.name.removeprefix("step_")) for c in (self.w / "s2" / "checkpoints").glob("step_*")]
         done, step_s = max([rows[-1]["step"], *ckpts]), steady_step_s(metrics) * a.step_factor
         need = (sizes["s2_steps"] - done + sizes["s3_steps"]) * step_s
-        afford = self.budget() - a.reserve - 60  # the stage-2 evaluation
+        # less the stage-2 evaluation, and on one GPU the ablation's share fixed when the plan was made
+        afford = self.budget() - a.reserve - 60 - sizes.get("ablation_s", 0.0)
         if need <= afford:
             return sizes
         f = max(0.0, afford) / need
         new = {"s2_steps": done + max(2, int((sizes["s2_steps"] - done) * f)),
-               "s3_steps": max(2, int(sizes["s3_steps"] * f)),
+               "s3_steps": max(2, int(sizes["s3_steps"] * f)), "ablation_s": sizes.get("ablation_s", 0.0),
                "replanned": {"at_step": done, "step_s": round(step_s, 4), "from": sizes.get("replanned", {}).get(
                    "from", {k: sizes[k] for k in ("s2_steps", "s3_steps")})}}
         log(f"main: stage 2 at step {done} of {sizes['s2_steps']} needs ~{need:.0f}s with stage 3, {afford:.0f}s "
@@ -490,7 +491,8 @@ class Chain:
                 # on one GPU the ablation runs after this chain, in --ablation-share of the time left
                 avail = (self.budget() * (1 - a.ablation_share) - a.reserve) / (1 + a.s3_fraction)
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
-            return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2))}
+            return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2)),
+                    "ablation_s": round(self.budget() * a.ablation_share, 1)}
 
         sizes = self.fit_stages(self.plan("stages", size_stages))
         self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])

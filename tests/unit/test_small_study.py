@@ -207,3 +207,7 @@ def test_a_stage_2_too_slow_for_the_time_left_is_shortened_and_stage_3_with_it(t
     assert json.loads((w / "plan_main.json").read_text())["stages"] == new  # the next call starts from it
     again = c.fit_stages(new)  # still too slow later on: shortened again, the original plan kept
     assert again["replanned"]["from"] == plan
+    # on one GPU the ablation's seconds, fixed with the plan, stay out of the main chain's reach
+    shared = chain(600).fit_stages(plan | {"ablation_s": 200.0})
+    assert (shared["s2_steps"] - 100 + shared["s3_steps"]) * 1.15 <= 600 - 170 - 60 - 200
+    assert shared["ablation_s"] == 200.0

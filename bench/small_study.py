@@ -290,8 +290,13 @@ def bundle(w: Path, dest: Path, which: str) -> None:
     tmp.replace(dest)
 
 
+def metric_rows(metrics: Path) -> list[dict]:
+    """The rows of a training run's metrics.jsonl ([] before it has one)."""
+    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+
+
 def steady_step_s(metrics: Path) -> float:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    rows = metric_rows(metrics)
     tail = rows[len(rows) // 2:] or rows
     return statistics.median(r["step_s"] for r in tail)
 
@@ -348,10 +353,8 @@ class Chain:
         what it replaced, and the report says so."""
         a = self.args
         metrics = self.w / "s2" / "metrics.jsonl"
-        if a.s2_steps or "s2" in self.res.doc["runs"] or not metrics.is_file():
-            return sizes
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        if len(rows) < 5:
+        rows = metric_rows(metrics)
+        if a.s2_steps or "s2" in self.res.doc["runs"] or len(rows) < 5:
             return sizes
         ckpts = [int(c.name.removeprefix("step_")) for c in (self.w / "s2" / "checkpoints").glob("step_*")]
         done, step_s = max([rows[-1]["step"], *ckpts]), steady_step_s(metrics) * a.step_factor
@@ -402,10 +405,8 @@ class Chain:
                     "the step); the next call resumes it")
                 spent = self.res.doc.get("partial_seconds", {}).get(key, 0.0)
                 self.res.set("partial_seconds", key, value=round(spent + time.time() - t, 1))
-                metrics = run_dir / "metrics.jsonl"  # how far it got (run 5's stage 2 left no trace)
-                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()] \
-                    if metrics.is_file() else []
-                self.res.set("partial_steps", key, value=[done[-1] if done else 0, steps])
+                done = metric_rows(run_dir / "metrics.jsonl")  # how far it got (run 5's stage 2 left no trace)
+                self.res.set("partial_steps", key, value=[done[-1]["step"] if done else 0, steps])
                 raise OutOfTime(name) from None
         log_text = (self.w / "logs" / f"{key}.log").read_text(errors="replace") if rc else ""
         if rc and fast and "OutOfMemoryError" not in log_text:  # run 3: an OOM was blamed on varlen
@@ -416,7 +417,7 @@ class Chain:
             return self.train(stage, name, init, steps, sets)
         if rc:
             raise RuntimeError(f"{name}: unitoken train exited {rc}; see {self.w / 'logs' / (key + '.log')}")
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = metric_rows(run_dir / "metrics.jsonl")
         prev = self.res.doc.get("partial_seconds", {}).get(key, 0.0)  # earlier calls' share of this run
         info = {"stage": stage, "steps": steps, "sets": sets + extra,
                 "seconds": round(prev + time.time() - t, 1),

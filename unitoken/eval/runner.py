@@ -73,14 +73,6 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         for r in results:
             all_items.append({"suite": suite, "task": SUITES[suite], **r})
         summary[suite] = summarize(results, SUITES[suite], chance)
-    heldout = None
-    if heldout_tokens is not None:
-        bar, update = progress_factory("held-out loss") if progress_factory else (None, None)
-        with bar or nullcontext():
-            losses = heldout_loss(model, builder, heldout_data, limit=heldout_limit, batch_size=batch_size,
-                                  progress=update)
-        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
-        heldout = {"tokens": str(heldout_tokens), "split": "test", **summarize_loss(losses)}
     metrics = {f"{s}/overall": v["overall"] for s, v in summary.items()}
     metrics.update({f"{s}/{c}": x for s, v in summary.items() for c, x in v["categories"].items()})
     weights = Path(model_path) / "model.safetensors"
@@ -88,8 +80,13 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
               "model_sha256": sha256_file(weights) if weights.is_file() else None,
               "settings": {"limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
                            "seed": seed, "data": str(data)}}
-    if heldout:
-        report["heldout"] = heldout
+    if heldout_tokens is not None:
+        bar, update = progress_factory("held-out loss") if progress_factory else (None, None)
+        with bar or nullcontext():
+            losses = heldout_loss(model, builder, heldout_data, limit=heldout_limit, batch_size=batch_size,
+                                  progress=update)
+        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
+        report["heldout"] = {"tokens": str(heldout_tokens), "split": "test", **summarize_loss(losses)}
     (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in all_items))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.html").write_text(render_html(report, all_items, out))

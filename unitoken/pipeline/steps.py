@@ -288,13 +288,19 @@ def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, ini
                        out, cache, parent_run_id, compute)
 
 
+def tokens_digest(tokens: Path) -> str:
+    """Identity of pre-tokenised data: its index.json names every shard with its digest."""
+    from unitoken.files import sha256_file
+
+    return sha256_file(Path(tokens) / "index.json")
+
+
 def _stage_inputs(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, max_steps: int) -> dict:
     from unitoken.config import config_hash
-    from unitoken.files import sha256_file
     from unitoken.recipes import get_recipe
 
     return {"stage": stage, "recipe": recipe, "recipe_sha256": config_hash(get_recipe(recipe, overrides)),
-            "max_steps": max_steps, "tokens_sha256": sha256_file(Path(tokens) / "index.json"),
+            "max_steps": max_steps, "tokens_sha256": tokens_digest(tokens),
             "init_sha256": model_digest(init)}
 
 
@@ -319,13 +325,11 @@ def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path,
     ``heldout_loss/<task>`` (cached: ``cached_step``; a hit logs the cached metrics on its run, so
     scores read the same)."""
     from unitoken.eval.runner import evaluate as run_eval
-    from unitoken.files import sha256_file
 
     device = _device()
     names = [s.strip() for s in suites.split(",") if s.strip()]
     def inputs():
-        held = {"tokens_sha256": sha256_file(Path(tokens) / "index.json"), "heldout_limit": heldout_limit} \
-            if tokens else {}
+        held = {"tokens_sha256": tokens_digest(tokens), "heldout_limit": heldout_limit} if tokens else {}
         return {"model_sha256": model_digest(model_dir), "data_sha256": dataset_digest(dataset), "suites": names,
                 "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "device": device, **held}
 

@@ -251,7 +251,7 @@ def run(args) -> None:
     chain = [PY, __file__, "chain", "--out", out, "--work", w, "--recipe", args.recipe, "--device", args.device,
              "--later", args.later, "--ablation-share", share]
     for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction", "limit", "limit_gen", "sweep_limit", "step_factor",
-              "reserve", "calib_steps", "abl_unit", "save_every", "heldout_limit"):
+              "reserve", "calib_steps", "abl_unit", "abl_batch", "save_every", "heldout_limit"):
         if getattr(args, k) is not None:
             chain += [f"--{k.replace('_', '-')}", getattr(args, k)]
     if args.fast:
@@ -276,6 +276,14 @@ def run(args) -> None:
 
 def bundle(w: Path, dest: Path, which: str) -> None:
     """Raw per-item results, metrics and some generated images of one chain -> ``dest`` (tar.gz)."""
+    with _BUNDLING:  # the chain and an evaluation's thread may both bundle
+        _bundle(w, dest, which)
+
+
+_BUNDLING = threading.Lock()
+
+
+def _bundle(w: Path, dest: Path, which: str) -> None:
     tmp = dest.with_suffix(".tmp")
     prefix = "abl" if which == "ablation" else "s"
     with tarfile.open(tmp, "w:gz") as tar:
@@ -306,6 +314,7 @@ FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
+EVAL_OVERRUN_S = 20.0  # an evaluation in flight may run this far past the deadline (calls end 40 s later)
 
 
 class OutOfTime(Exception):
@@ -456,12 +465,17 @@ class Chain:
             except BaseException as err:  # noqa: BLE001 - raised in the chain's thread by wait_evals
                 self.pending_error = err
 
-        self.pending = threading.Thread(target=work, name=f"eval-{args[0]}")
+        # a daemon: one still running when a call's time is up must not hold the process open
+        self.pending = threading.Thread(target=work, name=f"eval-{args[0]}", daemon=True)
         self.pending.start()
 
-    def wait_evals(self) -> None:
+    def wait_evals(self, timeout: float | None = None) -> None:
+        """Wait for the evaluation in flight (at most ``timeout`` s: then OutOfTime, and the
+        next call redoes it) and raise what it raised."""
         if self.pending is not None:
-            self.pending.join()
+            self.pending.join(timeout)
+            if self.pending.is_alive():
+                raise OutOfTime(f"eval {self.pending.name.removeprefix('eval-')} (still running)")
             self.pending = None
         err, self.pending_error = self.pending_error, None
         if err is not None:
@@ -522,11 +536,17 @@ class Chain:
         disc = ["model.encoder_mode=discrete"]
         und, gen = ["train.stage2.generation_ratio=0"], ["train.stage2.understanding_ratio=0"]
         s1 = w / "s1" / "handoff"
+        # No dual generation-only run: a text-to-image sample has no input image, so the continuous
+        # path never runs, and stage 1 changed only the ViT and adapter; it would train the same LLM
+        # from the same init on the same sequences as disc_gen (run 5: losses 3.8632 vs 3.8597 on
+        # the GPU, equal to the last digit on the CPU). Table 5's row 5 is disc_gen's run.
         runs = [("disc_und", w / "m_disc", disc + und, 1), ("disc_gen", w / "m_disc", disc + gen, 1),
-                ("disc_both", w / "m_disc", disc, 2), ("dual_und", s1, und, 1),
-                ("dual_gen", s1, gen, 1), ("dual_both", s1, [], 2),
+                ("disc_both", w / "m_disc", disc, 2), ("dual_und", s1, und, 1), ("dual_both", s1, [], 2),
                 ("dual_u2g1", s1, ["train.stage2.understanding_ratio=2", "train.stage2.generation_ratio=1"], 2),
                 ("dual_u1g2", s1, ["train.stage2.understanding_ratio=1", "train.stage2.generation_ratio=2"], 2)]
+        # Fewer samples per step than the recipe's 256, so more optimiser steps in the same compute:
+        # every run is short and starts from a random LLM, where steps count for more than samples.
+        batch = [f"train.stage2.batch_size={a.abl_batch}"] if a.abl_batch else []
         # Each evaluation runs beside the next training (run 5: 11-56 s each, ~18 % of the
         # ablation's time, start-ups ~30 s each another ~20 %, when they ran in turn); what an
         # evaluation still costs is contention (a guess: 10 s) and the last one in full (run 5's
@@ -536,7 +556,7 @@ class Chain:
         def size_unit() -> dict:
             if a.abl_unit:
                 return {"unit_steps": a.abl_unit}
-            calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc)
+            calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc + batch)
             per_step = calib["step_s"] * 1.2  # dual steps cost a little more than discrete ones
             steps = sum(r[3] for r in runs)
             unit = max(2, int((self.budget() - len(runs) * (eval_s + start_s) - last_eval_s) / (steps * per_step)))
@@ -545,13 +565,14 @@ class Chain:
 
         unit = self.plan("ablation", size_unit)["unit_steps"]
         self.res.set("unit_steps", value=unit)
+        self.res.set("abl_batch", value=a.abl_batch or None)
         suites = {"und": ["shapes-vqa"], "gen": ["shapes-geneval"]}
         for name, init, sets, rel in runs:
             while init == s1 and not (w / "s1_done").exists():
                 if self.left() < 30:
                     raise OutOfTime("waiting for stage 1")
                 time.sleep(2)
-            self.train(2, f"abl/{name}", init, rel * unit, sets)
+            self.train(2, f"abl/{name}", init, rel * unit, sets + batch)
             self.eval_beside(f"abl_{name}", w / "abl" / name / "handoff",
                              suites.get(name.split("_")[1], ["shapes-vqa", "shapes-geneval"]),
                              max(1, a.limit // 2), max(1, a.limit_gen // 2), need=60)
@@ -575,9 +596,12 @@ def chain_main(args) -> None:
         c.main() if args.which == "main" else c.ablation()
     except BaseException as e:
         try:
-            c.wait_evals()  # an evaluation in flight finishes (it checked the time when it began)
-        except OutOfTime:
-            pass
+            # an evaluation in flight may finish (it checked the time when it began), but not past
+            # the call: the device tool would kill the call and nothing of it would come back
+            c.wait_evals(timeout=max(0.0, c.left()) + EVAL_OVERRUN_S)
+        except OutOfTime as err:
+            if "still running" in str(err):
+                log(f"{args.which}: {err} at the end of this call: left unfinished; the next call redoes it")
         except Exception as err:  # noqa: BLE001 - said, then the chain's own outcome stands
             log(f"{args.which}: the evaluation beside the training failed: {err!r}; the next call redoes it")
         if not isinstance(e, OutOfTime):
@@ -606,6 +630,8 @@ def main() -> None:
         p.add_argument("--step-factor", type=float, default=1.15, help="safety margin on the measured step time")
         p.add_argument("--calib-steps", type=int, default=12, help="ablation: steps that measure the step time")
         p.add_argument("--abl-unit", type=int, help="ablation: fixed steps per task")
+        p.add_argument("--abl-batch", type=int, default=128,
+                       help="ablation: samples per step (0: the recipe's stage-2 batch size)")
         p.add_argument("--limit", type=int, default=1000, help="shapes-vqa items in the final evaluation")
         p.add_argument("--limit-gen", type=int, default=400, help="shapes-geneval prompts in the final evaluation")
         p.add_argument("--sweep-limit", type=int, default=128)

@@ -98,6 +98,16 @@ def test_table_5_shows_the_held_out_loss_change_of_joint_training():
     row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
     assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
     assert "| s2 (unfinished) | 640 of 863 | 1121.7 |" in text
+    # no dual generation-only run (since run 6): row 5 is row 2's run, and the dual joint run's
+    # generation change is taken against it
+    doc["evals"] |= {"abl_dual_und": ev(0.9, 6.0), "abl_dual_both": ev(0.95, 3.25)}
+    doc["results_ablation.json"] = {"unit_steps": 90, "abl_batch": 128}
+    text = report.tables(doc)
+    assert "Ablation unit u = 90 steps of 128 samples" in text
+    row5 = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    assert "row 2's run" in row5 and "3.000 [2.900, 3.100]" in row5
+    row6 = next(line for line in text.splitlines() if line.startswith("| 6 |"))
+    assert "0.950 [0.850, 1.050] (+0.050)" in row6 and "3.250 [3.150, 3.350] (+0.250)" in row6
 
 
 def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, monkeypatch):
@@ -130,6 +140,15 @@ def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, 
         chain.wait_evals()
     assert order == ["a", "late"] and chain.pending is None
     chain.wait_evals()  # the failure was handed over once
+
+    # at a call's end the chain waits a bounded time: a slow evaluation is left (a daemon thread,
+    # so the process can exit) and the next call redoes it
+    monkeypatch.setattr(chain, "eval", lambda *a, **k: time.sleep(1.0))
+    chain.eval_beside("slow")
+    with pytest.raises(study.OutOfTime, match="eval slow .still running"):
+        chain.wait_evals(timeout=0.1)
+    assert chain.pending.daemon and "slow" not in chain.res.doc["evals"]
+    chain.wait_evals()  # it does finish when waited for
 
 
 FAKE_CHAIN = """#!/usr/bin/env bash
@@ -168,8 +187,8 @@ def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, g
                               deadline=500.0, later=0.0, gpus=gpus, main_only=main_only, ablation_share=0.5,
                               fast=True, **{k: None for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction",
                                                                 "limit", "limit_gen", "sweep_limit", "step_factor",
-                                                                "reserve", "calib_steps", "abl_unit", "save_every",
-                                                                "heldout_limit")})
+                                                                "reserve", "calib_steps", "abl_unit", "abl_batch",
+                                                                "save_every", "heldout_limit")})
     study.run(args)
     lines = (tmp_path / "chains.log").read_text().splitlines()
     if want is not None:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import small_study as study  # noqa: E402 - the study's statistics (bench/ is not a package)
 
 
 def fmt(e: dict | None, suite: str) -> str:
@@ -22,8 +26,19 @@ def fmt(e: dict | None, suite: str) -> str:
 
 
 def loss(e: dict | None, task: str) -> float | None:
-    """Held-out loss of a task (bench/small_study.py heldout); None where not measured."""
+    """Held-out loss of a task (bench/small_study.py heldout_summary); None where not measured."""
     return e["heldout"][task]["mean"] if e and task in e.get("heldout", {}) else None
+
+
+def loss_delta(doc: dict, joint: str, single: str, task: str) -> str:
+    """" (change [95 % CI])" of the held-out loss, joint run minus single-task run, paired on
+    the same records (from the raw per-record files); the plain difference without them."""
+    recs = doc.get("heldout_records", {})
+    if joint in recs and single in recs:
+        d = study.loss_change(recs[single], recs[joint], task)
+        if d["n"]:
+            return f" ({d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
+    return _delta(loss(doc["evals"].get(joint), task), loss(doc["evals"].get(single), task))
 
 
 def fmt_loss(e: dict | None, task: str) -> str:
@@ -99,8 +114,9 @@ def tables(doc: dict) -> str:
         out += ["", f"Ablation unit u = {abl['unit_steps']} steps of {batch} samples: single-task runs u steps, "
                     "joint and Table 6 runs 2u."]
     out += ["", "Table 5 style (stage 2 only; single-task runs see as many samples of their task as the joint run;",
-            "held-out loss: mean NLL per supervised token of test records, lower is better; in brackets after",
-            "a joint run: its change against the single-task run of the same encoding):", "",
+            "held-out loss: mean NLL per supervised token of test records of stage 2's sources (VQA; text-to-image),",
+            "lower is better; in brackets after a joint run: its change against the single-task run of the same",
+            "encoding, paired on the same records where the per-record files are there):", "",
             "| # | encoding | stage-2 data | shapes-VQA | shapes-GenEval | held-out loss, und | held-out loss, gen |",
             "|---|---|---|---|---|---|---|"]
     n = 0
@@ -119,9 +135,10 @@ def tables(doc: dict) -> str:
             if data == "both":
                 v += _delta(score(e, "shapes-vqa"), score(und, "shapes-vqa"))
                 g += _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
-                lu += _delta(loss(e, "understanding"), loss(und, "understanding"))
-                lg += _delta(loss(e, "generation"), loss(gen, "generation"))
+                lu += loss_delta(doc, f"abl_{enc}_both", f"abl_{enc}_und", "understanding")
+                lg += loss_delta(doc, f"abl_{enc}_both", "abl_disc_gen" if shared else f"abl_{enc}_gen", "generation")
             out.append(f"| {n} | {label} | {data} | {v} | {g} | {lu} | {lg} |")
+    out += interference(doc)
     out += ["", "Table 6 style (dual, stage 2, understanding:generation data ratio, same steps as the 1:1 run):",
             "", "| und:gen | shapes-VQA | shapes-GenEval | held-out loss, und | held-out loss, gen |",
             "|---|---|---|---|---|"]
@@ -147,6 +164,48 @@ def tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def per_item(doc: dict, name: str, measure: str) -> dict[str, float]:
+    """{item id: value} of one evaluation: a suite's scores, or a task's held-out losses on stage
+    2's sources (empty without the raw per-item files)."""
+    if measure.startswith("shapes-"):
+        return doc.get("items", {}).get(name, {}).get(measure, {})
+    from unitoken.recipes import SYNTH_STAGE2
+
+    return {r["id"]: r["score"] for r in doc.get("heldout_records", {}).get(name, [])
+            if r["task"] == measure and r["category"] in SYNTH_STAGE2}
+
+
+def interference(doc: dict) -> list[str]:
+    """What joint training changed per encoding, and dual minus discrete-only in that change, each
+    paired on the same items (the paper's claim: dual encoding suffers less interference). The
+    generation-only run is shared by both encodings (Table 5's row 5)."""
+    measures = (("shapes-VQA", "shapes-vqa", "und"), ("shapes-GenEval", "shapes-geneval", "gen"),
+                ("held-out loss, und", "understanding", "und"), ("held-out loss, gen", "generation", "gen"))
+    rows = []
+    for label, measure, single in measures:
+        change = {}
+        for enc in ("disc", "dual"):
+            alone = "abl_disc_gen" if single == "gen" and "abl_dual_gen" not in doc["evals"] else f"abl_{enc}_{single}"
+            a, b = per_item(doc, alone, measure), per_item(doc, f"abl_{enc}_both", measure)
+            change[enc] = {i: b[i] - a[i] for i in set(a) & set(b)}
+        if not (change["disc"] and change["dual"]):
+            continue
+        d, u = (study.paired_diff({i: 0.0 for i in c}, c) for c in (change["disc"], change["dual"]))
+        x = study.paired_diff(change["disc"], change["dual"])
+        rows.append(f"| {label} | {_ci(d)} | {_ci(u)} | {_ci(x)} | {x['n']} |")
+    if not rows:
+        return []
+    return ["", "Joint training's change against the single-task run, per encoding, and dual minus discrete-only",
+            "in that change (paired on the same items; for a score + is better, for a loss - is; interference",
+            "shows as a drop in score / a rise in loss, and the paper's claim as dual minus discrete > 0 in",
+            "score / < 0 in loss):", "",
+            "| measure | discrete only | dual | dual minus discrete | items |", "|---|---|---|---|---|", *rows]
+
+
+def _ci(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
 def _chance(e: dict, suite: str) -> str:
     return f"{e[suite]['chance']:.3f}" if suite in e and "chance" in e[suite] else "-"
 
@@ -156,8 +215,10 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 def load(folder: Path) -> dict:
-    """results.json (setup) + results_main.json + results_ablation.json, evals and runs merged."""
-    doc = {"evals": {}, "runs": {}, "partial_seconds": {}, "partial_steps": {}}
+    """results.json (setup) + results_main.json + results_ablation.json, evals and runs merged;
+    with the raw archives, every evaluation's per-record held-out losses (``heldout_records``),
+    its held-out summary recomputed from them (run 6's JSON has the mean over all sources)."""
+    doc = {"evals": {}, "runs": {}, "partial_seconds": {}, "partial_steps": {}, "heldout_records": {}, "items": {}}
     for name in ("results.json", "results_main.json", "results_ablation.json"):
         path = folder / name
         if path.is_file():
@@ -165,6 +226,17 @@ def load(folder: Path) -> dict:
             for key in ("evals", "runs", "partial_seconds", "partial_steps"):
                 doc[key].update(part.pop(key, {}))
             doc[name] = part
+    for raw in sorted(folder.glob("raw_*.tar.gz")):
+        with tarfile.open(raw) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")  # evals/NAME/SUITE/heldout.jsonl
+                if len(parts) == 4 and parts[0] == "evals" and parts[3] == "heldout.jsonl" and parts[1] in doc["evals"]:
+                    rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
+                    doc["heldout_records"][parts[1]] = rows
+                    doc["evals"][parts[1]]["heldout"] = study.heldout_summary(rows)
+                elif len(parts) == 4 and parts[0] == "evals" and parts[3] == "items.jsonl":
+                    rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
+                    doc["items"].setdefault(parts[1], {})[parts[2]] = {r["id"]: r["score"] for r in rows}
     return doc
 
 

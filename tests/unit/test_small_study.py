@@ -230,3 +230,58 @@ def test_a_stage_2_too_slow_for_the_time_left_is_shortened_and_stage_3_with_it(t
     shared = chain(600).fit_stages(plan | {"ablation_s": 200.0})
     assert (shared["s2_steps"] - 100 + shared["s3_steps"]) * 1.15 <= 600 - 170 - 60 - 200
     assert shared["ablation_s"] == 200.0
+
+
+def test_held_out_loss_counts_only_stage_2_sources_and_pairs_the_records(tmp_path):
+    """Run 6's understanding loss over all sources was mostly captions and dialogues, which no
+    ablation run trains on; the summary keeps stage 2's sources, and the report sets a joint run
+    against its single-task run record by record, from the raw archive's per-record files."""
+    import io
+    import json
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("small_study_report", _path.with_name("small_study_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def records(vqa, caption, t2i):  # one loss per record of each source
+        return ([{"id": f"v{i}", "task": "understanding", "category": "synth-vqa", "score": x} for i, x in enumerate(vqa)]
+                + [{"id": f"c{i}", "task": "understanding", "category": "synth-caption", "score": x}
+                   for i, x in enumerate(caption)]
+                + [{"id": f"t{i}", "task": "generation", "category": "synth-t2i", "score": x} for i, x in enumerate(t2i)])
+
+    summary = study.heldout_summary(records([0.2, 0.4], [9.0], [3.0]))
+    assert summary["understanding"]["mean"] == pytest.approx(0.3) and summary["understanding"]["n"] == 2
+    assert summary["understanding"]["by_source"] == {"synth-caption": 9.0, "synth-vqa": 0.3}
+    assert summary["generation"]["sources"] == ["synth-t2i"]
+    change = study.loss_change(records([0.2, 0.4], [9.0], [3.0]), records([0.1, 0.2], [50.0], [3.5]), "understanding")
+    assert change["diff"] == pytest.approx(-0.15) and change["n"] == 2  # the caption's rise is not counted
+
+    runs = {"abl_disc_und": records([0.3, 0.3], [8.0], [15.0]), "abl_disc_gen": records([11.0, 11.0], [14.0], [3.0]),
+            "abl_disc_both": records([0.2, 0.2], [9.0], [2.5]), "abl_dual_und": records([0.3, 0.3], [7.0], [14.0]),
+            "abl_dual_both": records([0.25, 0.25], [9.0], [2.6])}
+    vqa = {"abl_disc_und": [0, 1], "abl_disc_both": [1, 1], "abl_dual_und": [1, 1], "abl_dual_both": [1, 0]}
+    with tarfile.open(tmp_path / "raw_ablation.tar.gz", "w:gz") as tar:
+        def add(name, rows):
+            data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for name, rows in runs.items():
+            add(f"evals/{name}/shapes-vqa/heldout.jsonl", rows)
+            if name in vqa:
+                add(f"evals/{name}/shapes-vqa/items.jsonl", [{"id": f"q{i}", "score": x} for i, x in enumerate(vqa[name])])
+    (tmp_path / "results_ablation.json").write_text(json.dumps(
+        {"evals": {name: {"heldout": {"understanding": {"mean": 99.0}}} for name in runs}, "unit_steps": 4}))
+    doc = report.load(tmp_path)
+    assert doc["evals"]["abl_disc_und"]["heldout"]["understanding"]["mean"] == pytest.approx(0.3)  # recomputed
+    text = report.tables(doc)
+    row3 = next(line for line in text.splitlines() if line.startswith("| 3 |"))
+    assert "0.200 [0.200, 0.200] (-0.100 [-0.100, -0.100])" in row3 and "(-0.500 [-0.500, -0.500])" in row3
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| shapes-VQA")
+            or line.startswith("| held-out")}
+    # VQA: discrete +0.5, dual -0.5 -> dual minus discrete -1.0; und loss: -0.1 vs -0.05 -> +0.05
+    assert rows["| shapes-VQA"].startswith("| shapes-VQA | +0.500 [") and "| -1.000 [" in rows["| shapes-VQA"]
+    assert "| +0.050 [+0.050, +0.050] | 2 |" in rows["| held-out loss, und"]
+    assert "| +0.100 [+0.100, +0.100] | 1 |" in rows["| held-out loss, gen"]  # 2.6 - 2.5 against the shared gen run

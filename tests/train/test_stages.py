@@ -181,3 +181,17 @@ def test_heldout_loss_is_the_training_objective_on_unseen_records_and_falls_with
         assert first["score"] == pytest.approx(float(ce), rel=1e-4), task
     for task in ("understanding", "generation"):
         assert summaries["s3/handoff"][task]["mean"] < summaries["m"][task]["mean"], summaries
+
+
+def test_grad_norm_is_the_steps_own_with_and_without_zero(stack, work, tmp_path):
+    """ZeRO computes the gradient norm inside step(): read before it, it was the previous step's
+    (run 6 on the GPU logged 0.0 at step 1 and at each resumed step). Both engine paths now log
+    the same norms, the first one included."""
+    norms = {}
+    for zero in (0, 2):
+        out = tmp_path / f"zero{zero}"
+        unitoken(stack, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", str(out), "--init",
+                 "s1/handoff", "--no-track", "--max-steps", "2", "--set", f"train.zero_stage={zero}")
+        norms[zero] = [json.loads(x)["grad_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(norms[0]) == 2 and norms[0][0] > 0
+    assert norms[2] == pytest.approx(norms[0], rel=1e-4)

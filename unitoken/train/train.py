@@ -447,6 +447,7 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
         return ckpt.step_dir(ckpt_root, step_done)
 
     engine.train()
+    engine_norms = False  # whether the engine reports the gradient norm (learnt at the first step)
     prefetch = Prefetch(make, stage.max_steps - start_step, depth=train.prefetch)
     with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch):
         task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
@@ -460,11 +461,15 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage {stage_n}: non-finite loss ({loss.item()}) at step {step + 1}")
             engine.backward(loss)
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is None:
-                grad_norm = _grad_norm(model)
+            # ZeRO computes the global norm inside step() (clipping): read before it, it is the
+            # previous step's (every GPU run before this fix logged 0.0 at step 1 and after each
+            # resume). Without ZeRO the engine reports none: the norm of the local grads, pre-step.
+            own_norm = _grad_norm(model) if not engine_norms else None
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
             engine.step()
+            reported = engine.get_global_grad_norm()
+            engine_norms = reported is not None
+            grad_norm = reported if engine_norms else own_norm
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

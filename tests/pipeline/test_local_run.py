@@ -83,6 +83,8 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     for task in ("understanding", "generation"):
         first, last = (children[f"eval-stage{n}"].data.metrics[f"heldout_loss.{task}"] for n in (1, 3))
         assert 0 < last < first, (task, first, last)
+    metrics = children["eval-stage3"].data.metrics  # and per source, e.g. the stage-2 VQA answers
+    assert metrics["heldout_loss.understanding.synth-vqa"] > 0 and metrics["heldout_loss.generation.synth-t2i"] > 0
     assert str(client.get_registered_model("unitoken").aliases["champion"]) == "1"
 
     lineage = _unitoken(home, "lineage", "models:/unitoken@champion", "--json")

@@ -84,7 +84,48 @@ def plot(doc: dict, png: Path) -> None:
             fontsize=7, loc="upper left")
 
 
-def _finish(fig, ax, png: Path, title: str, ylabel: str, **legend) -> None:
+def ablation_plot(doc: dict, png: Path) -> None:
+    """Table 5/6 scores per run, and joint training's paired changes per encoding (interference:
+    a score falls / a loss rises)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = doc["evals"]
+    names = [k for k in ("disc_und", "disc_gen", "disc_both", "dual_und", "dual_gen", "dual_both", "dual_u2g1",
+                         "dual_u1g2") if f"abl_{k}" in ev]
+    changes = joint_changes(doc)
+    fig, axes = plt.subplots(1, 2 if changes else 1, figsize=(12 if changes else 7, 3.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    for j, (suite, color) in enumerate((("shapes-vqa", "#4C72B0"), ("shapes-geneval", "#DD8452"))):
+        for i, name in enumerate(names):
+            e = ev[f"abl_{name}"]
+            if score(e, suite) is not None:
+                v, (lo, hi) = e[suite]["overall"], e[suite]["ci95"]
+                ax.bar(i + (j - 0.5) * 0.38, v, 0.38, yerr=[[v - lo], [hi - v]], capsize=2, color=color,
+                       label=suite if i == next(k for k, n in enumerate(names) if score(ev[f"abl_{n}"], suite)
+                                                is not None) else None)
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+    _finish(fig, ax, None, "ablation runs (stage 2 only)", "score (95 % CI)", fontsize=7)
+    if changes:
+        ax = axes[0][1]
+        for k, (enc, color) in enumerate((("discrete only", "#8172B3"), ("dual", "#55A868"))):
+            vals = [c[1 + k] for c in changes]
+            ax.bar([i + (k - 0.5) * 0.38 for i in range(len(changes))], [v["diff"] for v in vals], 0.38,
+                   yerr=[[v["diff"] - v["ci95"][0] for v in vals], [v["ci95"][1] - v["diff"] for v in vals]],
+                   capsize=2, color=color, label=enc)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(changes)), [c[0].replace(", ", "\n") for c in changes], fontsize=7)
+        ax.set_title("joint minus single-task run (paired 95 % CI)\nscores: + better; losses: - better")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def _finish(fig, ax, png: Path | None, title: str, ylabel: str, **legend) -> None:
     import matplotlib.pyplot as plt
 
     ax.set_ylim(0, 1)
@@ -92,9 +133,10 @@ def _finish(fig, ax, png: Path, title: str, ylabel: str, **legend) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(**legend)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    if png is not None:  # else the caller adds panels and saves
+        fig.tight_layout()
+        fig.savefig(png)
+        plt.close(fig)
 
 
 def tables(doc: dict) -> str:
@@ -175,24 +217,28 @@ def per_item(doc: dict, name: str, measure: str) -> dict[str, float]:
             if r["task"] == measure and r["category"] in SYNTH_STAGE2}
 
 
-def interference(doc: dict) -> list[str]:
+def joint_changes(doc: dict) -> list[tuple[str, dict, dict, dict]]:
     """What joint training changed per encoding, and dual minus discrete-only in that change, each
-    paired on the same items (the paper's claim: dual encoding suffers less interference). The
-    generation-only run is shared by both encodings (Table 5's row 5)."""
+    paired on the same items (the paper's claim: dual encoding suffers less interference):
+    [(measure, discrete's change, dual's, dual minus discrete)]. The generation-only run is shared
+    by both encodings (Table 5's row 5)."""
     measures = (("shapes-VQA", "shapes-vqa", "und"), ("shapes-GenEval", "shapes-geneval", "gen"),
                 ("held-out loss, und", "understanding", "und"), ("held-out loss, gen", "generation", "gen"))
-    rows = []
+    out = []
     for label, measure, single in measures:
         change = {}
         for enc in ("disc", "dual"):
             alone = "abl_disc_gen" if single == "gen" and "abl_dual_gen" not in doc["evals"] else f"abl_{enc}_{single}"
             a, b = per_item(doc, alone, measure), per_item(doc, f"abl_{enc}_both", measure)
             change[enc] = {i: b[i] - a[i] for i in set(a) & set(b)}
-        if not (change["disc"] and change["dual"]):
-            continue
-        d, u = (study.paired_diff({i: 0.0 for i in c}, c) for c in (change["disc"], change["dual"]))
-        x = study.paired_diff(change["disc"], change["dual"])
-        rows.append(f"| {label} | {_ci(d)} | {_ci(u)} | {_ci(x)} | {x['n']} |")
+        if change["disc"] and change["dual"]:
+            d, u = (study.paired_diff({i: 0.0 for i in c}, c) for c in (change["disc"], change["dual"]))
+            out.append((label, d, u, study.paired_diff(change["disc"], change["dual"])))
+    return out
+
+
+def interference(doc: dict) -> list[str]:
+    rows = [f"| {label} | {_ci(d)} | {_ci(u)} | {_ci(x)} | {x['n']} |" for label, d, u, x in joint_changes(doc)]
     if not rows:
         return []
     return ["", "Joint training's change against the single-task run, per encoding, and dual minus discrete-only",
@@ -310,7 +356,10 @@ def main() -> None:
         return
     folder = Path(sys.argv[1])
     doc = load(folder)
-    plot(doc, folder / "scores_per_stage.png")
+    if any(k.startswith("stage") for k in doc["evals"]):
+        plot(doc, folder / "scores_per_stage.png")
+    if any(k.startswith("abl_") for k in doc["evals"]):
+        ablation_plot(doc, folder / "ablation.png")
     raw = folder / "raw_main.tar.gz"
     for name in ("stage3_tuned", "stage3"):
         if raw.is_file() and name in doc["evals"]:

@@ -433,6 +433,7 @@ class Chain:
             f"{self.left():.0f}s left in this call)")
         with open(self.w / "logs" / f"{key}.log", "a") as fh:
             proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+            cut = False
             try:
                 rc = proc.wait(timeout=max(1.0, self.left() - STOP_GRACE_S))
             except subprocess.TimeoutExpired:
@@ -443,6 +444,12 @@ class Chain:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     rc = proc.wait()
+                # exit 0 with a hand-off: it finished with the signal in flight (run 6's dual_both
+                # did, was counted as cut off, and the next call retrained its last 166 steps)
+                cut = rc != 0 or not (run_dir / "handoff" / "model.safetensors").is_file()
+                if not cut:
+                    log(f"{self.which}: {name} finished as this call's deadline came")
+            if cut:
                 log(f"{self.which}: {name} stopped at this call's deadline (exit {rc}; 143 = checkpointed at "
                     "the step); the next call resumes it")
                 spent = self.res.doc.get("partial_seconds", {}).get(key, 0.0)

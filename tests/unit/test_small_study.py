@@ -285,3 +285,41 @@ def test_held_out_loss_counts_only_stage_2_sources_and_pairs_the_records(tmp_pat
     assert rows["| shapes-VQA"].startswith("| shapes-VQA | +0.500 [") and "| -1.000 [" in rows["| shapes-VQA"]
     assert "| +0.050 [+0.050, +0.050] | 2 |" in rows["| held-out loss, und"]
     assert "| +0.100 [+0.100, +0.100] | 1 |" in rows["| held-out loss, gen"]  # 2.6 - 2.5 against the shared gen run
+
+
+def test_a_run_that_finishes_as_the_deadline_comes_counts_as_done(tmp_path, monkeypatch):
+    """Run 6's dual_both ended its last step with the SIGTERM in flight (exit 0, hand-off
+    written); the study called it cut off and the next call retrained its last 166 steps."""
+    import json
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    w = tmp_path / "w"
+    (w / "logs").mkdir(parents=True)
+
+    class FinishesOnTerm:  # `unitoken train` whose last step ends as the signal comes
+        def __init__(self, cmd, **kw):
+            self.out = Path(cmd[cmd.index("--out") + 1])
+
+        def wait(self, timeout=None):
+            if not (self.out / "handoff").exists():
+                raise subprocess.TimeoutExpired("train", timeout)
+            return 0
+
+        def terminate(self):
+            (self.out / "handoff").mkdir(parents=True)
+            (self.out / "handoff" / "model.safetensors").write_bytes(b"")
+            (self.out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "step_s": 0.1}) + "\n")
+
+    monkeypatch.setattr(study.subprocess, "Popen", FinishesOnTerm)
+    study.T0 = time.time()
+    args = SimpleNamespace(out=str(tmp_path / "out"), work=str(w), recipe="tiny", deadline=26.0, save_every=10,
+                           fast=False, later=0.0)
+    (tmp_path / "out").mkdir()
+    chain = study.Chain(args, "ablation")
+    chain.left = lambda: 90.0  # past the start-up check (grace + 30 s)
+    monkeypatch.setattr(study, "STOP_GRACE_S", 59.5)  # the fake times out its first wait anyway
+    info = chain.train(2, "abl/x", w / "m", 3, [])
+    assert info["steps"] == 3 and "abl_x" in chain.res.doc["runs"] and "abl_x" not in chain.res.doc.get(
+        "partial_steps", {})

@@ -325,8 +325,9 @@ def _bundle(w: Path, dest: Path, which: str) -> None:
                 [w / "vq" / "report.json"]:
             if path.is_file():
                 tar.add(path, arcname=str(path.relative_to(w)))
-        for name in ("stage3_tuned", "stage3", "stage2"):
-            for img in sorted((w / "evals" / name / "shapes-geneval" / "images").glob("*.png"))[:200]:
+        for name, n in (("stage3_tuned", 200), ("stage3", 200), ("stage2", 200), ("abl_disc_both", 60),
+                        ("abl_dual_both", 60)):
+            for img in sorted((w / "evals" / name / "shapes-geneval" / "images").glob("*.png"))[:n]:
                 tar.add(img, arcname=str(img.relative_to(w)))
     tmp.replace(dest)
 

@@ -288,6 +288,11 @@ def load(folder: Path) -> dict:
     return doc
 
 
+def _dirs(raw: Path) -> set[str]:
+    with tarfile.open(raw) as tar:
+        return {m.name.rsplit("/", 1)[0] for m in tar.getmembers()}
+
+
 def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
     """Generated images of one evaluation (from raw.tar.gz) with their prompts and verdicts."""
     import io
@@ -362,9 +367,10 @@ def main() -> None:
         plot(doc, folder / "scores_per_stage.png")
     if any(k.startswith("abl_") for k in doc["evals"]):
         ablation_plot(doc, folder / "ablation.png")
-    raw = folder / "raw_main.tar.gz"
-    for name in ("stage3_tuned", "stage3"):
-        if raw.is_file() and name in doc["evals"]:
+    for raw, name in (("raw_main", "stage3_tuned"), ("raw_main", "stage3"), ("raw_ablation", "abl_disc_both"),
+                      ("raw_ablation", "abl_dual_both")):
+        raw = folder / f"{raw}.tar.gz"
+        if raw.is_file() and name in doc["evals"] and f"evals/{name}/shapes-geneval/images" in _dirs(raw):
             grid_png(raw, name, folder / f"{name}_generations.png")
     print(tables(doc))
 

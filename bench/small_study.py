@@ -107,8 +107,8 @@ def paired_diff(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: i
 
 def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None) -> dict:
     """Held-out loss per task (per-record rows of unitoken.eval.heldout) over the records of
-    ``sources`` (default: the synthetic set's stage-2 sources, which every run of the study trains
-    on): mean, 95 % interval, n, and the mean of every source. Run 6's ablation (stage 2 on VQA
+    ``sources`` (default: the synthetic set's stage-2 sources, which the ablation's runs and the
+    main chain's stages 2 and 3 train on): mean, 95 % interval, n, and the mean of every source. Run 6's ablation (stage 2 on VQA
     and text-to-image only) first reported the mean over all sources: its understanding loss was
     then mostly captions (stage 1) and dialogues (stage 3), 6-14 nats per token against VQA's
     0.13-0.18, i.e. text no run of the ablation trained on."""
@@ -125,18 +125,6 @@ def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None)
                      "n": len(kept), "sources": [src for src in sources if src in by_source],
                      "by_source": {src: round(statistics.fmean(v), 4) for src, v in sorted(by_source.items())}}
     return out
-
-
-def loss_change(a: list[dict], b: list[dict], task: str, sources: tuple[str, ...] | None = None) -> dict:
-    """Held-out loss of ``b`` minus ``a`` on the same records of ``task`` and ``sources`` (every
-    model is scored on the same draw), with a paired-bootstrap interval."""
-    if sources is None:
-        from unitoken.recipes import SYNTH_STAGE2 as sources
-
-    def scores(rows):
-        return {r["id"]: r["score"] for r in rows if r["task"] == task and r["category"] in sources}
-
-    return paired_diff(scores(a), scores(b))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -498,7 +486,7 @@ class Chain:
     def eval_beside(self, *args, **kwargs) -> None:
         """``eval`` on a thread while the next training runs (one evaluation at a time; a failure
         or OutOfTime surfaces at the next ``eval_beside`` or ``wait_evals``)."""
-        self.wait_evals()
+        self.wait_evals(timeout=max(0.0, self.left()) + EVAL_OVERRUN_S)
 
         def work() -> None:
             try:
@@ -598,7 +586,9 @@ class Chain:
             if a.abl_unit:
                 return {"unit_steps": a.abl_unit}
             calib = self.train(2, "abl/calib", w / "m_disc", a.calib_steps, disc + batch)
-            per_step = calib["step_s"] * 1.2  # dual steps cost a little more than discrete ones
+            # dual steps cost more than discrete ones (run 6: 0.24-0.26 vs 0.17-0.19 s); over the
+            # ablation's 4u discrete and 7u dual steps run 6 averaged 1.2x its discrete calibration
+            per_step = calib["step_s"] * 1.2
             steps = sum(r[3] for r in runs)
             unit = max(2, int((self.budget() - len(runs) * (eval_s + start_s) - last_eval_s) / (steps * per_step)))
             log(f"ablation: {unit} steps per task ({per_step:.3f}s/step estimated)")
@@ -617,7 +607,7 @@ class Chain:
             self.eval_beside(f"abl_{name}", w / "abl" / name / "handoff",
                              suites.get(name.split("_")[1], ["shapes-vqa", "shapes-geneval"]),
                              max(1, a.limit // 2), max(1, a.limit_gen // 2), need=60)
-        self.wait_evals()
+        self.wait_evals(timeout=max(0.0, self.left()) + EVAL_OVERRUN_S)
         self.res.set("done", value=True)
 
 
@@ -649,6 +639,12 @@ def chain_main(args) -> None:
             raise
         bundle(c.w, c.out / f"raw_{args.which}.tar.gz", args.which)  # with the cut-off run's metrics
         log(f"{args.which}: out of time at {e}; run the same command again (same --work) to go on")
+        if c.pending is not None and c.pending.is_alive():
+            # an evaluation left running on the GPU: interpreter shutdown under a live CUDA
+            # thread can hang, so leave without it (the results files are written atomically)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(75)
         sys.exit(75)
 
 

@@ -30,15 +30,32 @@ def loss(e: dict | None, task: str) -> float | None:
     return e["heldout"][task]["mean"] if e and task in e.get("heldout", {}) else None
 
 
-def loss_delta(doc: dict, joint: str, single: str, task: str) -> str:
+def loss_delta(doc: dict, enc: str, task: str) -> str:
     """" (change [95 % CI])" of the held-out loss, joint run minus single-task run, paired on
     the same records (from the raw per-record files); the plain difference without them."""
-    recs = doc.get("heldout_records", {})
-    if joint in recs and single in recs:
-        d = study.loss_change(recs[single], recs[joint], task)
-        if d["n"]:
-            return f" ({d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
-    return _delta(loss(doc["evals"].get(joint), task), loss(doc["evals"].get(single), task))
+    single = single_run(doc, enc, task)
+    change = paired_change(doc, f"abl_{enc}_both", single, task)
+    if change is not None:
+        return f" ({_ci(change)})"
+    return _delta(loss(doc["evals"].get(f"abl_{enc}_both"), task), loss(doc["evals"].get(single), task))
+
+
+def single_run(doc: dict, enc: str, task: str) -> str:
+    """The single-task run a joint run is set against: since run 6 the dual encoding has no
+    generation-only run of its own, it is the discrete one's experiment (Table 5's row 5)."""
+    kind = "und" if task in ("understanding", "shapes-vqa") else "gen"
+    if enc == "dual" and kind == "gen" and "abl_dual_gen" not in doc["evals"]:
+        return "abl_disc_gen"
+    return f"abl_{enc}_{kind}"
+
+
+def paired_change(doc: dict, joint: str, single: str, measure: str) -> dict | None:
+    """joint - single per item ({"diff", "ci95", "n", "by_item"}), None without per-item files."""
+    a, b = per_item(doc, single, measure), per_item(doc, joint, measure)
+    by_item = {i: b[i] - a[i] for i in set(a) & set(b)}
+    if not by_item:
+        return None
+    return study.paired_diff({i: 0.0 for i in by_item}, by_item) | {"by_item": by_item}
 
 
 def fmt_loss(e: dict | None, task: str) -> str:
@@ -152,6 +169,7 @@ def tables(doc: dict) -> str:
     if out:  # the main chain's evaluations (an ablation-only study has none)
         out[:0] = ["| model | shapes-VQA (95 % CI) | VQA chance | shapes-GenEval (95 % CI) | GenEval chance | "
                    "held-out loss, und | held-out loss, gen |", "|---|---|---|---|---|---|---|"]
+        out += ["", "(held-out loss: mean NLL per supervised token of test records of stage 2's sources)"]
     abl = doc.get("results_ablation.json", {})
     if "unit_steps" in abl:
         batch = abl.get("abl_batch") or "the recipe's"
@@ -165,11 +183,9 @@ def tables(doc: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     n = 0
     for enc, label in (("disc", "discrete only"), ("dual", "dual (UniToken)")):
-        und, gen, both = (ev.get(f"abl_{enc}_{k}") for k in ("und", "gen", "both"))
-        # Since run 6 the study trains no dual generation-only run: it is disc_gen's experiment
-        # (no input image in a text-to-image sample; stage 1 touches only the ViT and adapter).
-        shared = enc == "dual" and gen is None and "abl_disc_gen" in ev
-        gen = ev.get("abl_disc_gen") if shared else gen
+        und, gen = (ev.get(single_run(doc, enc, t)) for t in ("understanding", "generation"))
+        both = ev.get(f"abl_{enc}_both")
+        shared = single_run(doc, enc, "generation") != f"abl_{enc}_gen"
         for data, e in (("understanding only", und), ("generation only", gen), ("both", both)):
             n += 1
             v, g = fmt(e, "shapes-vqa"), fmt(e, "shapes-geneval")
@@ -179,8 +195,8 @@ def tables(doc: dict) -> str:
             if data == "both":
                 v += _delta(score(e, "shapes-vqa"), score(und, "shapes-vqa"))
                 g += _delta(score(e, "shapes-geneval"), score(gen, "shapes-geneval"))
-                lu += loss_delta(doc, f"abl_{enc}_both", f"abl_{enc}_und", "understanding")
-                lg += loss_delta(doc, f"abl_{enc}_both", "abl_disc_gen" if shared else f"abl_{enc}_gen", "generation")
+                lu += loss_delta(doc, enc, "understanding")
+                lg += loss_delta(doc, enc, "generation")
             out.append(f"| {n} | {label} | {data} | {v} | {g} | {lu} | {lg} |")
     out += interference(doc)
     out += ["", "Table 6 style (dual, stage 2, understanding:generation data ratio, same steps as the 1:1 run):",
@@ -224,18 +240,13 @@ def joint_changes(doc: dict) -> list[tuple[str, dict, dict, dict]]:
     paired on the same items (the paper's claim: dual encoding suffers less interference):
     [(measure, discrete's change, dual's, dual minus discrete)]. The generation-only run is shared
     by both encodings (Table 5's row 5)."""
-    measures = (("shapes-VQA", "shapes-vqa", "und"), ("shapes-GenEval", "shapes-geneval", "gen"),
-                ("held-out loss, und", "understanding", "und"), ("held-out loss, gen", "generation", "gen"))
+    measures = (("shapes-VQA", "shapes-vqa"), ("shapes-GenEval", "shapes-geneval"),
+                ("held-out loss, und", "understanding"), ("held-out loss, gen", "generation"))
     out = []
-    for label, measure, single in measures:
-        change = {}
-        for enc in ("disc", "dual"):
-            alone = "abl_disc_gen" if single == "gen" and "abl_dual_gen" not in doc["evals"] else f"abl_{enc}_{single}"
-            a, b = per_item(doc, alone, measure), per_item(doc, f"abl_{enc}_both", measure)
-            change[enc] = {i: b[i] - a[i] for i in set(a) & set(b)}
-        if change["disc"] and change["dual"]:
-            d, u = (study.paired_diff({i: 0.0 for i in c}, c) for c in (change["disc"], change["dual"]))
-            out.append((label, d, u, study.paired_diff(change["disc"], change["dual"])))
+    for label, measure in measures:
+        d, u = (paired_change(doc, f"abl_{enc}_both", single_run(doc, enc, measure), measure) for enc in ("disc", "dual"))
+        if d is not None and u is not None:
+            out.append((label, d, u, study.paired_diff(d["by_item"], u["by_item"])))
     return out
 
 
@@ -277,13 +288,16 @@ def load(folder: Path) -> dict:
     for raw in sorted(folder.glob("raw_*.tar.gz")):
         with tarfile.open(raw) as tar:
             for member in tar.getmembers():
-                parts = member.name.split("/")  # evals/NAME/SUITE/heldout.jsonl
-                if len(parts) == 4 and parts[0] == "evals" and parts[3] == "heldout.jsonl" and parts[1] in doc["evals"]:
-                    rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
+                parts = member.name.split("/")  # evals/NAME/SUITE/{heldout,items}.jsonl
+                # only recorded evaluations: one cut off at a deadline may have left a partial file
+                if len(parts) != 4 or parts[0] != "evals" or parts[1] not in doc["evals"] or \
+                        parts[3] not in ("heldout.jsonl", "items.jsonl"):
+                    continue
+                rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
+                if parts[3] == "heldout.jsonl":
                     doc["heldout_records"][parts[1]] = rows
                     doc["evals"][parts[1]]["heldout"] = study.heldout_summary(rows)
-                elif len(parts) == 4 and parts[0] == "evals" and parts[3] == "items.jsonl":
-                    rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
+                else:
                     doc["items"].setdefault(parts[1], {})[parts[2]] = {r["id"]: r["score"] for r in rows}
     return doc
 

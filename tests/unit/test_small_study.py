@@ -143,12 +143,17 @@ def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, 
 
     # at a call's end the chain waits a bounded time: a slow evaluation is left (a daemon thread,
     # so the process can exit) and the next call redoes it
-    monkeypatch.setattr(chain, "eval", lambda *a, **k: time.sleep(1.0))
+    def slow_eval(name, *rest, **kw):
+        time.sleep(1.0)
+        chain.res.set("evals", name, value={})
+
+    monkeypatch.setattr(chain, "eval", slow_eval)
     chain.eval_beside("slow")
     with pytest.raises(study.OutOfTime, match="eval slow .still running"):
         chain.wait_evals(timeout=0.1)
     assert chain.pending.daemon and "slow" not in chain.res.doc["evals"]
     chain.wait_evals()  # it does finish when waited for
+    assert "slow" in chain.res.doc["evals"] and chain.pending is None
 
 
 FAKE_CHAIN = """#!/usr/bin/env bash
@@ -254,8 +259,10 @@ def test_held_out_loss_counts_only_stage_2_sources_and_pairs_the_records(tmp_pat
     assert summary["understanding"]["mean"] == pytest.approx(0.3) and summary["understanding"]["n"] == 2
     assert summary["understanding"]["by_source"] == {"synth-caption": 9.0, "synth-vqa": 0.3}
     assert summary["generation"]["sources"] == ["synth-t2i"]
-    change = study.loss_change(records([0.2, 0.4], [9.0], [3.0]), records([0.1, 0.2], [50.0], [3.5]), "understanding")
+    pair = {"heldout_records": {"a": records([0.2, 0.4], [9.0], [3.0]), "b": records([0.1, 0.2], [50.0], [3.5])}}
+    change = report.paired_change(pair, "b", "a", "understanding")
     assert change["diff"] == pytest.approx(-0.15) and change["n"] == 2  # the caption's rise is not counted
+    assert report.paired_change(pair, "b", "missing", "understanding") is None
 
     runs = {"abl_disc_und": records([0.3, 0.3], [8.0], [15.0]), "abl_disc_gen": records([11.0, 11.0], [14.0], [3.0]),
             "abl_disc_both": records([0.2, 0.2], [9.0], [2.5]), "abl_dual_und": records([0.3, 0.3], [7.0], [14.0]),
@@ -298,28 +305,40 @@ def test_a_run_that_finishes_as_the_deadline_comes_counts_as_done(tmp_path, monk
     w = tmp_path / "w"
     (w / "logs").mkdir(parents=True)
 
-    class FinishesOnTerm:  # `unitoken train` whose last step ends as the signal comes
-        def __init__(self, cmd, **kw):
-            self.out = Path(cmd[cmd.index("--out") + 1])
+    def fake_train(rc: int, handoff: bool):
+        class Train:  # `unitoken train` that gets the SIGTERM: exits rc, with or without a hand-off
+            def __init__(self, cmd, **kw):
+                self.out, self.done = Path(cmd[cmd.index("--out") + 1]), False
 
-        def wait(self, timeout=None):
-            if not (self.out / "handoff").exists():
-                raise subprocess.TimeoutExpired("train", timeout)
-            return 0
+            def wait(self, timeout=None):
+                if not self.done:
+                    raise subprocess.TimeoutExpired("train", timeout)
+                return rc
 
-        def terminate(self):
-            (self.out / "handoff").mkdir(parents=True)
-            (self.out / "handoff" / "model.safetensors").write_bytes(b"")
-            (self.out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "step_s": 0.1}) + "\n")
+            def terminate(self):
+                self.done = True
+                if handoff:
+                    (self.out / "handoff").mkdir(parents=True)
+                    (self.out / "handoff" / "model.safetensors").write_bytes(b"")
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "step_s": 0.1}) + "\n")
 
-    monkeypatch.setattr(study.subprocess, "Popen", FinishesOnTerm)
+        return Train
+
     study.T0 = time.time()
     args = SimpleNamespace(out=str(tmp_path / "out"), work=str(w), recipe="tiny", deadline=26.0, save_every=10,
                            fast=False, later=0.0)
     (tmp_path / "out").mkdir()
     chain = study.Chain(args, "ablation")
     chain.left = lambda: 90.0  # past the start-up check (grace + 30 s)
-    monkeypatch.setattr(study, "STOP_GRACE_S", 59.5)  # the fake times out its first wait anyway
+    monkeypatch.setattr(study, "STOP_GRACE_S", 59.5)  # the fakes time out their first wait anyway
+    monkeypatch.setattr(study.subprocess, "Popen", fake_train(0, handoff=True))
     info = chain.train(2, "abl/x", w / "m", 3, [])
     assert info["steps"] == 3 and "abl_x" in chain.res.doc["runs"] and "abl_x" not in chain.res.doc.get(
         "partial_steps", {})
+    # checkpointed at the step (143), or exit 0 without a hand-off: cut off, resumed next call
+    for n, (rc, handoff) in enumerate([(143, False), (0, False)]):
+        monkeypatch.setattr(study.subprocess, "Popen", fake_train(rc, handoff))
+        with pytest.raises(study.OutOfTime):
+            chain.train(2, f"abl/y{n}", w / "m", 5, [])
+        assert chain.res.doc["partial_steps"][f"abl_y{n}"] == [3, 5] and f"abl_y{n}" not in chain.res.doc["runs"]

@@ -469,7 +469,7 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             engine.step()
             reported = engine.get_global_grad_norm()
             engine_norms = reported is not None
-            grad_norm = reported if engine_norms else own_norm
+            grad_norm = reported if engine_norms else own_norm if own_norm is not None else _grad_norm(model)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

@@ -277,6 +277,8 @@ def run(args) -> None:
             chain += [f"--{k.replace('_', '-')}", getattr(args, k)]
     if args.fast:
         chain.append("--fast")
+    for x in args.main_set or []:
+        chain += ["--main-set", x]
 
     def launch(which: str) -> subprocess.Popen:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0] if which == "main" else gpus[-1])
@@ -518,7 +520,8 @@ class Chain:
         a, w = self.args, self.w
         both = ["shapes-vqa", "shapes-geneval"]
         small_vqa, small_gen = max(1, a.limit // 2), max(1, a.limit_gen // 2)
-        self.train(1, "s1", w / "m", a.s1_steps, [])
+        self.train(1, "s1", w / "m", a.s1_steps, [])  # shared with the ablation's dual runs: no --main-set
+        main_sets = list(a.main_set or [])  # recipe overrides of stages 2 and 3
         (w / "s1_done").touch()
         if a.ablation_share >= 1:  # this study's time goes to the ablation, which starts from stage 1
             self.res.set("done", value=True)
@@ -531,7 +534,7 @@ class Chain:
             if a.s2_steps:
                 s2 = a.s2_steps
             else:
-                calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, [])
+                calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, main_sets)
                 # on one GPU the ablation runs after this chain, in --ablation-share of the time left
                 avail = (self.budget() * (1 - a.ablation_share) - a.reserve) / (1 + a.s3_fraction)
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
@@ -539,9 +542,9 @@ class Chain:
                     "ablation_s": round(self.budget() * a.ablation_share, 1)}
 
         sizes = self.fit_stages(self.plan("stages", size_stages))
-        self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], [])
+        self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], main_sets)
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)
-        self.train(3, "s3", w / "s2" / "handoff", sizes["s3_steps"], [])
+        self.train(3, "s3", w / "s2" / "handoff", sizes["s3_steps"], main_sets)
         self.eval("stage3", w / "s3" / "handoff", both, a.limit, a.limit_gen, need=60)
         self.res.set("stage3_vs_stage1", value={
             s: paired_diff(item_scores(w / "evals" / "stage1", s), item_scores(w / "evals" / "stage3", s))
@@ -678,6 +681,10 @@ def main() -> None:
                        help="seconds of later calls (same --work) that the plan may count on")
         p.add_argument("--save-every", type=int, default=100, help="checkpoint interval of every training run")
         p.add_argument("--fast", action="store_true", help=f"train with {FAST_SETS} (falls back without on failure)")
+        p.add_argument("--main-set", action="append", metavar="KEY=VALUE",
+                       help="a recipe override of the main chain's stages 2 and 3 (repeatable), e.g. "
+                            "train.stage2.generation_ratio=2 (run 6's Table 6: generation followed its data "
+                            "share, understanding hardly moved)")
     r.add_argument("--scenes", type=int, default=12000)
     r.add_argument("--vq-scenes", type=int, default=1500)
     r.add_argument("--vq-steps", type=int, default=1000)

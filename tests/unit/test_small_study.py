@@ -192,7 +192,7 @@ def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, g
                               deadline=500.0, later=0.0, gpus=gpus, main_only=main_only, ablation_share=0.5,
                               fast=True, **{k: None for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction",
                                                                 "limit", "limit_gen", "sweep_limit", "step_factor",
-                                                                "reserve", "calib_steps", "abl_unit", "abl_batch",
+                                                                "reserve", "calib_steps", "abl_unit", "abl_batch", "main_set",
                                                                 "save_every", "heldout_limit")})
     study.run(args)
     lines = (tmp_path / "chains.log").read_text().splitlines()

@@ -108,10 +108,10 @@ def paired_diff(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: i
 def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None) -> dict:
     """Held-out loss per task (per-record rows of unitoken.eval.heldout) over the records of
     ``sources`` (default: the synthetic set's stage-2 sources, which the ablation's runs and the
-    main chain's stages 2 and 3 train on): mean, 95 % interval, n, and the mean of every source. Run 6's ablation (stage 2 on VQA
-    and text-to-image only) first reported the mean over all sources: its understanding loss was
-    then mostly captions (stage 1) and dialogues (stage 3), 6-14 nats per token against VQA's
-    0.13-0.18, i.e. text no run of the ablation trained on."""
+    main chain's stages 2 and 3 train on): mean, 95 % interval, n, and the mean of every source.
+    Run 6's ablation (stage 2 on VQA and text-to-image only) first reported the mean over all
+    sources: its understanding loss was then mostly captions (stage 1) and dialogues (stage 3),
+    6-14 nats per token against VQA's 0.13-0.18, i.e. text no run of the ablation trained on."""
     if sources is None:
         from unitoken.recipes import SYNTH_STAGE2 as sources
     out = {}

@@ -244,7 +244,8 @@ def joint_changes(doc: dict) -> list[tuple[str, dict, dict, dict]]:
                 ("held-out loss, und", "understanding"), ("held-out loss, gen", "generation"))
     out = []
     for label, measure in measures:
-        d, u = (paired_change(doc, f"abl_{enc}_both", single_run(doc, enc, measure), measure) for enc in ("disc", "dual"))
+        d, u = (paired_change(doc, f"abl_{enc}_both", single_run(doc, enc, measure), measure)
+                for enc in ("disc", "dual"))
         if d is not None and u is not None:
             out.append((label, d, u, study.paired_diff(d["by_item"], u["by_item"])))
     return out

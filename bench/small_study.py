@@ -105,25 +105,29 @@ def paired_diff(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: i
     return {"diff": round(sum(d) / len(d), 4) if d else 0.0, "ci95": bootstrap_ci(d, n, seed), "n": len(d)}
 
 
-def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None) -> dict:
-    """Held-out loss per task (per-record rows of unitoken.eval.heldout) over the records of
-    ``sources`` (default: the synthetic set's stage-2 sources, which the ablation's runs and the
-    main chain's stages 2 and 3 train on): mean, 95 % interval, n, and the mean of every source.
-    Run 6's ablation (stage 2 on VQA and text-to-image only) first reported the mean over all
-    sources: its understanding loss was then mostly captions (stage 1) and dialogues (stage 3),
-    6-14 nats per token against VQA's 0.13-0.18, i.e. text no run of the ablation trained on."""
+def stage2_records(records: list[dict], sources: tuple[str, ...] | None = None) -> list[dict]:
+    """The held-out records (per-record rows of unitoken.eval.heldout) of ``sources`` (default: the
+    synthetic set's stage-2 sources, which the ablation's runs and the main chain's stages 2 and 3
+    train on). Run 6's ablation (stage 2 on VQA and text-to-image only) first reported the mean
+    over all sources: its understanding loss was then mostly captions (stage 1) and dialogues
+    (stage 3), 6-14 nats per token against VQA's 0.13-0.18, i.e. text no ablation run trained on."""
     if sources is None:
         from unitoken.recipes import SYNTH_STAGE2 as sources
+    return [r for src in sources for r in records if r["category"] == src]  # grouped: a fixed bootstrap order
+
+
+def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None) -> dict:
+    """Held-out loss per task over ``stage2_records``: mean, 95 % interval, n, the sources counted,
+    and the mean of every source (``by_source``, all records)."""
+    from unitoken.eval.heldout import summarize_loss
+
+    kept = stage2_records(records, sources)
+    counted = summarize_loss(kept)
     out = {}
-    for task in sorted({r["task"] for r in records}):
-        by_source: dict[str, list[float]] = {}
-        for r in records:
-            if r["task"] == task:
-                by_source.setdefault(r["category"], []).append(r["score"])
-        kept = [x for src in sources for x in by_source.get(src, [])]
-        out[task] = {"mean": round(statistics.fmean(kept), 4) if kept else None, "ci95": bootstrap_ci(kept),
-                     "n": len(kept), "sources": [src for src in sources if src in by_source],
-                     "by_source": {src: round(statistics.fmean(v), 4) for src, v in sorted(by_source.items())}}
+    for task, every in summarize_loss(records).items():
+        mine = counted.get(task, {"mean": None, "n": 0, "categories": {}})
+        out[task] = {"mean": mine["mean"], "ci95": bootstrap_ci([r["score"] for r in kept if r["task"] == task]),
+                     "n": mine["n"], "sources": list(mine["categories"]), "by_source": every["categories"]}
     return out
 
 

@@ -116,13 +116,13 @@ def ablation_plot(doc: dict, png: Path) -> None:
     fig, axes = plt.subplots(1, 2 if changes else 1, figsize=(12 if changes else 7, 3.8), dpi=110, squeeze=False)
     ax = axes[0][0]
     for j, (suite, color) in enumerate((("shapes-vqa", "#4C72B0"), ("shapes-geneval", "#DD8452"))):
+        label = suite  # on the suite's first bar only
         for i, name in enumerate(names):
             e = ev[f"abl_{name}"]
             if score(e, suite) is not None:
                 v, (lo, hi) = e[suite]["overall"], e[suite]["ci95"]
-                ax.bar(i + (j - 0.5) * 0.38, v, 0.38, yerr=[[v - lo], [hi - v]], capsize=2, color=color,
-                       label=suite if i == next(k for k, n in enumerate(names) if score(ev[f"abl_{n}"], suite)
-                                                is not None) else None)
+                ax.bar(i + (j - 0.5) * 0.38, v, 0.38, yerr=[[v - lo], [hi - v]], capsize=2, color=color, label=label)
+                label = None
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
     _finish(fig, ax, None, "ablation runs (stage 2 only)", "score (95 % CI)", fontsize=7)
     if changes:
@@ -229,10 +229,8 @@ def per_item(doc: dict, name: str, measure: str) -> dict[str, float]:
     2's sources (empty without the raw per-item files)."""
     if measure.startswith("shapes-"):
         return doc.get("items", {}).get(name, {}).get(measure, {})
-    from unitoken.recipes import SYNTH_STAGE2
-
-    return {r["id"]: r["score"] for r in doc.get("heldout_records", {}).get(name, [])
-            if r["task"] == measure and r["category"] in SYNTH_STAGE2}
+    return {r["id"]: r["score"] for r in study.stage2_records(doc.get("heldout_records", {}).get(name, []))
+            if r["task"] == measure}
 
 
 def joint_changes(doc: dict) -> list[tuple[str, dict, dict, dict]]:
@@ -303,15 +301,9 @@ def load(folder: Path) -> dict:
     return doc
 
 
-def _dirs(raw: Path) -> set[str]:
-    with tarfile.open(raw) as tar:
-        return {m.name.rsplit("/", 1)[0] for m in tar.getmembers()}
-
-
 def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
     """Generated images of one evaluation (from raw.tar.gz) with their prompts and verdicts."""
     import io
-    import tarfile
 
     import matplotlib
 
@@ -324,6 +316,8 @@ def grid_png(raw: Path, name: str, png: Path, n: int = 28) -> None:
         rows = [json.loads(x) for x in tar.extractfile(f"{base}/items.jsonl").read().decode().splitlines()]
         names = set(tar.getnames())
         rows = [r for r in rows if f"{base}/{r['image']}" in names]
+        if not rows:  # the archive kept no images of this evaluation (run 6's ablation predates them)
+            return
         by_cat: dict[str, list[dict]] = {}
         for r in rows:
             by_cat.setdefault(r["category"], []).append(r)
@@ -385,7 +379,7 @@ def main() -> None:
     for raw, name in (("raw_main", "stage3_tuned"), ("raw_main", "stage3"), ("raw_ablation", "abl_disc_both"),
                       ("raw_ablation", "abl_dual_both")):
         raw = folder / f"{raw}.tar.gz"
-        if raw.is_file() and name in doc["evals"] and f"evals/{name}/shapes-geneval/images" in _dirs(raw):
+        if raw.is_file() and name in doc["evals"]:
             grid_png(raw, name, folder / f"{name}_generations.png")
     print(tables(doc))
 

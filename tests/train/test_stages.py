@@ -185,8 +185,8 @@ def test_heldout_loss_is_the_training_objective_on_unseen_records_and_falls_with
 
 def test_grad_norm_is_the_steps_own_with_and_without_zero(stack, work, tmp_path):
     """ZeRO computes the gradient norm inside step(): read before it, it was the previous step's
-    (run 6 on the GPU logged 0.0 at step 1 and at each resumed step). Both engine paths now log
-    the same norms, the first one included."""
+    (run 6 on the GPU logged 0.0 at step 1 and at each resumed step). The first step's norm under
+    ZeRO 2 is now the same as without ZeRO."""
     def norms(run):
         return [json.loads(x)["grad_norm"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -342,6 +342,7 @@ FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
+GROW_MIN = 1.05  # Chain.fit_stages lengthens stages 2 and 3 by at least this factor, or not at all
 EVAL_OVERRUN_S = 20.0  # an evaluation in flight may run this far past the deadline (calls end 40 s later)
 
 
@@ -382,11 +383,15 @@ class Chain:
         return plans[name]
 
     def fit_stages(self, sizes: dict) -> dict:
-        """Shorten stages 2 and 3 when stage 2, resumed in a later call, cannot finish them and the
-        evaluations in the time left at its measured speed (run 5's stage 2 ran at half its planned
-        speed and the study ended with no stage-2 or stage-3 score). The learning rate then drops
-        to where the shorter cosine is at the resumed step and follows it to the new end (checked
-        on the CPU: `unitoken train --resume auto` with a smaller --max-steps); the plan keeps
+        """Resize stages 2 and 3 to the time left at stage 2's measured speed when it is resumed
+        in a later call. Shorten them when they and the evaluations would not fit (run 5's stage 2
+        ran at half its planned speed and the study ended with no stage-2 or stage-3 score).
+        Lengthen them by the spare time (at least ``GROW_MIN``) while stage 2 is in its first
+        half. Either way the resumed run's learning rate goes to where the new cosine is at that
+        step and follows it to the new end (checked on the CPU: `unitoken train --resume auto`
+        with a smaller or larger --max-steps); in the first half a longer cosine barely moves it
+        (lengthened late, the learning rate would jump back up). Run 7's calibration measured
+        0.75 s per step, stage 2 ran at 0.57, and its last call ended 260 s early. The plan keeps
         what it replaced, and the report says so."""
         a = self.args
         metrics = self.w / "s2" / "metrics.jsonl"
@@ -398,15 +403,15 @@ class Chain:
         need = (sizes["s2_steps"] - done + sizes["s3_steps"]) * step_s
         # less the stage-2 evaluation, and on one GPU the ablation's share fixed when the plan was made
         afford = self.budget() - a.reserve - 60 - sizes.get("ablation_s", 0.0)
-        if need <= afford:
-            return sizes
         f = max(0.0, afford) / need
+        if f >= 1 and (f < GROW_MIN or done >= sizes["s2_steps"] / 2):
+            return sizes
         new = {"s2_steps": done + max(2, int((sizes["s2_steps"] - done) * f)),
                "s3_steps": max(2, int(sizes["s3_steps"] * f)), "ablation_s": sizes.get("ablation_s", 0.0),
                "replanned": {"at_step": done, "step_s": round(step_s, 4), "from": sizes.get("replanned", {}).get(
                    "from", {k: sizes[k] for k in ("s2_steps", "s3_steps")})}}
         log(f"main: stage 2 at step {done} of {sizes['s2_steps']} needs ~{need:.0f}s with stage 3, {afford:.0f}s "
-            f"left: stages shortened to {new['s2_steps']} + {new['s3_steps']} steps")
+            f"left: stages {'shortened' if f < 1 else 'lengthened'} to {new['s2_steps']} + {new['s3_steps']} steps")
         return self.plan("stages", lambda: new, replace=True)
 
     def train(self, stage: int, name: str, init: Path, steps: int, sets: list[str]) -> dict:

@@ -218,9 +218,11 @@ def tables(doc: dict) -> str:
     stages = doc.get("results_main.json", {}).get("plan", {}).get("stages", {})
     if "replanned" in stages:  # bench/small_study.py Chain.fit_stages
         r = stages["replanned"]
-        out += ["", f"Stages 2 + 3 were shortened from {r['from']['s2_steps']} + {r['from']['s3_steps']} to "
-                    f"{stages['s2_steps']} + {stages['s3_steps']} steps when stage 2, at step {r['at_step']} "
-                    f"({r['step_s']} s/step with the margin), could not finish in the time left."]
+        longer = stages["s2_steps"] > r["from"]["s2_steps"]
+        out += ["", f"Stages 2 + 3 were {'lengthened' if longer else 'shortened'} from {r['from']['s2_steps']} + "
+                    f"{r['from']['s3_steps']} to {stages['s2_steps']} + {stages['s3_steps']} steps when stage 2, at "
+                    f"step {r['at_step']} ({r['step_s']} s/step with the margin), "
+                    + ("had time to spare." if longer else "could not finish in the time left.")]
     return "\n".join(out)
 
 

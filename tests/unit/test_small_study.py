@@ -95,6 +95,9 @@ def test_table_5_shows_the_held_out_loss_change_of_joint_training():
         "at_step": 200, "step_s": 1.2, "from": {"s2_steps": 863, "s3_steps": 258}}}}}
     text = report.tables(doc)
     assert "shortened from 863 + 258 to 300 + 90 steps when stage 2, at step 200" in text
+    doc["results_main.json"]["plan"]["stages"].update(s2_steps=1000, s3_steps=300)
+    assert "lengthened from 863 + 258 to 1000 + 300 steps when stage 2, at step 200 (1.2 s/step with the margin), " \
+        "had time to spare." in report.tables(doc)
     row = next(line for line in text.splitlines() if line.startswith("| 3 | discrete only | both"))
     assert "1.250 [1.150, 1.350] (+0.250)" in row and "3.500 [3.400, 3.600] (+0.500)" in row
     assert "| s2 (unfinished) | 640 of 863 | 1121.7 |" in text
@@ -202,10 +205,12 @@ def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, g
         assert sorted(lines[:2]) == ["start ablation gpu=1 share=0.0", "start main gpu=0 share=0.0"]
 
 
-def test_a_stage_2_too_slow_for_the_time_left_is_shortened_and_stage_3_with_it(tmp_path):
+def test_stages_2_and_3_are_fitted_to_the_time_left_at_stage_2s_measured_speed(tmp_path):
     """Run 5's failure: stage 2 ran at half its planned speed and no stage-2/3 score came out.
-    Resumed in a later call, the main chain now fits stages 2 + 3 and the evaluations into the
-    time left at the measured speed; with time enough it keeps the plan."""
+    Run 7's waste: stage 2 ran faster than calibrated and the last call ended 260 s early.
+    Resumed in a later call, the main chain fits stages 2 + 3 and the evaluations into the
+    time left at the measured speed: shorter when they do not fit, longer while stage 2 is in
+    its first half and the spare time is worth it, as planned otherwise."""
     import json
     import time
     from types import SimpleNamespace
@@ -222,7 +227,15 @@ def test_a_stage_2_too_slow_for_the_time_left_is_shortened_and_stage_3_with_it(t
         return study.Chain(args, "main")
 
     plan = {"s2_steps": 863, "s3_steps": 258}
-    assert chain(10_000).fit_stages(plan) == plan  # (763 + 258) steps x 1.15 s fit in 10,000 s
+    # (763 + 258) steps x 1.15 s = 1,174 s, evaluations 230 s: under 5 % to spare keeps the plan
+    assert chain(1420).fit_stages(plan) == plan
+    longer = chain(2000).fit_stages(plan)
+    assert longer["s2_steps"] > 863 and longer["s3_steps"] > 258
+    assert 1420 - 230 < (longer["s2_steps"] - 100 + longer["s3_steps"]) * 1.15 <= 2000 - 230
+    assert longer["replanned"] == {"at_step": 100, "step_s": 1.15, "from": plan}
+    (w / "plan_main.json").unlink()
+    # past the first half of stage 2 a longer cosine would raise the learning rate: kept
+    assert chain(10_000).fit_stages({"s2_steps": 190, "s3_steps": 57}) == {"s2_steps": 190, "s3_steps": 57}
     c = chain(400)
     new = c.fit_stages(plan)
     assert 100 < new["s2_steps"] < 863 and 2 <= new["s3_steps"] < 258

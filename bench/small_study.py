@@ -15,8 +15,10 @@ held-out loss per task, which moves before the scores leave chance). The study o
 10-minute call of the device tool, so it is resumable: run the same command again with the
 same ``--work`` (on a machine that kept it) and every finished task is skipped, a cut-off
 training run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later``
-the seconds of later calls the plan may count on; stage 2 and 3 steps and the ablation's unit
-are sized once, from short calibration runs, to fit both. The ablation evaluates each run
+the seconds of later calls the plan may count on (their deadlines added up: less, and the
+last call ends early); stage 2 and 3 steps and the ablation's unit are sized from short
+calibration runs to fit both, and stages 2 and 3 are resized at stage 2's measured speed when
+a later call resumes it (``Chain.fit_stages``). The ablation evaluates each run
 while the next one trains. The ablation's joint runs take 2u steps and its single-task runs
 u steps, so each task sees as many samples alone as together (the paper's Table 5: 10M, 10M,
 10M + 10M); the Table 6 runs (und:gen 2:1 and 1:2) take 2u like the 1:1 run. ``OUT/results*.json``
@@ -343,6 +345,7 @@ FAST_SETS = ["train.packing=true", "train.attention=varlen"]
 
 STOP_GRACE_S = 25.0  # SIGTERM this long before the deadline: one step and a checkpoint fit
 GROW_MIN = 1.05  # Chain.fit_stages lengthens stages 2 and 3 by at least this factor, or not at all
+EVAL2_S = 60.0  # kept for the evaluation after stage 2 (run 7: 37 s), beside --reserve for those after stage 3
 EVAL_OVERRUN_S = 20.0  # an evaluation in flight may run this far past the deadline (calls end 40 s later)
 
 
@@ -401,8 +404,10 @@ class Chain:
         ckpts = [int(c.name.removeprefix("step_")) for c in (self.w / "s2" / "checkpoints").glob("step_*")]
         done, step_s = max([rows[-1]["step"], *ckpts]), steady_step_s(metrics) * a.step_factor
         need = (sizes["s2_steps"] - done + sizes["s3_steps"]) * step_s
+        if need <= 0:
+            return sizes
         # less the stage-2 evaluation, and on one GPU the ablation's share fixed when the plan was made
-        afford = self.budget() - a.reserve - 60 - sizes.get("ablation_s", 0.0)
+        afford = self.budget() - a.reserve - EVAL2_S - sizes.get("ablation_s", 0.0)
         f = max(0.0, afford) / need
         if f >= 1 and (f < GROW_MIN or done >= sizes["s2_steps"] / 2):
             return sizes
@@ -545,7 +550,7 @@ class Chain:
             else:
                 calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, main_sets)
                 # on one GPU the ablation runs after this chain, in --ablation-share of the time left
-                avail = (self.budget() * (1 - a.ablation_share) - a.reserve) / (1 + a.s3_fraction)
+                avail = (self.budget() * (1 - a.ablation_share) - a.reserve - EVAL2_S) / (1 + a.s3_fraction)
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
             return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2)),
                     "ablation_s": round(self.budget() * a.ablation_share, 1)}

@@ -394,8 +394,8 @@ class Chain:
         step and follows it to the new end (checked on the CPU: `unitoken train --resume auto`
         with a smaller or larger --max-steps); in the first half a longer cosine barely moves it
         (lengthened late, the learning rate would jump back up). Run 7's calibration measured
-        0.75 s per step, stage 2 ran at 0.57, and its last call ended 260 s early. The plan keeps
-        what it replaced, and the report says so."""
+        0.75 s per step, stage 2 ran at 0.57, and ~190 s of its session went unused for that.
+        The plan keeps what it replaced, and the report says so."""
         a = self.args
         metrics = self.w / "s2" / "metrics.jsonl"
         rows = metric_rows(metrics)

@@ -207,7 +207,7 @@ def test_one_gpu_runs_the_ablation_after_the_main_chain(tmp_path, monkeypatch, g
 
 def test_stages_2_and_3_are_fitted_to_the_time_left_at_stage_2s_measured_speed(tmp_path):
     """Run 5's failure: stage 2 ran at half its planned speed and no stage-2/3 score came out.
-    Run 7's waste: stage 2 ran faster than calibrated and the last call ended 260 s early.
+    Run 7's waste: stage 2 ran faster than calibrated, and ~190 s of its session went unused.
     Resumed in a later call, the main chain fits stages 2 + 3 and the evaluations into the
     time left at the measured speed: shorter when they do not fit, longer while stage 2 is in
     its first half and the spare time is worth it, as planned otherwise."""

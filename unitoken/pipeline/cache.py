@@ -22,6 +22,12 @@ directory, ``cache.json`` is written last, and the directory is renamed into pla
 writer leaves only ``.tmp-*`` debris, never an entry. Before reuse every file is re-hashed;
 a missing, extra or changed file, or an unreadable ``cache.json``, makes the entry *corrupt*:
 it is moved aside and deleted, and the step recomputes.
+
+**Eviction.** A reuse touches the entry's ``cache.json`` (its mtime is the entry's last use).
+With a size limit (``UNITOKEN_CACHE_MAX_GIB``, e.g. in the cluster YAML's ``env``, or
+``unitoken pipeline cache --prune-gib``) the least recently used entries are deleted after a
+store until the rest fit; the entry just stored is always kept. An entry deleted while another
+step copies it out fails that copy, and that step recomputes (``steps.cached_step``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 ENTRY = "cache.json"
 DIGEST_FILE = "data_digest.json"
+MAX_GIB_ENV = "UNITOKEN_CACHE_MAX_GIB"
+GIB = 2**30
 
 
 class CacheCorrupt(ValueError):
@@ -123,13 +131,31 @@ def model_digest(model_dir: Path) -> str:
     return handoff_digest(Path(model_dir))
 
 
+def max_bytes_from_env(env=None) -> int | None:
+    """The size limit of ``UNITOKEN_CACHE_MAX_GIB`` in bytes (unset or empty: no limit)."""
+    text = (os.environ if env is None else env).get(MAX_GIB_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not gib > 0 or gib == float("inf"):
+        raise ValueError(f"{MAX_GIB_ENV}={text!r}: expected a size in GiB above 0, e.g. 200; "
+                         "fix: set a number, or unset it for no limit")
+    return int(gib * GIB)
+
+
 class StepCache:
     """The cache under ``root`` (empty: no cache). ``reuse=False`` (``--no-cache``): never reuse,
-    but still store what is computed, so the next run with caching on can reuse it."""
+    but still store what is computed, so the next run with caching on can reuse it.
+    ``max_bytes``: evict the least recently used entries after a store until the rest fit
+    (default: ``UNITOKEN_CACHE_MAX_GIB``, unset: no limit)."""
 
-    def __init__(self, root: str | Path | None, reuse: bool = True) -> None:
+    def __init__(self, root: str | Path | None, reuse: bool = True, max_bytes: int | None = None) -> None:
         self.root = Path(root) if root else None
         self.reuse = reuse
+        self.max_bytes = max_bytes if max_bytes is not None else max_bytes_from_env()
 
     @property
     def active(self) -> bool:
@@ -146,11 +172,16 @@ class StepCache:
         if not entry.is_dir():
             return None
         try:
-            return self.verify(entry, key)
+            meta = self.verify(entry, key)
         except CacheCorrupt as err:
             log.warning("cache entry %s is not reusable (%s); recomputing", entry, err)
             self._discard(entry)
             return None
+        try:
+            os.utime(entry / ENTRY)  # last use: eviction deletes the least recently used first
+        except OSError:  # evicted by another step just now: its copy-out will fail and recompute
+            pass
+        return meta
 
     @staticmethod
     def verify(entry: Path, key: str) -> dict:
@@ -203,7 +234,54 @@ class StepCache:
             tmp.rename(final)
         except OSError:  # another writer of the same key won the rename: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.max_bytes is not None:
+            self.prune(self.max_bytes, keep=final)
         return final
+
+    def entries(self) -> list[dict]:
+        """Every entry: {step, key, path, bytes, last_used, mlflow_run_id, complete}, the bytes as
+        its record lists them (nothing is re-hashed). An entry whose ``cache.json`` cannot be
+        read is incomplete by construction (the record is written before the rename)."""
+        if not self.active or not self.root.is_dir():
+            return []
+        out = []
+        for step_dir in sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for entry in sorted(e for e in step_dir.iterdir() if e.is_dir() and not e.name.startswith(".tmp-")):
+                try:
+                    meta = json.loads((entry / ENTRY).read_text())
+                    row = {"bytes": sum(int(f["size"]) for f in meta.get("files", {}).values()),
+                           "last_used": (entry / ENTRY).stat().st_mtime, "mlflow_run_id": meta.get("mlflow_run_id"),
+                           "complete": True}
+                except FileNotFoundError:
+                    if not entry.exists():  # evicted or replaced while we listed it
+                        continue
+                    row = {"bytes": 0, "last_used": 0.0, "mlflow_run_id": None, "complete": False}
+                except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                    row = {"bytes": 0, "last_used": 0.0, "mlflow_run_id": None, "complete": False}
+                out.append({"step": step_dir.name, "key": entry.name, "path": entry, **row})
+        return out
+
+    def prune(self, max_bytes: int, keep: Path | None = None) -> list[dict]:
+        """Delete entries, least recently used first, until the rest total at most ``max_bytes``;
+        never ``keep`` (the entry just stored). Entries without a readable record go first.
+        Returns the deleted entries."""
+        rows = sorted(self.entries(), key=lambda e: (e["complete"], e["last_used"]))
+        total = sum(e["bytes"] for e in rows)
+        evicted = []
+        for e in rows:
+            if total <= max_bytes and e["complete"]:
+                break
+            if keep is not None and e["path"] == Path(keep):
+                continue
+            self._discard(e["path"])
+            total -= e["bytes"]
+            evicted.append(e)
+            log.info("cache: evicted %s/%s (%.1f MiB, last used %s)", e["step"], e["key"][:12], e["bytes"] / 2**20,
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "never")
+        if total > max_bytes:
+            log.warning("cache %s holds %.2f GiB after eviction, above its limit of %.2f GiB: the newest entry "
+                        "alone is larger", self.root, total / GIB, max_bytes / GIB)
+        return evicted
 
     @staticmethod
     def _discard(entry: Path) -> None:

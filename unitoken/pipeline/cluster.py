@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from unitoken.config import ConfigError
+from unitoken.pipeline.cache import MAX_GIB_ENV, max_bytes_from_env
 
 CPU_STEPS = ("open-run", "validate-data", "init-model", "register-model", "close-run")
 GPU_STEPS = ("train-tokenizer", "pretokenize", "train-stage1", "train-stage2", "train-stage3", "evaluate", "gate")
@@ -208,4 +209,9 @@ def validate_cluster(cfg: ClusterConfig) -> ClusterConfig:
     clash = sorted(set(names) & set(cfg.env))
     if clash:
         raise ConfigError(f"cluster.env.{clash[0]} is also set from a secret; fix: keep credentials in secrets only")
+    if MAX_GIB_ENV in cfg.env:  # every cached step would fail on it at run time: say so at compile time
+        try:
+            max_bytes_from_env({MAX_GIB_ENV: cfg.env[MAX_GIB_ENV]})
+        except ValueError as err:
+            raise ConfigError(f"cluster.env.{err}") from None
     return cfg

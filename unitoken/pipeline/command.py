@@ -1,4 +1,4 @@
-"""``unitoken pipeline run|compile|submit|schedule``: the CLI side of ``pipelines/``.
+"""``unitoken pipeline run|compile|submit|schedule|cache``: the CLI side of ``pipelines/``.
 
 ``run --local`` is the embedded default (``make demo``): synthetic data, the whole pipeline
 through ``kfp.local`` (one subprocess per step, the same components as on a cluster), a
@@ -58,6 +58,11 @@ def add_parser(sub) -> None:
     comp = psub.add_parser("compile", help="write the pipeline YAML for a KFP server")
     comp.add_argument("--out", required=True, type=Path)
     common(comp, params=False)
+    cache = psub.add_parser("cache", help="list the step cache's entries; --prune-gib: evict the least recently used")
+    cache.add_argument("--root", type=Path, default=LOCAL_ROOT / "checkpoints" / "cache",
+                       help="the cache directory (a cluster: <checkpoint volume>/cache, e.g. from a pod mounting it)")
+    cache.add_argument("--prune-gib", type=float, metavar="GIB",
+                       help="delete entries, least recently used first, until the rest total at most GIB")
     for name, text in (("submit", "start one run on a KFP server"),
                        ("schedule", "a recurring run on a KFP server (scheduled retraining)")):
         p = psub.add_parser(name, help=text)
@@ -83,6 +88,8 @@ def cmd_pipeline(args) -> int:
     from pipelines import launch
     from unitoken.pipeline.cluster import load_cluster
 
+    if args.pipeline_command == "cache":
+        return _cache(args.root, args.prune_gib)
     stages = _stages(args.stages)
     if args.pipeline_command == "run":
         return _run_local(args, stages)
@@ -103,6 +110,30 @@ def cmd_pipeline(args) -> int:
         return 0
     job = launch.schedule(args.host, package, params, args.cron, args.job_name, args.experiment, args.max_concurrency)
     console.print(f"recurring run {job} ({args.cron}) on {args.host}")
+    return 0
+
+
+def _cache(root: Path, prune_gib: float | None) -> int:
+    from unitoken.pipeline.cache import GIB, StepCache
+
+    if not Path(root).is_dir():
+        raise ValueError(f"--root {root}: no such directory; fix: point it at the step cache "
+                         "(<checkpoint root>/cache; locally .unitoken/pipeline/checkpoints/cache)")
+    if prune_gib is not None and not prune_gib >= 0:
+        raise ValueError(f"--prune-gib {prune_gib}: expected a size in GiB of 0 or more")
+    cache = StepCache(root, max_bytes=None)
+    evicted = cache.prune(int(prune_gib * GIB)) if prune_gib is not None else []
+    table = Table(title=f"step cache {root}")
+    for col in ("step", "key", "MiB", "last used", "computed by MLflow run"):
+        table.add_column(col, justify="right" if col == "MiB" else "left")
+    rows = cache.entries()
+    for e in sorted(rows, key=lambda e: e["last_used"], reverse=True):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "incomplete"
+        table.add_row(e["step"], e["key"][:16], f"{e['bytes'] / 2**20:.1f}", used, e["mlflow_run_id"] or "-")
+    console.print(table)
+    console.print(f"{len(rows)} entries, {sum(e['bytes'] for e in rows) / GIB:.3f} GiB"
+                  + (f"; evicted {len(evicted)} ({sum(e['bytes'] for e in evicted) / GIB:.3f} GiB)"
+                     if prune_gib is not None else ""))
     return 0
 
 

@@ -396,8 +396,9 @@ def cached_step(step: str, run_name: str, inputs, out: Path, cache: StepCache | 
     if meta is not None:
         try:
             cache.restore(step, key, meta, out)
-        except (OSError, CacheCorrupt) as err:  # e.g. replaced by a concurrent writer mid-copy
+        except (OSError, CacheCorrupt) as err:  # replaced or evicted by another step mid-copy
             log.warning("cache entry %s/%s could not be restored (%s); recomputing", step, key[:12], err)
+            shutil.rmtree(out, ignore_errors=True)  # no part of the copy is left for the computation to mix with
             meta = None
     if meta is not None:
         source = meta.get("mlflow_run_id") or "unknown"

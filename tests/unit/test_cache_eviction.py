@@ -1,10 +1,11 @@
 """Step-cache eviction (unitoken/pipeline/cache.py): least recently used entries go first once a
 store takes the cache over its size limit; the entry just stored stays; a reuse counts as a use;
-entries without a readable record go before any complete one; and a copy-out that an eviction
-cuts off recomputes into a clean output."""
+broken entries go once stale; nothing but entries is ever deleted; and an entry evicted while a
+step reads it makes that step recompute into a clean output."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -12,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from unitoken.pipeline.cache import GIB, MAX_GIB_ENV, StepCache
+from unitoken.pipeline import cache as cache_mod
+from unitoken.pipeline.cache import ENTRY, GIB, MAX_GIB_ENV, STALE_S, StepCache
+
+
+@pytest.fixture(autouse=True)
+def no_limit_from_the_environment(monkeypatch):
+    monkeypatch.delenv(MAX_GIB_ENV, raising=False)
 
 
 def _out(tmp: Path, name: str, size: int) -> Path:
@@ -23,14 +30,21 @@ def _out(tmp: Path, name: str, size: int) -> Path:
 
 
 def _store(cache: StepCache, tmp: Path, key: str, size: int = 1000, age_s: float = 0.0) -> Path:
-    entry = cache.store("pretokenize", key, {"k": key}, _out(tmp, key, size), {"rows": 1}, f"run-{key}", "pipe")
+    entry = cache.store("pretokenize", key, {"k": key}, _out(tmp, key, size), {"rows": 1}, f"run-{key[0]}", "pipe")
     stamp = time.time() - age_s
-    os.utime(entry / "cache.json", (stamp, stamp))
+    os.utime(entry / ENTRY, (stamp, stamp))
     return entry
 
 
+def _age(path: Path, seconds: float) -> None:
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+
+
 def test_least_recently_used_entries_are_evicted_after_a_store(tmp_path):
-    cache = StepCache(tmp_path / "cache", max_bytes=None)
+    """Over the limit after a store: the least recently used go until the rest fit; a reuse is a use."""
+    cache = StepCache(tmp_path / "cache")
+    assert cache.max_bytes is None
     for key, age in (("a" * 64, 300), ("b" * 64, 200), ("c" * 64, 100)):
         _store(cache, tmp_path, key, age_s=age)
     assert cache.lookup("pretokenize", "a" * 64) is not None  # a reuse: "a" is now the most recent
@@ -40,64 +54,128 @@ def test_least_recently_used_entries_are_evicted_after_a_store(tmp_path):
     _store(cache, tmp_path, "d" * 64)  # 4,000 bytes: "b" and then "c" (least recently used) go
     assert sorted(e["key"][0] for e in cache.entries()) == ["a", "d"]
     assert cache.lookup("pretokenize", "b" * 64) is None and cache.lookup("pretokenize", "c" * 64) is None
-    assert cache.lookup("pretokenize", "a" * 64)["mlflow_run_id"] == "run-" + "a" * 64
+    assert cache.lookup("pretokenize", "a" * 64)["mlflow_run_id"] == "run-a"
     assert not list((tmp_path / "cache" / "pretokenize").glob(".tmp-*"))  # nothing half-deleted left
 
 
 def test_the_entry_just_stored_stays_even_alone_above_the_limit(tmp_path, caplog):
-    cache = StepCache(tmp_path / "cache", max_bytes=None)
+    """A new entry larger than the whole limit is kept (the others go), with a warning."""
+    cache = StepCache(tmp_path / "cache")
     _store(cache, tmp_path, "a" * 64, age_s=100)
     cache.max_bytes = 500
     with caplog.at_level(logging.WARNING, logger="unitoken.pipeline.cache"):
         _store(cache, tmp_path, "b" * 64, size=2000)
     assert [e["key"][0] for e in cache.entries()] == ["b"]
-    assert "the newest entry alone is larger" in caplog.text
+    assert "above its limit" in caplog.text
 
 
-def test_entries_without_a_readable_record_go_first(tmp_path):
-    cache = StepCache(tmp_path / "cache", max_bytes=None)
-    _store(cache, tmp_path, "a" * 64)
-    broken = tmp_path / "cache" / "pretokenize" / ("f" * 64)
-    (broken / "output").mkdir(parents=True)
-    (broken / "output" / "payload.bin").write_bytes(b"x" * 10)
-    assert {(e["key"][0], e["complete"]) for e in cache.entries()} == {("a", True), ("f", False)}
-    evicted = cache.prune(10 * GIB)  # far under the limit: only the broken entry goes
-    assert [e["key"][0] for e in evicted] == ["f"] and not broken.exists()
+def test_an_entry_used_since_the_listing_is_not_evicted(tmp_path, monkeypatch):
+    """Eviction lists first and deletes after: an entry a reader touched in between stays."""
+    cache = StepCache(tmp_path / "cache")
+    _store(cache, tmp_path, "a" * 64, age_s=300)
+    _store(cache, tmp_path, "b" * 64, age_s=200)
+    listing, real = cache.entries(), cache.entries
+    calls = iter([listing])
+    monkeypatch.setattr(cache, "entries", lambda: next(calls, None) or real())
+    os.utime(tmp_path / "cache" / "pretokenize" / ("a" * 64) / ENTRY)  # a reader, after the listing
+    evicted = cache.prune(0)
+    assert [e["key"][0] for e in evicted] == ["b"]
     assert [e["key"][0] for e in cache.entries()] == ["a"]
 
 
+def test_broken_entries_go_once_stale_and_nothing_but_entries_is_ever_deleted(tmp_path):
+    """An entry without its record is deleted when untouched for an hour, whatever the total; a
+    root one level too high (the checkpoint root, with training checkpoints beside the cache)
+    finds no entries and deletes nothing."""
+    root = tmp_path / "checkpoints"
+    cache = StepCache(root / "cache")
+    _store(cache, tmp_path, "a" * 64)
+    broken = root / "cache" / "pretokenize" / ("f" * 64)
+    (broken / "output").mkdir(parents=True)
+    (broken / "output" / "payload.bin").write_bytes(b"x" * 10)
+    assert {(e["key"][0], e["complete"]) for e in cache.entries()} == {("a", True), ("f", False)}
+    assert cache.prune(10 * GIB) == [] and broken.exists()  # young: perhaps not ours to judge yet
+    _age(broken, STALE_S + 60)
+    assert [e["key"][0] for e in cache.prune(10 * GIB)] == ["f"] and not broken.exists()
+    assert [e["key"][0] for e in cache.entries()] == ["a"]
+
+    ckpt = root / "job-abc" / "stage1" / "step_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.pt").write_bytes(b"weights")
+    _age(ckpt, 10 * STALE_S)
+    _age(ckpt.parent, 10 * STALE_S)
+    named_like_a_key = root / "job-abc" / ("e" * 64)  # not an entry's shape: a file beside output/
+    (named_like_a_key / "output").mkdir(parents=True)
+    (named_like_a_key / "notes.txt").write_text("mine")
+    _age(named_like_a_key, 10 * STALE_S)
+    too_high = StepCache(root)
+    assert too_high.entries() == [] and too_high.prune(0) == []
+    assert (ckpt / "model.pt").is_file() and (named_like_a_key / "notes.txt").is_file()
+    assert cache.lookup("pretokenize", "a" * 64) is not None
+
+
+def test_an_entry_evicted_while_it_is_verified_is_a_miss_not_a_crash(tmp_path, monkeypatch):
+    """Another step evicts the entry while this one re-hashes it: a miss (recompute), no error."""
+    cache = StepCache(tmp_path / "cache")
+    entry = _store(cache, tmp_path, "a" * 64)
+    real = cache_mod.sha256_file
+
+    def evict_first(path):
+        StepCache._discard(entry)
+        return real(path)
+
+    monkeypatch.setattr(cache_mod, "sha256_file", evict_first)
+    assert cache.lookup("pretokenize", "a" * 64) is None
+    assert not entry.exists()
+
+
 def test_the_limit_comes_from_the_environment_and_a_bad_one_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.delenv(MAX_GIB_ENV, raising=False)
+    """UNITOKEN_CACHE_MAX_GIB sets the limit of a cache with a root; a bad value names the fix."""
     assert StepCache(tmp_path).max_bytes is None
     monkeypatch.setenv(MAX_GIB_ENV, "0.5")
     assert StepCache(tmp_path).max_bytes == GIB // 2
     assert StepCache(tmp_path, max_bytes=123).max_bytes == 123
+    assert StepCache(tmp_path, max_bytes=None).max_bytes is None
     for bad in ("lots", "0", "-3", "inf", "nan"):
         monkeypatch.setenv(MAX_GIB_ENV, bad)
         with pytest.raises(ValueError, match=f"{MAX_GIB_ENV}=.*fix: set a number"):
             StepCache(tmp_path)
+        assert StepCache(None).max_bytes is None  # no cache: the limit is not read
 
 
-def test_cli_lists_and_prunes(tmp_path, capsys):
+def test_cli_lists_and_prunes(tmp_path, monkeypatch):
+    """`unitoken pipeline cache` lists the entries; --prune-gib evicts; a wrong root is named."""
+    from rich.console import Console
+
     from unitoken.cli import main
+    from unitoken.pipeline import command
 
-    cache = StepCache(tmp_path / "cache", max_bytes=None)
+    buf = io.StringIO()
+    monkeypatch.setattr(command, "console", Console(file=buf, width=200))
+    cache = StepCache(tmp_path / "cache")
     _store(cache, tmp_path, "a" * 64, size=3 * 2**20, age_s=60)
     _store(cache, tmp_path, "b" * 64, size=2**20)
     assert main(["pipeline", "cache", "--root", str(tmp_path / "cache")]) == 0
-    text = capsys.readouterr().out
+    text = buf.getvalue()
     assert "a" * 16 in text and "b" * 16 in text and "2 entries" in text
+    buf.truncate(0)
+    buf.seek(0)
     assert main(["pipeline", "cache", "--root", str(tmp_path / "cache"), "--prune-gib", str(2 / 1024)]) == 0
-    text = capsys.readouterr().out
+    text = buf.getvalue()
     assert "1 entries" in text and "evicted 1" in text and "a" * 16 not in text
+    buf.truncate(0)
+    buf.seek(0)
+    assert main(["pipeline", "cache", "--root", str(tmp_path)]) == 0  # one level too high
+    assert "no cache entries" in buf.getvalue() and cache.lookup("pretokenize", "b" * 64) is not None
     assert main(["pipeline", "cache", "--root", str(tmp_path / "nowhere")]) == 1
-    assert "no such directory" in capsys.readouterr().err
+    assert main(["pipeline", "cache", "--root", str(tmp_path / "cache"), "--prune-gib", "inf"]) == 1
 
 
 def test_a_copy_out_cut_off_by_an_eviction_recomputes_into_a_clean_output(tmp_path, monkeypatch):
+    """The entry vanishes mid-copy: no part of the copy stays beside the recomputed output."""
     from unitoken.pipeline import steps
 
-    cache = StepCache(tmp_path / "cache", max_bytes=None)
+    cache = StepCache(tmp_path / "cache")
     out = tmp_path / "step-out"
 
     def compute(tags):
@@ -108,7 +186,7 @@ def test_a_copy_out_cut_off_by_an_eviction_recomputes_into_a_clean_output(tmp_pa
     first = steps.cached_step("pretokenize", "pretokenize", lambda: {"x": 1}, out, cache, "", compute)
     assert first["cache"] == "miss"
 
-    def cut_off(step, key, meta, dst):  # the entry vanished mid-copy: part of it is there
+    def cut_off(step, key, meta, dst):
         dst.mkdir(parents=True, exist_ok=True)
         (dst / "partial.bin").write_bytes(b"half")
         raise FileNotFoundError("evicted mid-copy")
@@ -120,22 +198,17 @@ def test_a_copy_out_cut_off_by_an_eviction_recomputes_into_a_clean_output(tmp_pa
 
 
 def test_a_bad_limit_in_the_cluster_config_fails_at_compile_time(tmp_path):
+    """A bad UNITOKEN_CACHE_MAX_GIB in the cluster YAML's env is a ConfigError naming the fix."""
     import yaml
 
     from unitoken.config import ConfigError
-
-    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml").read_text())
-    assert load_cluster_env(tmp_path, doc)[MAX_GIB_ENV] == "600"  # the example sets one
-    doc["cluster"]["env"][MAX_GIB_ENV] = "plenty"
-    with pytest.raises(ConfigError, match=f"cluster.env.{MAX_GIB_ENV}='plenty'.*fix"):
-        load_cluster_env(tmp_path, doc)
-
-
-def load_cluster_env(tmp_path: Path, doc: dict) -> dict:
-    import yaml
-
     from unitoken.pipeline.cluster import load_cluster
 
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml").read_text())
     f = tmp_path / "cluster.yaml"
     f.write_text(yaml.safe_dump(doc))
-    return load_cluster(f).env
+    assert load_cluster(f).env[MAX_GIB_ENV] == "600"  # the example sets one
+    doc["cluster"]["env"][MAX_GIB_ENV] = "plenty"
+    f.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=f"cluster.env.{MAX_GIB_ENV}='plenty'.*fix"):
+        load_cluster(f)

@@ -23,11 +23,14 @@ writer leaves only ``.tmp-*`` debris, never an entry. Before reuse every file is
 a missing, extra or changed file, or an unreadable ``cache.json``, makes the entry *corrupt*:
 it is moved aside and deleted, and the step recomputes.
 
-**Eviction.** A reuse touches the entry's ``cache.json`` (its mtime is the entry's last use).
-With a size limit (``UNITOKEN_CACHE_MAX_GIB``, e.g. in the cluster YAML's ``env``, or
-``unitoken pipeline cache --prune-gib``) the least recently used entries are deleted after a
-store until the rest fit; the entry just stored is always kept. An entry deleted while another
-step copies it out fails that copy, and that step recomputes (``steps.cached_step``).
+**Eviction.** A reuse touches the entry's ``cache.json`` before re-hashing it (its mtime is the
+entry's last use). With a size limit (``UNITOKEN_CACHE_MAX_GIB``, e.g. in the cluster YAML's
+``env``, or ``unitoken pipeline cache --prune-gib``) the least recently used entries are
+deleted after a store until the rest fit: the entry just stored, and any entry used since the
+listing, stay. Only entry-shaped directories count (``<step>/<key>/`` holding ``output/`` and at
+most ``cache.json``); one without its record is broken and goes once untouched for an hour.
+An entry deleted while another step verifies or copies it is a miss there, and that step
+recomputes (``steps.cached_step``). Eviction trouble is logged, never a failed step.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -51,7 +55,11 @@ FORMAT = 1
 ENTRY = "cache.json"
 DIGEST_FILE = "data_digest.json"
 MAX_GIB_ENV = "UNITOKEN_CACHE_MAX_GIB"
-GIB = 2**30
+MIB, GIB = 2**20, 2**30
+KEY_RE = re.compile(r"[0-9a-f]{64}")  # an entry's directory name: its key (cache_key)
+STALE_S = 3600.0  # debris (.tmp-*, an entry without its record) older than this is deleted
+FROM_ENV = object()  # StepCache(max_bytes=...) default: UNITOKEN_CACHE_MAX_GIB
+_UNTOUCHABLE: set[Path] = set()  # caches whose entries' use could not be recorded (warned once)
 
 
 class CacheCorrupt(ValueError):
@@ -150,12 +158,14 @@ class StepCache:
     """The cache under ``root`` (empty: no cache). ``reuse=False`` (``--no-cache``): never reuse,
     but still store what is computed, so the next run with caching on can reuse it.
     ``max_bytes``: evict the least recently used entries after a store until the rest fit
-    (default: ``UNITOKEN_CACHE_MAX_GIB``, unset: no limit)."""
+    (default: ``UNITOKEN_CACHE_MAX_GIB`` when there is a root; None: no limit)."""
 
-    def __init__(self, root: str | Path | None, reuse: bool = True, max_bytes: int | None = None) -> None:
+    def __init__(self, root: str | Path | None, reuse: bool = True, max_bytes: int | None | object = FROM_ENV) -> None:
         self.root = Path(root) if root else None
         self.reuse = reuse
-        self.max_bytes = max_bytes if max_bytes is not None else max_bytes_from_env()
+        if max_bytes is FROM_ENV:
+            max_bytes = max_bytes_from_env() if self.root is not None else None
+        self.max_bytes = max_bytes
 
     @property
     def active(self) -> bool:
@@ -165,23 +175,37 @@ class StepCache:
         return self.root / step / key
 
     def lookup(self, step: str, key: str) -> dict | None:
-        """The verified record of a complete entry, or None (no entry, reuse off, or corrupt)."""
+        """The verified record of a complete entry, or None (no entry, reuse off, corrupt, or
+        evicted while it was read)."""
         if not self.active or not self.reuse:
             return None
         entry = self._dir(step, key)
         if not entry.is_dir():
             return None
+        # a use, recorded before the re-hash (as long as the copy-out): not the first to evict meanwhile
+        self._touch(entry)
         try:
             meta = self.verify(entry, key)
         except CacheCorrupt as err:
             log.warning("cache entry %s is not reusable (%s); recomputing", entry, err)
             self._discard(entry)
             return None
-        try:
-            os.utime(entry / ENTRY)  # last use: eviction deletes the least recently used first
-        except OSError:  # evicted by another step just now: its copy-out will fail and recompute
-            pass
+        except OSError as err:  # evicted by another step while we read it
+            log.warning("cache entry %s went away while it was verified (%s); recomputing", entry, err)
+            return None
         return meta
+
+    @staticmethod
+    def _touch(entry: Path) -> None:
+        try:
+            os.utime(entry / ENTRY)
+        except FileNotFoundError:  # evicted just now: the verification says so
+            pass
+        except OSError as err:  # read-only or another owner's files: eviction goes by the time of storing
+            if entry.parent.parent not in _UNTOUCHABLE:
+                _UNTOUCHABLE.add(entry.parent.parent)
+                log.warning("cannot record the use of cache entries under %s (%s): eviction will delete the "
+                            "oldest stored first", entry.parent.parent, err)
 
     @staticmethod
     def verify(entry: Path, key: str) -> dict:
@@ -213,13 +237,14 @@ class StepCache:
 
     def store(self, step: str, key: str, inputs: dict, out: Path, summary: dict, mlflow_run_id: str | None,
               pipeline_run_id: str | None) -> Path | None:
-        """Add ``out`` as the entry for ``key`` (atomically; an existing entry is replaced)."""
+        """Add ``out`` as the entry for ``key`` (atomically; an existing entry is replaced), then
+        evict down to ``max_bytes``."""
         if not self.active:
             return None
         base = self.root / step
         base.mkdir(parents=True, exist_ok=True)
-        for stale in base.glob(".tmp-*"):  # a writer killed earlier; never an entry
-            if time.time() - stale.stat().st_mtime > 3600:
+        for stale in list(base.glob(".tmp-*")):  # a writer killed earlier; never an entry
+            if self._age(stale) > STALE_S:
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = base / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         shutil.copytree(out, tmp / "output")
@@ -235,59 +260,114 @@ class StepCache:
         except OSError:  # another writer of the same key won the rename: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         if self.max_bytes is not None:
-            self.prune(self.max_bytes, keep=final)
+            try:
+                self.prune(self.max_bytes, keep=final)
+            except OSError as err:  # housekeeping: the output is computed and stored, the step goes on
+                log.warning("cache %s: eviction failed (%s); it may stay above its limit", self.root, err)
         return final
 
     def entries(self) -> list[dict]:
-        """Every entry: {step, key, path, bytes, last_used, mlflow_run_id, complete}, the bytes as
-        its record lists them (nothing is re-hashed). An entry whose ``cache.json`` cannot be
-        read is incomplete by construction (the record is written before the rename)."""
+        """Every entry (``ROOT/<step>/<64 hex digits>/``): {step, key, path, bytes, last_used,
+        mlflow_run_id, complete, stale}, the bytes as its record lists them (nothing is
+        re-hashed). An entry without a readable ``cache.json`` is incomplete (the record is
+        written before the rename, so it is broken); ``stale`` when untouched for an hour.
+        Nothing else counts: a directory named by a key holding ``output/`` and at most
+        ``cache.json``, two levels under the root. A root one level too high finds none."""
         if not self.active or not self.root.is_dir():
             return []
         out = []
         for step_dir in sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            for entry in sorted(e for e in step_dir.iterdir() if e.is_dir() and not e.name.startswith(".tmp-")):
+            try:
+                keys = sorted(e for e in step_dir.iterdir() if KEY_RE.fullmatch(e.name) and e.is_dir())
+            except OSError:
+                continue
+            for entry in keys:
+                try:
+                    if not {"output"} <= set(os.listdir(entry)) <= {"output", ENTRY}:
+                        continue  # not the shape of an entry: not the cache's to count or delete
+                except OSError:  # gone, or unreadable now
+                    continue
+                row = {"step": step_dir.name, "key": entry.name, "path": entry}
                 try:
                     meta = json.loads((entry / ENTRY).read_text())
-                    row = {"bytes": sum(int(f["size"]) for f in meta.get("files", {}).values()),
-                           "last_used": (entry / ENTRY).stat().st_mtime, "mlflow_run_id": meta.get("mlflow_run_id"),
-                           "complete": True}
-                except FileNotFoundError:
-                    if not entry.exists():  # evicted or replaced while we listed it
+                    row |= {"bytes": sum(int(f["size"]) for f in meta["files"].values()),
+                            "last_used": (entry / ENTRY).stat().st_mtime,
+                            "mlflow_run_id": meta.get("mlflow_run_id"), "complete": True, "stale": False}
+                except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError):
+                    age = self._age(entry)
+                    if age < 0:  # gone: evicted or replaced while we listed it
                         continue
-                    row = {"bytes": 0, "last_used": 0.0, "mlflow_run_id": None, "complete": False}
-                except (OSError, ValueError, TypeError, KeyError, AttributeError):
-                    row = {"bytes": 0, "last_used": 0.0, "mlflow_run_id": None, "complete": False}
-                out.append({"step": step_dir.name, "key": entry.name, "path": entry, **row})
+                    row |= {"bytes": 0, "last_used": 0.0, "mlflow_run_id": None, "complete": False,
+                            "stale": age > STALE_S}
+                except OSError:  # unreadable now (a transient error): neither counted nor deleted
+                    continue
+                out.append(row)
         return out
 
     def prune(self, max_bytes: int, keep: Path | None = None) -> list[dict]:
         """Delete entries, least recently used first, until the rest total at most ``max_bytes``;
-        never ``keep`` (the entry just stored). Entries without a readable record go first.
-        Returns the deleted entries."""
-        rows = sorted(self.entries(), key=lambda e: (e["complete"], e["last_used"]))
-        total = sum(e["bytes"] for e in rows)
-        evicted = []
-        for e in rows:
-            if total <= max_bytes and e["complete"]:
+        never ``keep`` (the entry just stored), nor one used since the listing. Incomplete
+        entries untouched for an hour go whatever the total. Returns the deleted entries."""
+        rows = self.entries()
+        victims = [e for e in rows if not e["complete"] and e["stale"]]
+        total = sum(e["bytes"] for e in rows if e["complete"])
+        for e in sorted((e for e in rows if e["complete"]), key=lambda e: e["last_used"]):
+            if total <= max_bytes:
                 break
-            if keep is not None and e["path"] == Path(keep):
+            if keep is None or e["path"] != Path(keep):
+                victims.append(e)
+                total -= e["bytes"]
+        evicted, aside = [], []
+        for e in victims:
+            if e["complete"] and self._last_use(e["path"]) != e["last_used"]:
+                continue  # used (or replaced) since the listing
+            moved = self._set_aside(e["path"])
+            if moved is None:
                 continue
-            self._discard(e["path"])
-            total -= e["bytes"]
+            aside.append(moved)
             evicted.append(e)
-            log.info("cache: evicted %s/%s (%.1f MiB, last used %s)", e["step"], e["key"][:12], e["bytes"] / 2**20,
+            log.info("cache: evicted %s/%s (%.1f MiB, last used %s)", e["step"], e["key"][:12], e["bytes"] / MIB,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "never")
-        if total > max_bytes:
-            log.warning("cache %s holds %.2f GiB after eviction, above its limit of %.2f GiB: the newest entry "
-                        "alone is larger", self.root, total / GIB, max_bytes / GIB)
+        for d in aside:
+            shutil.rmtree(d, ignore_errors=True)
+        if victims:
+            left = sum(e["bytes"] for e in self.entries() if e["complete"])
+            if left > max_bytes:
+                log.warning("cache %s holds %.1f MiB after eviction, above its limit of %.1f MiB (kept: the entry "
+                            "just stored and entries in use)", self.root, left / MIB, max_bytes / MIB)
         return evicted
 
     @staticmethod
-    def _discard(entry: Path) -> None:
+    def _age(path: Path) -> float:
+        """Seconds since ``path`` last changed; -1 when it is gone."""
+        try:
+            return time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return -1.0
+
+    @staticmethod
+    def _last_use(entry: Path) -> float | None:
+        try:
+            return (entry / ENTRY).stat().st_mtime
+        except OSError:
+            return None
+
+    @staticmethod
+    def _set_aside(entry: Path) -> Path | None:
+        """Rename ``entry`` out of the lookup path (atomic); None if it is gone or cannot move."""
         aside = entry.with_name(f".tmp-discard-{entry.name[:16]}-{uuid.uuid4().hex[:8]}")
         try:
             entry.rename(aside)
-        except OSError:
-            return
-        shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            log.warning("cache entry %s could not be set aside for deletion (%s)", entry, err)
+            return None
+        return aside
+
+    @classmethod
+    def _discard(cls, entry: Path) -> bool:
+        aside = cls._set_aside(entry)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return aside is not None

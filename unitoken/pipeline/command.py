@@ -114,14 +114,14 @@ def cmd_pipeline(args) -> int:
 
 
 def _cache(root: Path, prune_gib: float | None) -> int:
-    from unitoken.pipeline.cache import GIB, StepCache
+    from unitoken.pipeline.cache import GIB, MIB, StepCache
 
     if not Path(root).is_dir():
         raise ValueError(f"--root {root}: no such directory; fix: point it at the step cache "
                          "(<checkpoint root>/cache; locally .unitoken/pipeline/checkpoints/cache)")
-    if prune_gib is not None and not prune_gib >= 0:
+    if prune_gib is not None and not 0 <= prune_gib < float("inf"):
         raise ValueError(f"--prune-gib {prune_gib}: expected a size in GiB of 0 or more")
-    cache = StepCache(root, max_bytes=None)
+    cache = StepCache(root, max_bytes=None)  # no limit of its own: only --prune-gib evicts
     evicted = cache.prune(int(prune_gib * GIB)) if prune_gib is not None else []
     table = Table(title=f"step cache {root}")
     for col in ("step", "key", "MiB", "last used", "computed by MLflow run"):
@@ -129,8 +129,11 @@ def _cache(root: Path, prune_gib: float | None) -> int:
     rows = cache.entries()
     for e in sorted(rows, key=lambda e: e["last_used"], reverse=True):
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "incomplete"
-        table.add_row(e["step"], e["key"][:16], f"{e['bytes'] / 2**20:.1f}", used, e["mlflow_run_id"] or "-")
+        table.add_row(e["step"], e["key"][:16], f"{e['bytes'] / MIB:.1f}", used, e["mlflow_run_id"] or "-")
     console.print(table)
+    if not rows and any(d.is_dir() and not d.name.startswith(".") for d in Path(root).iterdir()):
+        console.print(f"[yellow]no cache entries under {root}[/yellow]: is it the cache folder itself "
+                      "(<checkpoint root>/cache, holding one folder per step)?")
     console.print(f"{len(rows)} entries, {sum(e['bytes'] for e in rows) / GIB:.3f} GiB"
                   + (f"; evicted {len(evicted)} ({sum(e['bytes'] for e in evicted) / GIB:.3f} GiB)"
                      if prune_gib is not None else ""))

@@ -136,7 +136,8 @@ def _entry_with(tmp_path, client, n=[0]):
 @pytest.mark.parametrize("damage", ["flip-byte", "delete-file", "extra-file", "truncated-record", "no-record"])
 def test_corrupt_or_incomplete_entries_are_never_reused(tmp_path, mlflow_home, damage):
     """A cached output whose files no longer match its record (changed, missing, added) or whose
-    record is unreadable or missing is discarded and the step recomputes; a clean entry is reused."""
+    record is truncated or missing is not reused: the step recomputes and its store replaces the
+    entry; a clean entry is reused."""
     cache, res, calls = _entry_with(tmp_path, mlflow_home)
     assert res["cache"] == "miss" and len(calls) == 1
     entry = tmp_path / "cache" / "toy" / res["cache_key"]

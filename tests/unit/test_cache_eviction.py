@@ -58,15 +58,35 @@ def test_least_recently_used_entries_are_evicted_after_a_store(tmp_path):
     assert not list((tmp_path / "cache" / "pretokenize").glob(".tmp-*"))  # nothing half-deleted left
 
 
-def test_the_entry_just_stored_stays_even_alone_above_the_limit(tmp_path, caplog):
-    """A new entry larger than the whole limit is kept (the others go), with a warning."""
+@pytest.mark.parametrize("before", [0, 1])
+def test_the_entry_just_stored_stays_even_alone_above_the_limit(tmp_path, caplog, before):
+    """A new entry larger than the whole limit is kept (the others go), with a warning, also in
+    an otherwise empty cache."""
     cache = StepCache(tmp_path / "cache")
-    _store(cache, tmp_path, "a" * 64, age_s=100)
+    if before:
+        _store(cache, tmp_path, "a" * 64, age_s=100)
     cache.max_bytes = 500
     with caplog.at_level(logging.WARNING, logger="unitoken.pipeline.cache"):
         _store(cache, tmp_path, "b" * 64, size=2000)
     assert [e["key"][0] for e in cache.entries()] == ["b"]
     assert "above its limit" in caplog.text
+
+
+def test_eviction_trouble_is_a_warning_and_what_stays_is_not_counted_as_gone(tmp_path, monkeypatch, caplog):
+    """A prune that fails does not fail the store (the output is computed); an entry that cannot
+    be set aside stays and is not reported as evicted."""
+    cache = StepCache(tmp_path / "cache", max_bytes=10)
+
+    def broken(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(cache, "prune", broken)
+    with caplog.at_level(logging.WARNING, logger="unitoken.pipeline.cache"):
+        entry = _store(cache, tmp_path, "a" * 64)
+    assert entry.is_dir() and "eviction failed" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(StepCache, "_set_aside", staticmethod(lambda entry: None))
+    assert cache.prune(0) == [] and [e["key"][0] for e in cache.entries()] == ["a"]
 
 
 def test_an_entry_used_since_the_listing_is_not_evicted(tmp_path, monkeypatch):
@@ -112,6 +132,44 @@ def test_broken_entries_go_once_stale_and_nothing_but_entries_is_ever_deleted(tm
     assert too_high.entries() == [] and too_high.prune(0) == []
     assert (ckpt / "model.pt").is_file() and (named_like_a_key / "notes.txt").is_file()
     assert cache.lookup("pretokenize", "a" * 64) is not None
+
+
+def test_a_reuse_is_recorded_before_the_re_hash(tmp_path, monkeypatch):
+    """While an entry is re-hashed (as long as its copy-out) it is already the most recent."""
+    cache = StepCache(tmp_path / "cache")
+    entry = _store(cache, tmp_path, "a" * 64, age_s=1000)
+    real, seen = cache_mod.sha256_file, []
+
+    def watch(path):
+        seen.append(time.time() - (entry / ENTRY).stat().st_mtime)
+        return real(path)
+
+    monkeypatch.setattr(cache_mod, "sha256_file", watch)
+    assert cache.lookup("pretokenize", "a" * 64) is not None
+    assert seen and max(seen) < 60
+
+
+def test_a_broken_entry_stored_again_since_the_listing_stays(tmp_path, monkeypatch):
+    """A stale broken entry that another step stores again after the listing is not deleted."""
+    cache = StepCache(tmp_path / "cache")
+    broken = tmp_path / "cache" / "pretokenize" / ("a" * 64)
+    (broken / "output").mkdir(parents=True)
+    _age(broken, STALE_S + 60)
+    listing, real = cache.entries(), cache.entries
+    assert [(e["key"][0], e["complete"], e["stale"]) for e in listing] == [("a", False, True)]
+    calls = iter([listing])
+    monkeypatch.setattr(cache, "entries", lambda: next(calls, None) or real())
+    _store(cache, tmp_path, "a" * 64)  # stored again (no limit on this cache: no prune of its own)
+    assert cache.prune(10 * GIB) == []
+    assert cache.lookup("pretokenize", "a" * 64) is not None
+
+
+def test_a_stray_file_beside_output_makes_the_entry_corrupt(tmp_path):
+    """verify and the listing agree on an entry's shape: junk beside output/ is never reused."""
+    cache = StepCache(tmp_path / "cache")
+    entry = _store(cache, tmp_path, "a" * 64)
+    (entry / "notes.txt").write_text("x")
+    assert cache.lookup("pretokenize", "a" * 64) is None and not entry.exists()
 
 
 def test_an_entry_evicted_while_it_is_verified_is_a_miss_not_a_crash(tmp_path, monkeypatch):
@@ -168,7 +226,13 @@ def test_cli_lists_and_prunes(tmp_path, monkeypatch):
     assert main(["pipeline", "cache", "--root", str(tmp_path)]) == 0  # one level too high
     assert "no cache entries" in buf.getvalue() and cache.lookup("pretokenize", "b" * 64) is not None
     assert main(["pipeline", "cache", "--root", str(tmp_path / "nowhere")]) == 1
-    assert main(["pipeline", "cache", "--root", str(tmp_path / "cache"), "--prune-gib", "inf"]) == 1
+    with pytest.raises(ValueError, match="--prune-gib inf: expected a size in GiB"):
+        command._cache(tmp_path / "cache", float("inf"))
+    buf.truncate(0)
+    buf.seek(0)
+    assert main(["pipeline", "cache", "--root", str(tmp_path / "cache"), "--prune-gib", "0"]) == 0
+    assert main(["pipeline", "cache", "--root", str(tmp_path / "cache")]) == 0  # emptied, but the right root
+    assert "0 entries" in buf.getvalue() and "no cache entries" not in buf.getvalue()
 
 
 def test_a_copy_out_cut_off_by_an_eviction_recomputes_into_a_clean_output(tmp_path, monkeypatch):

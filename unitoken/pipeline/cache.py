@@ -20,8 +20,10 @@ another key, hence a recompute.
 computed it, and sha256 + size of every output file). An entry is built in a temporary
 directory, ``cache.json`` is written last, and the directory is renamed into place: a killed
 writer leaves only ``.tmp-*`` debris, never an entry. Before reuse every file is re-hashed;
-a missing, extra or changed file, or an unreadable ``cache.json``, makes the entry *corrupt*:
-it is moved aside and deleted, and the step recomputes.
+a missing, extra or changed file, a stray file beside ``output/``, or a ``cache.json`` that is
+not JSON makes the entry *corrupt*: it is moved aside and deleted, and the step recomputes. An
+entry whose ``cache.json`` is missing or unreadable right now is a plain miss (it may be being
+evicted or replaced): the step recomputes and its store replaces the entry.
 
 **Eviction.** A reuse touches the entry's ``cache.json`` before re-hashing it (its mtime is the
 entry's last use). With a size limit (``UNITOKEN_CACHE_MAX_GIB``, e.g. in the cluster YAML's
@@ -190,8 +192,8 @@ class StepCache:
             log.warning("cache entry %s is not reusable (%s); recomputing", entry, err)
             self._discard(entry)
             return None
-        except OSError as err:  # evicted by another step while we read it
-            log.warning("cache entry %s went away while it was verified (%s); recomputing", entry, err)
+        except OSError as err:  # evicted by another step while we read it, or its record is gone
+            log.warning("cache entry %s is not readable as a whole (%s); recomputing", entry, err)
             return None
         return meta
 
@@ -209,10 +211,16 @@ class StepCache:
 
     @staticmethod
     def verify(entry: Path, key: str) -> dict:
+        """The entry's record if every file matches it. CacheCorrupt: the entry is wrong; OSError
+        (a record or file missing or unreadable now): gone or going, not judged here."""
+        text = (entry / ENTRY).read_text()
         try:
-            meta = json.loads((entry / ENTRY).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CacheCorrupt(f"{ENTRY} unreadable ({type(err).__name__})") from None
+            meta = json.loads(text)
+        except json.JSONDecodeError:
+            raise CacheCorrupt(f"{ENTRY} unreadable (not JSON)") from None
+        stray = sorted(set(os.listdir(entry)) - {"output", ENTRY})
+        if stray:
+            raise CacheCorrupt(f"unexpected {stray[:3]} beside output/")
         if meta.get("key") != key or meta.get("format") != FORMAT:
             raise CacheCorrupt(f"{ENTRY} is for another key or format")
         have = tree_files(entry / "output") if (entry / "output").is_dir() else {}
@@ -321,6 +329,8 @@ class StepCache:
         for e in victims:
             if e["complete"] and self._last_use(e["path"]) != e["last_used"]:
                 continue  # used (or replaced) since the listing
+            if not e["complete"] and (self._last_use(e["path"]) is not None or self._age(e["path"]) <= STALE_S):
+                continue  # stored again since the listing
             moved = self._set_aside(e["path"])
             if moved is None:
                 continue
@@ -330,7 +340,9 @@ class StepCache:
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "never")
         for d in aside:
             shutil.rmtree(d, ignore_errors=True)
-        if victims:
+            if d.exists():
+                log.warning("cache: %s could not be deleted completely; remove it by hand", d)
+        if victims or total > max_bytes:
             left = sum(e["bytes"] for e in self.entries() if e["complete"])
             if left > max_bytes:
                 log.warning("cache %s holds %.1f MiB after eviction, above its limit of %.1f MiB (kept: the entry "
@@ -339,10 +351,10 @@ class StepCache:
 
     @staticmethod
     def _age(path: Path) -> float:
-        """Seconds since ``path`` last changed; -1 when it is gone."""
+        """Seconds since ``path`` last changed; -1 when it is gone or cannot be read (never deleted)."""
         try:
             return time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             return -1.0
 
     @staticmethod
@@ -370,4 +382,6 @@ class StepCache:
         aside = cls._set_aside(entry)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+            if aside.exists():
+                log.warning("cache: %s could not be deleted completely; remove it by hand", aside)
         return aside is not None

@@ -114,7 +114,7 @@ def cmd_pipeline(args) -> int:
 
 
 def _cache(root: Path, prune_gib: float | None) -> int:
-    from unitoken.pipeline.cache import GIB, MIB, StepCache
+    from unitoken.pipeline.cache import GIB, KEY_RE, MIB, StepCache
 
     if not Path(root).is_dir():
         raise ValueError(f"--root {root}: no such directory; fix: point it at the step cache "
@@ -131,7 +131,9 @@ def _cache(root: Path, prune_gib: float | None) -> int:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "incomplete"
         table.add_row(e["step"], e["key"][:16], f"{e['bytes'] / MIB:.1f}", used, e["mlflow_run_id"] or "-")
     console.print(table)
-    if not rows and any(d.is_dir() and not d.name.startswith(".") for d in Path(root).iterdir()):
+    odd = [g for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".") for g in d.iterdir()
+           if not g.name.startswith(".") and not KEY_RE.fullmatch(g.name)]
+    if not rows and odd:  # folders, but no step folders of keys
         console.print(f"[yellow]no cache entries under {root}[/yellow]: is it the cache folder itself "
                       "(<checkpoint root>/cache, holding one folder per step)?")
     console.print(f"{len(rows)} entries, {sum(e['bytes'] for e in rows) / GIB:.3f} GiB"

@@ -31,14 +31,21 @@ def _out(tmp: Path, name: str, size: int) -> Path:
 
 def _store(cache: StepCache, tmp: Path, key: str, size: int = 1000, age_s: float = 0.0) -> Path:
     entry = cache.store("pretokenize", key, {"k": key}, _out(tmp, key, size), {"rows": 1}, f"run-{key[0]}", "pipe")
-    stamp = time.time() - age_s
-    os.utime(entry / ENTRY, (stamp, stamp))
+    _age(entry / ENTRY, age_s)
     return entry
 
 
 def _age(path: Path, seconds: float) -> None:
     stamp = time.time() - seconds
     os.utime(path, (stamp, stamp))
+
+
+def _freeze_listing(cache: StepCache, monkeypatch) -> list[dict]:
+    """The cache's listing now is what its next prune sees (as if it listed before what follows)."""
+    listing, real = cache.entries(), cache.entries
+    calls = iter([listing])
+    monkeypatch.setattr(cache, "entries", lambda: next(calls, None) or real())
+    return listing
 
 
 def test_least_recently_used_entries_are_evicted_after_a_store(tmp_path):
@@ -94,9 +101,7 @@ def test_an_entry_used_since_the_listing_is_not_evicted(tmp_path, monkeypatch):
     cache = StepCache(tmp_path / "cache")
     _store(cache, tmp_path, "a" * 64, age_s=300)
     _store(cache, tmp_path, "b" * 64, age_s=200)
-    listing, real = cache.entries(), cache.entries
-    calls = iter([listing])
-    monkeypatch.setattr(cache, "entries", lambda: next(calls, None) or real())
+    _freeze_listing(cache, monkeypatch)
     os.utime(tmp_path / "cache" / "pretokenize" / ("a" * 64) / ENTRY)  # a reader, after the listing
     evicted = cache.prune(0)
     assert [e["key"][0] for e in evicted] == ["b"]
@@ -155,10 +160,8 @@ def test_a_broken_entry_stored_again_since_the_listing_stays(tmp_path, monkeypat
     broken = tmp_path / "cache" / "pretokenize" / ("a" * 64)
     (broken / "output").mkdir(parents=True)
     _age(broken, STALE_S + 60)
-    listing, real = cache.entries(), cache.entries
+    listing = _freeze_listing(cache, monkeypatch)
     assert [(e["key"][0], e["complete"], e["stale"]) for e in listing] == [("a", False, True)]
-    calls = iter([listing])
-    monkeypatch.setattr(cache, "entries", lambda: next(calls, None) or real())
     _store(cache, tmp_path, "a" * 64)  # stored again (no limit on this cache: no prune of its own)
     assert cache.prune(10 * GIB) == []
     assert cache.lookup("pretokenize", "a" * 64) is not None

@@ -339,9 +339,7 @@ class StepCache:
             log.info("cache: evicted %s/%s (%.1f MiB, last used %s)", e["step"], e["key"][:12], e["bytes"] / MIB,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["complete"] else "never")
         for d in aside:
-            shutil.rmtree(d, ignore_errors=True)
-            if d.exists():
-                log.warning("cache: %s could not be deleted completely; remove it by hand", d)
+            self._delete(d)
         if victims or total > max_bytes:
             left = sum(e["bytes"] for e in self.entries() if e["complete"])
             if left > max_bytes:
@@ -377,11 +375,15 @@ class StepCache:
             return None
         return aside
 
+    @staticmethod
+    def _delete(aside: Path) -> None:
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            log.warning("cache: %s could not be deleted completely; remove it by hand", aside)
+
     @classmethod
     def _discard(cls, entry: Path) -> bool:
         aside = cls._set_aside(entry)
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-            if aside.exists():
-                log.warning("cache: %s could not be deleted completely; remove it by hand", aside)
+            cls._delete(aside)
         return aside is not None

@@ -45,13 +45,14 @@ def _job_name(artifacts: Path) -> str:
 
 
 def summarize(job: str, model_name: str) -> dict:
-    """What a pipeline job recorded in MLflow, found by the job name tag on its parent run."""
-    from unitoken.pipeline.steps import PIPELINE_TAG, _client
+    """What a pipeline job recorded in MLflow, found by the job's name on its parent run
+    (kfp.local names every job <pipeline>-<timestamp>: unique here, unlike a server's display names)."""
+    from unitoken.pipeline.steps import PIPELINE_NAME_TAG, _client
     from unitoken.train.tracking import ensure_experiment
 
     client = _client()
     exp = ensure_experiment(client)
-    parents = client.search_runs([exp], filter_string=f"tags.`{PIPELINE_TAG}` = '{job}'", max_results=1)
+    parents = client.search_runs([exp], filter_string=f"tags.`{PIPELINE_NAME_TAG}` = '{job}'", max_results=1)
     if not parents:
         return {"job": job, "state": "NOT STARTED", "steps": [], "scores": {}, "gate": None, "model_uri": None}
     parent = parents[0]
@@ -104,26 +105,37 @@ def _client(host: str, client=None):
 
 
 def submit(host: str, package: Path, params: dict, experiment: str = "unitoken", run_name: str | None = None,
-           client=None) -> str:
-    """Start one run of a compiled pipeline; returns the run id."""
+           service_account: str | None = None, client=None) -> str:
+    """Start one run of a compiled pipeline as ``service_account``; returns the run id."""
     c = _client(host, client)
     run = c.create_run_from_pipeline_package(str(package), arguments=params, experiment_name=experiment,
-                                             run_name=run_name)
+                                             run_name=run_name, service_account=service_account)
     return run.run_id
+
+
+def run_link(host: str, run_id: str) -> str:
+    """The run's page in the KFP UI (the address the SDK itself prints for a new run)."""
+    return f"{host.rstrip('/')}/#/runs/details/{run_id}"
 
 
 CRON = re.compile(r"^\S+( \S+){5}$")
 
 
 def schedule(host: str, package: Path, params: dict, cron: str, name: str, experiment: str = "unitoken",
-             max_concurrency: int = 1, client=None) -> str:
-    """A KFP recurring run (scheduled retraining); ``cron`` has 6 fields, seconds first."""
+             max_concurrency: int = 1, service_account: str | None = None, catch_up: bool = False,
+             client=None) -> str:
+    """A KFP recurring run (scheduled retraining); ``cron`` has 6 fields, seconds first.
+
+    ``no_catchup`` is always sent: by default (``catch_up`` False) a schedule paused or created
+    with a past start runs once for the latest missed time, not once per missed interval (each
+    would be a full retraining on the GPU pools)."""
     if not CRON.match(cron.strip()):
         raise ValueError(f"--cron {cron!r}: KFP takes 6 fields, seconds first, e.g. '0 0 3 * * 0' (Sundays 03:00)")
     c = _client(host, client)
     exp = c.create_experiment(experiment)
     job = c.create_recurring_run(experiment_id=exp.experiment_id, job_name=name, cron_expression=cron,
                                  pipeline_package_path=str(package), params=params,
-                                 max_concurrency=max_concurrency, enabled=True)
+                                 max_concurrency=max_concurrency, no_catchup=not catch_up,
+                                 service_account=service_account, enabled=True)
     return job.recurring_run_id
 

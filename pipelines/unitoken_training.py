@@ -12,7 +12,6 @@ time; the local runner ignores it.
 """
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +30,10 @@ from components.train_tokenizer.component import train_tokenizer
 from components.validate_data.component import validate_data
 from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, validate_cluster
 
-JOB = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+# A run is keyed by its id (unique); its display name (PIPELINE_JOB_NAME_PLACEHOLDER on a KFP
+# server) is not, and keys the MLflow parent run's name only, never a directory or object name.
+JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 # steps that reuse their outputs from the step cache under the checkpoint volume (cache_root)
 CACHED_STEPS = ("train-tokenizer", "pretokenize", "evaluate")
 
@@ -47,21 +49,28 @@ def place(task, step: str, cluster: ClusterConfig | None):
         return task
     r = cluster.resources(step)
     task.set_container_image(cluster.image)
+    # Pod Security "restricted" refuses pods that may run as root; KFP adds only a seccomp profile
+    k8s.set_security_context(task, run_as_user=cluster.run_as_user, run_as_group=cluster.run_as_group,
+                             run_as_non_root=True)
     for key, value in sorted(cluster.env.items()):
         task.set_env_variable(key, value)
     for secret in cluster.secrets:
         k8s.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=dict(secret.env))
     if cluster.image_pull_secrets:
         k8s.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
-    if r.cpu:
-        task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
-    if r.memory:
-        task.set_memory_request(r.memory).set_memory_limit(r.memory)
     if r.timeout_s:
         k8s.set_timeout(task, int(r.timeout_s))
-    if r.gpus and r.num_nodes == 1:  # a multi-node stage's GPUs belong to its TrainJob, not this pod
-        task.set_accelerator_type(r.gpu_resource).set_accelerator_limit(r.gpus)
+    if step in TRAIN_STEPS + CACHED_STEPS and cluster.checkpoint_pvc:  # checkpoints and the step cache
+        k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
+    if step in TRAIN_STEPS and r.retries:
+        task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
+    if r.num_nodes > 1:
+        # the step's pod only stages inputs and watches its TrainJob, whose nodes get the GPUs
+        # and the placement: a small CPU pod, never a GPU node reserved for watching
+        return _size(task, cluster.launcher)
+    _size(task, r)
     if r.gpus:
+        task.set_accelerator_type(r.gpu_resource).set_accelerator_limit(r.gpus)
         for key, value in sorted(r.node_selector.items()):
             k8s.add_node_selector(task, key, value)
         for t in r.tolerations:
@@ -69,12 +78,18 @@ def place(task, step: str, cluster: ClusterConfig | None):
                                effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
         if cluster.queue:
             k8s.add_pod_label(task, "kueue.x-k8s.io/queue-name", cluster.queue)
-        if r.priority_class:
-            k8s.add_pod_label(task, "kueue.x-k8s.io/priority-class", r.priority_class)
-    if step in TRAIN_STEPS + CACHED_STEPS and cluster.checkpoint_pvc:  # checkpoints and the step cache
-        k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
-    if step in TRAIN_STEPS and r.retries:
-        task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
+        if r.workload_priority_class:  # Kueue reads a WorkloadPriorityClass here, not a PriorityClass
+            k8s.add_pod_label(task, "kueue.x-k8s.io/priority-class", r.workload_priority_class)
+    if r.gpus > 1:  # one process per GPU: NCCL and data workers share memory through /dev/shm
+        k8s.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=r.shm)
+    return task
+
+
+def _size(task, r):
+    if r.cpu:
+        task.set_cpu_request(r.cpu).set_cpu_limit(r.cpu)
+    if r.memory:
+        task.set_memory_request(r.memory).set_memory_limit(r.memory)
     return task
 
 
@@ -86,7 +101,7 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
     if cluster is not None:
         validate_cluster(cluster)
         checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
-    cluster_json = json.dumps(dataclasses.asdict(cluster)) if cluster else "{}"
+    cluster_json = json.dumps(cluster.to_json()) if cluster else "{}"
     # Step outputs are cached by content on the checkpoint volume (unitoken/pipeline/cache.py);
     # no checkpoint root (a cluster without a PVC): nothing is cached.
     cache_root = f"{checkpoint_root.rstrip('/')}/cache" if checkpoint_root else ""
@@ -100,10 +115,10 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                           tokenizer_batch_size: int = 32, tokenizer_lr: float = 1e-3,
                           max_steps: int = 0, eval_suites: str = "shapes-vqa,shapes-geneval", eval_limit: int = 50,
                           max_reject_fraction: float = 0.01, promote: bool = False, use_cache: bool = True):
-        closing = place(close_run(job=JOB), "close-run", cluster)
+        closing = place(close_run(job=JOB_ID), "close-run", cluster)
         with dsl.ExitHandler(closing, name="unitoken-run"):
             # Step 1: the parent MLflow run every task nests under
-            run = place(open_run(job=JOB, stages=",".join(map(str, stages)), data_uri=data_uri, recipe=recipe,
+            run = place(open_run(job=JOB_ID, job_name=JOB_NAME, stages=",".join(map(str, stages)), data_uri=data_uri, recipe=recipe,
                                  overrides_json=overrides_json, mixture_ratio=mixture_ratio, model_name=model_name,
                                  base_model=base_model, gate_policy=gate_policy), "open-run", cluster)
             parent = run.output
@@ -132,8 +147,9 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                 r = cluster.resources(f"train-stage{n}") if cluster else None
                 stage = place(train_stage(stage=n, recipe=recipe, overrides_json=overrides_json,
                                           mixture_ratio=mixture_ratio, tokens=tokens.outputs["tokens"], init=model,
-                                          parent_run_id=parent, job=JOB, checkpoint_root=checkpoint_root,
+                                          parent_run_id=parent, job=JOB_ID, checkpoint_root=checkpoint_root,
                                           max_steps=max_steps, num_nodes=r.num_nodes if r else 1,
+                                          gpus=r.gpus if r and r.num_nodes == 1 else 1,
                                           cluster_json=cluster_json, use_cache=use_cache), f"train-stage{n}", cluster)
                 model = stage.outputs["handoff"]
                 scored = place(evaluate(model=model, dataset=data.outputs["dataset"], tokens=tokens.outputs["tokens"],

@@ -9,10 +9,11 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_stage(stage: int, recipe: str, overrides_json: str, mixture_ratio: str, tokens: Input[Dataset],
                 init: Input[Model], parent_run_id: str, job: str, checkpoint_root: str, max_steps: int,
-                num_nodes: int, cluster_json: str, use_cache: bool, handoff: Output[Model], metrics: Output[Metrics]):
-    """Trains on this pod (num_nodes 1) or through a Kubeflow Trainer TrainJob (num_nodes > 1).
+                num_nodes: int, gpus: int, cluster_json: str, use_cache: bool, handoff: Output[Model], metrics: Output[Metrics]):
+    """Trains on this pod (num_nodes 1; one process per GPU when ``gpus`` > 1) or through a
+    Kubeflow Trainer TrainJob (num_nodes > 1).
 
-    Periodic checkpoints go to ``checkpoint_root/<job>/stage<N>`` (the checkpoint volume on a
+    ``job`` is the run's id. Periodic checkpoints go to ``checkpoint_root/<job>/stage<N>`` (the checkpoint volume on a
     cluster), so a retried step resumes where the failed attempt stopped. Completed hand-offs
     are cached under ``checkpoint_root/cache`` and reused for the same inputs (``use_cache``).
     """
@@ -31,7 +32,7 @@ def train_stage(stage: int, recipe: str, overrides_json: str, mixture_ratio: str
         info = steps.train_stage_on_trainer(*args, job=job, cluster_doc=json.loads(cluster_json), max_steps=max_steps,
                                              cache=cache)
     else:
-        info = steps.train_stage(*args, max_steps=max_steps, cache=cache)
+        info = steps.train_stage(*args, max_steps=max_steps, cache=cache, gpus=gpus)
     handoff.metadata.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
     for key in ("final_loss", "first_loss", "seconds"):
         if isinstance(info.get(key), (int, float)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 
@@ -88,6 +87,7 @@ def test_gpu_settings_on_gpu_steps_only(tmp_path):
         k8s = platform.get(label, {})
         accel = container.get("resources", {}).get("accelerator")
         assert container["image"] == cluster.image
+        assert k8s["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}, step
         assert {e["name"] for e in container.get("env", [])} >= set(cluster.env)
         secrets = {s["secretName"]: {kv["envVar"] for kv in s["keyToEnv"]} for s in k8s.get("secretAsEnv", [])}
         assert secrets == {"unitoken-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
@@ -99,19 +99,27 @@ def test_gpu_settings_on_gpu_steps_only(tmp_path):
         else:
             assert base in GPU_STEPS, step
             r = cluster.resources(base)
-            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}, step
-            assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu", step
-            assert k8s["podMetadata"]["labels"]["kueue.x-k8s.io/priority-class"] == r.priority_class, step
             if r.num_nodes == 1:
+                assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}, step
+                assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu", step
+                labels = k8s["podMetadata"]["labels"]
+                assert labels["kueue.x-k8s.io/priority-class"] == r.workload_priority_class, step
                 assert accel["resourceType"] == "nvidia.com/gpu" and int(accel["resourceCount"]) == r.gpus, step
                 seen_gpu += 1
-            else:  # the GPUs belong to the TrainJob this step launches
-                assert accel is None, step
+            else:  # the pod only watches its TrainJob, which gets the GPUs and the placement
+                assert accel is None and "nodeSelector" not in k8s and "tolerations" not in k8s, step
+                assert "podMetadata" not in k8s, step
+                assert container["resources"]["resourceCpuLimit"] == cluster.launcher.cpu, step
+                assert container["resources"]["resourceMemoryLimit"] == cluster.launcher.memory, step
+            shm = [m for m in k8s.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
+            assert bool(shm) == (r.gpus > 1 and r.num_nodes == 1), step
+            assert not shm or shm[0]["medium"] == "Memory", step
         if base.startswith("train-stage"):
             assert k8s["pvcMount"][0]["constant"] == "unitoken-checkpoints", step
             assert k8s["pvcMount"][0]["mountPath"] == "/mnt/checkpoints", step
             assert int(k8s["activeDeadlineSeconds"]) == cluster.resources(base).timeout_s
     assert seen_gpu >= 6  # tokenizer, pretokenize, stage 1 and 3, evaluations, gate
+    assert len(tasks) == len(executors) or set(tasks.values()) <= set(executors)
     policies = [t.get("retryPolicy") for c in spec["components"].values() if "dag" in c
                 for name, t in c["dag"]["tasks"].items() if name.startswith("train-stage")]
     assert policies and all(p and p["maxRetryCount"] == 3 for p in policies)
@@ -145,7 +153,7 @@ def test_bad_cluster_configs_name_the_field(doc, field):
 def test_example_cluster_round_trips():
     """The example file loads, and its dict form (what a multi-node step receives) loads again."""
     cluster = load_cluster(EXAMPLE)
-    assert cluster_from_dict(dataclasses.asdict(cluster)) == cluster
+    assert cluster_from_dict(cluster.to_json()) == cluster
     assert cluster.resources("train-stage2").num_nodes == 4
     assert cluster.resources("open-run").gpus == 0
 
@@ -156,8 +164,8 @@ class _FakeKfp:
     def __init__(self):
         self.calls = []
 
-    def create_run_from_pipeline_package(self, package, arguments, experiment_name, run_name):
-        self.calls.append(("run", package, arguments, experiment_name, run_name))
+    def create_run_from_pipeline_package(self, package, arguments, experiment_name, run_name, service_account):
+        self.calls.append(("run", package, arguments, experiment_name, run_name, service_account))
         return type("Run", (), {"run_id": "run-1"})()
 
     def create_experiment(self, name):
@@ -180,12 +188,15 @@ def test_submit_and_schedule_pass_the_compiled_package_and_arguments(tmp_path):
     assert params == {"data_uri": "s3://b/new", "base_model": "models:/unitoken@champion", "promote": True,
                       "eval_limit": 20}
     fake = _FakeKfp()
-    assert launch.submit("http://kfp", package, params, client=fake) == "run-1"
+    assert launch.submit("http://kfp", package, params, service_account="unitoken-pipeline", client=fake) == "run-1"
     assert fake.calls[0][1] == str(package) and fake.calls[0][2] == params
+    assert fake.calls[0][5] == "unitoken-pipeline"
+    assert launch.run_link("http://kfp/", "run-1") == "http://kfp/#/runs/details/run-1"
     assert launch.schedule("http://kfp", package, params, "0 0 3 * * 0", "weekly", client=fake) == "job-1"
     kw = fake.calls[-1][1]
     assert kw["cron_expression"] == "0 0 3 * * 0" and kw["experiment_id"] == "exp-1" and kw["params"] == params
     assert kw["max_concurrency"] == 1 and kw["pipeline_package_path"] == str(package)
+    assert kw["no_catchup"] is True  # explicit: a paused schedule does not replay every missed week
     with pytest.raises(ValueError, match="6 fields, seconds first"):
         launch.schedule("http://kfp", package, params, "0 3 * * 0", "weekly", client=fake)
     with pytest.raises(ValueError, match="NAME=VALUE"):

@@ -47,7 +47,7 @@ def _front(tmp, name, data, cache, tokenizer=False, evaluate=False):
     """validate -> [tokenizer ->] init -> pretokenize [-> evaluate the init model], as one pipeline
     run (without ``tokenizer`` the model keeps the recipe's initial VQ: training one costs ~5-9 s)."""
     out = tmp / name
-    parent = steps.open_pipeline_run(f"{tmp.name}-{name}", {})
+    parent = steps.open_pipeline_run(f"{tmp.name}-{name}", name, {})
     steps.validate(str(data), out / "dataset", parent)
     res = {}
     if tokenizer:

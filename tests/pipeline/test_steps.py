@@ -31,7 +31,7 @@ def test_validate_from_s3_carries_the_data_inside_the_artifact(s3_env, tmp_path)
 
     synthesize(tmp_path / "src", 12)
     assert upload_dir(tmp_path / "src", "s3://mlflow/datasets/shapes12") > 12
-    parent = steps.open_pipeline_run("job-s3-test", {"case": "s3"})
+    parent = steps.open_pipeline_run("job-s3-test", "s3 test", {"case": "s3"})
     summary = steps.validate("s3://mlflow/datasets/shapes12", tmp_path / "validated", parent)
     assert summary["rejected_rows"] == 0 and summary["clean_rows"] == summary["input_rows"] > 0
     assert json.loads((tmp_path / "validated" / "dataset.json").read_text())["data_root"] == "data"
@@ -44,7 +44,7 @@ def test_validate_from_s3_carries_the_data_inside_the_artifact(s3_env, tmp_path)
     run = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[0]
     assert run.info.run_name == "validate" and run.data.metrics["clean_rows"] == summary["clean_rows"]
-    assert steps.open_pipeline_run("job-s3-test", {}) == parent  # a retried first step finds its run
+    assert steps.open_pipeline_run("job-s3-test", "s3 test", {}) == parent  # a retried first step finds its run
 
 
 def test_persistent_s3_failure_names_the_uri(tmp_path, monkeypatch):

@@ -23,11 +23,18 @@ FAILED = {"conditions": [{"type": "Failed", "status": "True", "reason": "Backoff
 
 
 class KubeStub:
-    """Enough of the API server for TrainJobs: create, get, watch (scripted statuses), delete."""
+    """Enough of the API server for TrainJobs: create (409 on a taken name), get, list by label,
+    watch (scripted statuses), delete. ``existing`` are jobs of earlier attempts, each with its
+    own fixed status."""
 
-    def __init__(self, timeline: list[dict]):
+    def __init__(self, timeline: list[dict], existing: dict[str, tuple[dict, dict]] | None = None):
         self.timeline, self.pos = timeline, 0
         self.objects: dict[str, dict] = {}
+        self.fixed: dict[str, dict] = {}  # name -> status of an earlier attempt's job
+        for name, (labels, status) in (existing or {}).items():
+            self.objects[name] = {"metadata": {"name": name, "labels": labels, "resourceVersion": "1",
+                                               "creationTimestamp": f"2026-12-0{len(self.objects) + 1}T00:00:00Z"}}
+            self.fixed[name] = status
         self.requests: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, dict]] = []
         stub = self
@@ -49,6 +56,8 @@ class KubeStub:
             def do_POST(self):
                 stub.requests.append(("POST", self.path))
                 obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if obj["metadata"]["name"] in stub.objects:
+                    return self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
                 obj["metadata"]["resourceVersion"] = "1"
                 stub.objects[obj["metadata"]["name"]] = obj
                 self._send(201, obj)
@@ -60,6 +69,11 @@ class KubeStub:
                 if [w.lower() for w in query.get("watch", [])] == ["true"]:
                     return self._watch(query)
                 name = url.path.rsplit("/", 1)[-1]
+                if name == "trainjobs":  # a list, by label selector
+                    want = dict(kv.split("=", 1) for kv in query.get("labelSelector", [""])[0].split(",") if kv)
+                    items = [stub.current(n) for n, o in stub.objects.items()
+                             if want.items() <= o["metadata"].get("labels", {}).items()]
+                    return self._send(200, {"kind": "TrainJobList", "items": items, "metadata": {}})
                 if name not in stub.objects:
                     return self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
                 self._send(200, stub.current(name))
@@ -94,7 +108,7 @@ class KubeStub:
 
     def current(self, name):
         obj = dict(self.objects[name])
-        obj["status"] = self.timeline[self.pos]
+        obj["status"] = self.fixed.get(name, self.timeline[self.pos])
         obj["metadata"] = {**obj["metadata"], "resourceVersion": str(self.pos + 1)}
         return obj
 
@@ -109,22 +123,24 @@ CLUSTER = cluster_from_dict({
     "image": "ghcr.io/acme/unitoken:1", "namespace": "unitoken", "checkpoint_pvc": "ckpt", "queue": "gpu-queue",
     "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
     "secrets": [{"name": "unitoken-s3", "env": {"access-key": "AWS_ACCESS_KEY_ID"}}],
-    "gpu": {"gpus": 8, "node_selector": {"pool": "h200"}, "priority_class": "train-high",
+    "image_pull_secrets": ["ghcr-pull"],
+    "gpu": {"gpus": 8, "node_selector": {"pool": "h200"}, "workload_priority_class": "training",
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     "steps": {"train-stage2": {"num_nodes": 4, "cpu": "96", "memory": "1000Gi"}},
 })
 
 
-def _body(name="uni-stage2"):
-    return trainjob_body(name, "train-stage2", ["torchrun", "-m", "unitoken.cli", "train", "--stage", "2"], CLUSTER)
+def _body(name="uni-stage2"):  # attempts are named <name>-a<N>
+    return trainjob_body(name, "train-stage2", ["torchrun", "-m", "unitoken.cli", "train", "--stage", "2"], CLUSTER,
+                         labels={"unitoken.ai/job": "run-1"})
 
 
 @pytest.fixture
 def stub_factory():
     stubs = []
 
-    def make(timeline):
-        stubs.append(KubeStub(timeline))
+    def make(timeline, existing=None):
+        stubs.append(KubeStub(timeline, existing))
         return stubs[-1]
 
     yield make
@@ -147,18 +163,19 @@ def test_body_carries_the_steps_placement():
     assert pod["nodeSelector"] == {"pool": "h200"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ckpt"
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/mnt/checkpoints"
-    labels = body["metadata"]["labels"]
-    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue" and labels["kueue.x-k8s.io/priority-class"] == "train-high"
+    assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}]  # the Trainer's pods pull from the same registry
+    labels = body["metadata"]["labels"]  # Kueue's label names a WorkloadPriorityClass
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue" and labels["kueue.x-k8s.io/priority-class"] == "training"
 
 
 def test_create_and_watch_to_success(stub_factory):
     """The job is created in the namespace and followed until Complete."""
     stub = stub_factory([RUNNING, RUNNING, COMPLETE])
-    reason = stub.launcher().run(_body(), timeout_s=30)
-    assert "JobSetCompleted" in reason
-    assert stub.requests[0] == ("POST", PREFIX)
+    name, reason = stub.launcher().run(_body(), timeout_s=30)
+    assert "JobSetCompleted" in reason and name == "uni-stage2-a1"
+    assert ("POST", PREFIX) in stub.requests
     assert any("watch=true" in path.lower() for method, path in stub.requests if method == "GET")
-    assert stub.objects["uni-stage2"]["spec"]["trainer"]["numNodes"] == 4
+    assert stub.objects["uni-stage2-a1"]["spec"]["trainer"]["numNodes"] == 4
     assert stub.deleted == []
 
 
@@ -175,7 +192,7 @@ def test_timeout_cancels_the_job(stub_factory):
     stub = stub_factory([RUNNING])
     with pytest.raises(TimeoutError):
         stub.launcher().run(_body(), timeout_s=1)
-    assert stub.deleted and stub.deleted[0][0] == "uni-stage2"
+    assert stub.deleted and stub.deleted[0][0] == "uni-stage2-a1"
     assert stub.deleted[0][1].get("propagationPolicy") == "Foreground"
 
 
@@ -187,7 +204,7 @@ def test_cancelling_the_step_deletes_the_job(stub_factory):
     with pytest.raises(Cancelled):
         stub.launcher().run(_body(), timeout_s=60)
     timer.join()
-    assert [d[0] for d in stub.deleted] == ["uni-stage2"]
+    assert [d[0] for d in stub.deleted] == ["uni-stage2-a1"]
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
@@ -204,8 +221,6 @@ def test_deleted_job_fails_the_step(stub_factory):
 def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
     """The multi-node step copies its inputs to the shared volume and launches `unitoken train` with
     arguments the CLI accepts; without a hand-off on the volume afterwards it fails, never publishes."""
-    import dataclasses
-
     from unitoken.cli import _parser
     from unitoken.pipeline import steps
     from unitoken.train.checkpoint import HandoffError
@@ -219,12 +234,13 @@ def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
     class FakeLauncher:
         def run(self, body, timeout_s):
             seen["body"], seen["timeout"] = body, timeout_s
-            return "JobSetCompleted"
+            return body["metadata"]["name"] + "-a1", "JobSetCompleted"
 
     with pytest.raises(HandoffError):
         steps.train_stage_on_trainer(2, "tiny", ["train.seed=3"], tmp_path / "tokens", tmp_path / "init",
-                                     tmp_path / "out", tmp_path / "pvc" / "job" / "stage2", "run123", "My Job 2026",
-                                     dataclasses.asdict(CLUSTER), max_steps=5, launcher=FakeLauncher())
+                                     tmp_path / "out", tmp_path / "pvc" / "job" / "stage2", "run123",
+                                     "0b6f7e3c-3d1a-4a57-9a43-5bd1f0c2e8aa", CLUSTER.to_json(), max_steps=5,
+                                     launcher=FakeLauncher())
     cmd = seen["body"]["spec"]["trainer"]["command"]
     assert cmd[:3] == ["torchrun", "-m", "unitoken.cli"]
     args = _parser().parse_args(cmd[3:])
@@ -236,3 +252,63 @@ def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
     name = seen["body"]["metadata"]["name"]
     assert len(name) <= 63 and name[0].isalpha() and name == name.lower()
     assert not (tmp_path / "out").exists()
+
+
+LABELS = {"unitoken.ai/job": "run-1", "unitoken.ai/step": "train-stage2"}
+
+
+def _run_body(name="uni-stage2"):
+    return trainjob_body(name, "train-stage2", ["torchrun"], CLUSTER, labels={"unitoken.ai/job": "run-1"})
+
+
+def test_a_retry_after_a_failed_job_starts_a_new_one(stub_factory):
+    """The failed attempt's job stays for its logs; the retry creates <name>-a2 and follows it."""
+    stub = stub_factory([RUNNING, COMPLETE], existing={"uni-stage2-a1": (LABELS, FAILED)})
+    name, _ = stub.launcher().run(_run_body(), timeout_s=30)
+    assert name == "uni-stage2-a2" and set(stub.objects) == {"uni-stage2-a1", "uni-stage2-a2"}
+    assert stub.deleted == []
+
+
+def test_a_retry_adopts_the_running_job_of_the_attempt_that_died(stub_factory):
+    """A watcher pod that died left its TrainJob running: the retry follows that job, creates none."""
+    stub = stub_factory([RUNNING], existing={"uni-stage2-a1": (LABELS, RUNNING)})
+    stub.fixed.pop("uni-stage2-a1")  # it follows the timeline from here
+    stub.timeline.append(COMPLETE)
+    name, reason = stub.launcher().run(_run_body(), timeout_s=30)
+    assert name == "uni-stage2-a1" and "JobSetCompleted" in reason
+    assert not [r for r in stub.requests if r[0] == "POST"]
+
+
+def test_a_taken_name_is_adopted_not_a_failure(stub_factory):
+    """A 409 on create (another attempt created the name between list and create) adopts that job."""
+    stub = stub_factory([RUNNING, COMPLETE])
+    launcher = stub.launcher()
+    launcher.list = lambda labels: []  # the list was taken before the other attempt's create
+    stub.objects["uni-stage2-a1"] = {**_run_body(), "metadata": {"name": "uni-stage2-a1", "labels": LABELS}}
+    assert launcher.run(_run_body(), timeout_s=30)[0] == "uni-stage2-a1"
+    assert ("POST", PREFIX) in stub.requests  # it tried, got 409, and adopted
+
+
+def test_other_runs_jobs_are_not_adopted(stub_factory):
+    """Jobs of another run (another unitoken.ai/job label) are never touched."""
+    other = {"unitoken.ai/job": "run-2", "unitoken.ai/step": "train-stage2"}
+    stub = stub_factory([RUNNING, COMPLETE], existing={"uni-stage2-a1": (other, RUNNING)})
+    with pytest.raises(TrainJobFailed, match="belongs to another run"):  # a name clash is an error, not an adoption
+        stub.launcher().run(_run_body(), timeout_s=30)
+    assert stub.deleted == []
+
+
+def test_the_launcher_uses_only_the_verbs_rbac_grants(stub_factory):
+    """Every request the launcher makes maps to a verb in trainjob.VERBS (what the Role must grant)."""
+    from unitoken.pipeline.trainjob import VERBS
+
+    stub = stub_factory([RUNNING], existing={"uni-stage2-a1": (LABELS, FAILED)})
+    with pytest.raises(TimeoutError):
+        stub.launcher().run(_run_body(), timeout_s=1)
+    used = set()
+    for method, path in stub.requests:
+        q = parse_qs(urlparse(path).query)
+        named = urlparse(path).path.rsplit("/", 1)[-1] != "trainjobs"
+        used.add({"POST": "create", "DELETE": "delete"}.get(method) or
+                 ("watch" if q.get("watch") else "get" if named else "list"))
+    assert used == set(VERBS)

@@ -41,9 +41,9 @@ def test_gate_policy_files(tmp_path_factory, doc):
         assert str(path) in str(err)
 
 
-CLUSTER_KEYS = ["image", "namespace", "checkpoint_pvc", "env", "secrets", "queue", "cpu", "gpu", "steps",
+CLUSTER_KEYS = ["image", "namespace", "checkpoint_pvc", "env", "secrets", "queue", "cpu", "gpu", "steps", "launcher", "node_pools",
                 "image_pull_secrets", "checkpoint_mount", "trainer_runtime"]
-RESOURCE = _mapping(["cpu", "memory", "gpus", "node_selector", "tolerations", "priority_class", "num_nodes",
+RESOURCE = _mapping(["cpu", "memory", "gpus", "node_selector", "tolerations", "workload_priority_class", "num_nodes",
                      "timeout_s", "retries"])
 
 

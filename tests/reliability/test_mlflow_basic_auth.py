@@ -65,7 +65,7 @@ def test_pipeline_and_training_tracking_authenticate_from_the_environment(as_use
     from unitoken.pipeline import steps
     from unitoken.train.tracking import MLflowTracker
 
-    parent = steps.open_pipeline_run("job-basic-auth", {"recipe": "tiny"})
+    parent = steps.open_pipeline_run("job-basic-auth", "basic auth", {"recipe": "tiny"})
     with steps.step_run("validate", parent, {"rows": 3}) as run:
         run.metrics({"clean_rows": 3})
     tracker = MLflowTracker("stage1", tmp_path, parent_run_id=parent, final_wait_s=5)
@@ -87,7 +87,7 @@ def test_wrong_password_fails_clearly(as_user, monkeypatch, tmp_path):
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
     with pytest.raises(Exception, match="401|[Uu]nauthori|credentials"):
-        steps.open_pipeline_run("job-wrong-password", {})
+        steps.open_pipeline_run("job-wrong-password", "wrong password", {})
     tracker = MLflowTracker("stage1", tmp_path, final_wait_s=1, min_flush_interval_s=0)
     tracker.log_metrics({"loss": 2.0}, step=1)
     tracker.close("FINISHED")

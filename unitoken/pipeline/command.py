@@ -69,9 +69,13 @@ def add_parser(sub) -> None:
         p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
         p.add_argument("--experiment", default="unitoken")
         common(p)
+        p.add_argument("--service-account", help="the run's Kubernetes service account (default: the cluster "
+                       "config's service_account, k8s/base/rbac.yaml; KFP's profile default is default-editor)")
         if name == "submit":
             p.add_argument("--run-name")
         else:
+            p.add_argument("--catch-up", action="store_true",
+                           help="run once per missed interval after a pause (default: only the latest)")
             p.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 0' = Sundays 03:00")
             p.add_argument("--job-name", default="unitoken-retraining")
             p.add_argument("--max-concurrency", type=int, default=1)
@@ -104,12 +108,16 @@ def cmd_pipeline(args) -> int:
         raise ValueError("--param data_uri=URI is required (s3://bucket/prefix or a path on a shared volume)")
     package = LOCAL_ROOT / f"{args.pipeline_command}-{int(time.time())}.yaml"
     launch.compile_pipeline(package, stages, cluster)
+    account = args.service_account or cluster.service_account
     if args.pipeline_command == "submit":
-        run_id = launch.submit(args.host, package, params, args.experiment, args.run_name)
-        console.print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
+        run_id = launch.submit(args.host, package, params, args.experiment, args.run_name, account)
+        console.print(f"submitted run {run_id} to {args.host} (experiment {args.experiment}, "
+                      f"service account {account})\n{launch.run_link(args.host, run_id)}")
         return 0
-    job = launch.schedule(args.host, package, params, args.cron, args.job_name, args.experiment, args.max_concurrency)
-    console.print(f"recurring run {job} ({args.cron}) on {args.host}")
+    job = launch.schedule(args.host, package, params, args.cron, args.job_name, args.experiment, args.max_concurrency,
+                          account, args.catch_up)
+    console.print(f"recurring run {job} ({args.cron}, service account {account}, "
+                  f"{'catching up' if args.catch_up else 'no catch-up'}) on {args.host}")
     return 0
 
 

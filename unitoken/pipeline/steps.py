@@ -26,7 +26,8 @@ from unitoken.pipeline.cache import (CacheCorrupt, StepCache, cache_key, dataset
 
 log = logging.getLogger(__name__)
 
-PIPELINE_TAG = "unitoken.pipeline_job"
+PIPELINE_TAG = "unitoken.pipeline_job"            # the KFP run's id: unique, the key
+PIPELINE_NAME_TAG = "unitoken.pipeline_job_name"  # its display name: for people, not unique
 
 
 class StepError(RuntimeError):
@@ -50,8 +51,9 @@ def _find_pipeline_run(client, exp_id: str, job: str):
     return runs[0] if runs else None
 
 
-def open_pipeline_run(job: str, params: dict[str, Any]) -> str:
-    """The parent MLflow run of pipeline job ``job`` (created once; a retried step finds it)."""
+def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
+    """The parent MLflow run of the pipeline run with id ``job`` (created once, named
+    ``job_name``; a retried step finds it by the id)."""
     from unitoken.train.tracking import ensure_experiment
 
     client = _client()
@@ -59,7 +61,8 @@ def open_pipeline_run(job: str, params: dict[str, Any]) -> str:
     run = _find_pipeline_run(client, exp_id, job)
     if run is not None:
         return run.info.run_id
-    run_id = client.create_run(exp_id, run_name=job, tags={PIPELINE_TAG: job, "unitoken.kind": "pipeline"}).info.run_id
+    tags = {PIPELINE_TAG: job, PIPELINE_NAME_TAG: job_name, "unitoken.kind": "pipeline"}
+    run_id = client.create_run(exp_id, run_name=job_name or job, tags=tags).info.run_id
     for key, value in sorted(params.items()):
         client.log_param(run_id, key, str(value)[:6000])
     return run_id
@@ -267,14 +270,19 @@ def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str, c
 
 
 def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path, work: Path,
-                parent_run_id: str, max_steps: int = 0, cache: StepCache | None = None) -> dict:
+                parent_run_id: str, max_steps: int = 0, cache: StepCache | None = None, gpus: int = 1) -> dict:
     """One stage on this pod's devices; checkpoints go to ``work`` (the checkpoint volume on a
     cluster) so a retried step resumes instead of restarting, and the verified hand-off is
-    copied into the output artifact ``out`` (cached: ``cached_step``)."""
+    copied into the output artifact ``out`` (cached: ``cached_step``). With ``gpus`` > 1 the
+    stage runs under torchrun, one process per GPU (``train_processes``)."""
     from unitoken.recipes import get_recipe
     from unitoken.train.train import main as train_main
 
     def compute(tags):
+        if gpus > 1:
+            info = train_processes(stage, recipe, overrides, tokens, init, out, work, parent_run_id, max_steps, gpus)
+            _tag_run(info["mlflow_run_id"], tags)
+            return info, info["mlflow_run_id"]
         with parent_env(parent_run_id):
             result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
                                 resume="auto", max_steps=max_steps or None, show_progress=False)
@@ -286,6 +294,63 @@ def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, ini
 
     return cached_step(f"stage{stage}", f"stage{stage}", lambda: _stage_inputs(stage, recipe, overrides, tokens, init, max_steps),
                        out, cache, parent_run_id, compute)
+
+
+def train_command(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, work: Path,
+                  max_steps: int, launcher: list[str]) -> list[str]:
+    """``unitoken train`` under ``launcher`` (torchrun and its flags): the one command line of a
+    stage on several processes, whether on this pod (``--standalone``) or on TrainJob nodes."""
+    command = [*launcher, "-m", "unitoken.cli", "train", "--stage", str(stage), "--recipe", recipe,
+               "--data", str(tokens), "--init", str(init), "--out", str(work), "--resume", "auto"]
+    for o in overrides:
+        command += ["--set", o]
+    if max_steps:
+        command += ["--max-steps", str(max_steps)]
+    return command
+
+
+def train_processes(stage: int, recipe: str, overrides: list[str], tokens: Path, init: Path, out: Path, work: Path,
+                    parent_run_id: str, max_steps: int, nproc: int) -> dict:
+    """One stage on this node's ``nproc`` GPUs: ``torchrun --standalone`` starts one rank per GPU
+    (DeepSpeed's data parallelism; a single in-process rank would leave all but one GPU idle).
+
+    Raises:
+        StepError: torchrun failed; the message carries the tail of its output.
+    """
+    import subprocess
+    import sys
+    import time
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = train_command(stage, recipe, overrides, tokens, init, work, max_steps, launcher)
+    env = dict(os.environ, MLFLOW_PARENT_RUN_ID=parent_run_id) if parent_run_id else dict(os.environ)
+    Path(work).mkdir(parents=True, exist_ok=True)
+    log_path = Path(work) / f"torchrun-{int(time.time())}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        log.info("stage %s on %s processes: %s (log %s)", stage, nproc, " ".join(command), log_path)
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        except BaseException:  # cancelled (SIGTERM from KFP): the ranks go with the step
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise StepError(f"stage {stage}: torchrun with {nproc} processes exited {code}; last lines of {log_path}:\n{tail}")
+    losses = _read_metric(Path(work) / "metrics.jsonl", "loss")
+    info = publish_handoff(Path(work) / "handoff", Path(out))
+    run_id = json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")
+    return info | {"steps": len(losses), "first_loss": losses[0] if losses else None,
+                   "final_loss": losses[-1] if losses else None, "processes": nproc,
+                   "seconds": round(time.perf_counter() - start, 1), "mlflow_run_id": run_id}
+
+
+def _read_metric(path: Path, key: str) -> list[float]:
+    if not path.is_file():
+        return []
+    return [json.loads(x)[key] for x in path.read_text().splitlines() if x.strip()]
 
 
 def tokens_digest(tokens: Path) -> str:
@@ -543,27 +608,47 @@ def train_stage_on_trainer(stage: int, recipe: str, overrides: list[str], tokens
 def _train_on_trainer(stage, recipe, overrides, tokens, init, out, work, parent_run_id, job, cluster_doc, max_steps,
                       launcher) -> dict:
     from unitoken.pipeline.cluster import cluster_from_dict
-    from unitoken.pipeline.trainjob import TrainJobLauncher, trainjob_body
+    from unitoken.pipeline.trainjob import JOB_LABEL, TrainJobLauncher, trainjob_body
 
     cluster = cluster_from_dict(cluster_doc)
     step = f"train-stage{stage}"
     work = Path(work)
-    for name, src in (("tokens", Path(tokens)), ("init", Path(init))):
-        dest = work / "inputs" / name
-        if not dest.is_dir():  # a retried step reuses what the first attempt staged
-            shutil.copytree(src, dest.with_name(name + ".tmp"), dirs_exist_ok=True)
-            dest.with_name(name + ".tmp").rename(dest)
-    command = ["torchrun", "-m", "unitoken.cli", "train", "--stage", str(stage), "--recipe", recipe,
-               "--data", str(work / "inputs" / "tokens"), "--init", str(work / "inputs" / "init"),
-               "--out", str(work), "--resume", "auto"]
-    for o in overrides:
-        command += ["--set", o]
-    if max_steps:
-        command += ["--max-steps", str(max_steps)]
-    body = trainjob_body(dns_name(job, f"stage{stage}"), step, command, cluster, labels={"unitoken.ai/job": dns_name(job)})
+    staged = {"tokens": stage_input(Path(tokens), work / "inputs" / "tokens", tokens_digest(tokens)),
+              "init": stage_input(Path(init), work / "inputs" / "init", model_digest(init))}
+    command = train_command(stage, recipe, overrides, staged["tokens"], staged["init"], work, max_steps, ["torchrun"])
+    body = trainjob_body(trainjob_name(job, stage), step, command, cluster, labels={JOB_LABEL: run_label(job)})
     if parent_run_id:
         body["spec"]["trainer"]["env"].append({"name": "MLFLOW_PARENT_RUN_ID", "value": parent_run_id})
     launcher = launcher or TrainJobLauncher(cluster.namespace)
     timeout = cluster.resources(step).timeout_s or 14 * 24 * 3600
-    reason = launcher.run(body, timeout)
-    return publish_handoff(work / "handoff", Path(out)) | {"trainjob": body["metadata"]["name"], "reason": reason}
+    name, reason = launcher.run(body, timeout)
+    return publish_handoff(work / "handoff", Path(out)) | {"trainjob": name, "reason": reason}
+
+
+def trainjob_name(job: str, stage: int) -> str:
+    """The base name of a run's stage TrainJob (attempts append ``-a<N>``): short, since the
+    Trainer derives JobSet, Job and pod names from it, and unique per run through the run's id."""
+    import hashlib
+
+    return f"unitoken-s{stage}-{hashlib.sha256(job.encode()).hexdigest()[:10]}"
+
+
+def run_label(job: str) -> str:
+    """The run's id as a label value (at most 63 characters of [A-Za-z0-9._-])."""
+    return dns_name(job) if len(job) > 63 or not job.replace("-", "").isalnum() else job
+
+
+def stage_input(src: Path, dest: Path, digest: str) -> Path:
+    """Copy ``src`` to ``dest`` on the shared volume once; a later attempt reuses the copy only
+    when its recorded digest is ``digest`` (an incomplete or different copy is replaced)."""
+    stamp = dest.with_name(dest.name + ".sha256")
+    if dest.is_dir() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    stamp.write_text(digest + "\n")
+    return dest

@@ -4,10 +4,16 @@ A training step whose ``num_nodes`` > 1 does not train in its own pod: it create
 (``trainer.kubeflow.org/v1alpha1``) that references our training runtime
 (``k8s/50-training-runtime.yaml``: torch-distributed, DeepSpeed inside ``unitoken train``),
 with ``numNodes``, resources per node, and the same node selector, tolerations, checkpoint
-volume, env and secrets as the step. The step then watches the job until its ``Complete`` or
-``Failed`` condition, and fails with the job's reason. When the step is cancelled (SIGTERM
-from KFP) or runs past its timeout, it deletes the TrainJob (foreground propagation: the
-JobSet and pods go with it) before failing.
+volume, env, secrets and image pull secrets as the step. The step then watches the job until
+its ``Complete`` or ``Failed`` condition, and fails with the job's reason. When the step is
+cancelled (SIGTERM from KFP) or runs past its timeout, it deletes the TrainJob (foreground
+propagation: the JobSet and pods go with it) before failing.
+
+Retries: every attempt of a step looks for the TrainJobs of its run and stage first (labels
+``unitoken.ai/job`` and ``unitoken.ai/step``). A running one (the previous attempt's pod died,
+its job did not) is adopted and watched; a complete one is used as it is; otherwise a new job
+named ``...-a<N>`` starts, resuming from the checkpoints on the shared volume. Failed jobs stay
+for their logs. A 409 on create (another attempt created that name first) adopts that job.
 
 Uses the ``kubernetes`` client only; tests run it against a loopback HTTP stub of the API.
 """
@@ -25,6 +31,10 @@ from unitoken.pipeline.cluster import ClusterConfig
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+# every API verb TrainJobLauncher uses on trainjobs: the RBAC the step's service account needs
+# (k8s/base/rbac.yaml; `unitoken pipeline rehearse` checks the Role grants them)
+VERBS = ("create", "get", "list", "watch", "delete")
+JOB_LABEL, STEP_LABEL = "unitoken.ai/job", "unitoken.ai/step"
 
 
 class TrainJobFailed(RuntimeError):
@@ -50,12 +60,14 @@ def trainjob_body(name: str, stage_step: str, command: list[str], cluster: Clust
     env = [{"name": k, "value": v} for k, v in sorted(cluster.env.items())]
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": s.name, "key": key}}}
             for s in cluster.secrets for key, var in sorted(s.env.items())]
-    job_labels = {"app.kubernetes.io/part-of": "unitoken", "unitoken.ai/step": stage_step, **(labels or {})}
+    job_labels = {"app.kubernetes.io/part-of": "unitoken", STEP_LABEL: stage_step, **(labels or {})}
     if cluster.queue:
         job_labels["kueue.x-k8s.io/queue-name"] = cluster.queue
-    if r.priority_class:
-        job_labels["kueue.x-k8s.io/priority-class"] = r.priority_class
+    if r.workload_priority_class:  # Kueue reads a WorkloadPriorityClass here, not a PriorityClass
+        job_labels["kueue.x-k8s.io/priority-class"] = r.workload_priority_class
     pod_spec: dict = {"nodeSelector": dict(r.node_selector), "tolerations": list(r.tolerations)}
+    if cluster.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in cluster.image_pull_secrets]
     if cluster.checkpoint_pvc:
         pod_spec["volumes"] = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": cluster.checkpoint_pvc}}]
         pod_spec["containers"] = [{"name": "node", "volumeMounts": [
@@ -105,6 +117,11 @@ class TrainJobLauncher:
     def get(self, name: str) -> dict:
         return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
+    def list(self, labels: dict[str, str]) -> list[dict]:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        found = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, label_selector=selector)
+        return sorted(found.get("items") or [], key=lambda o: o["metadata"].get("creationTimestamp") or "")
+
     def cancel(self, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
@@ -152,14 +169,41 @@ class TrainJobLauncher:
                 if event["type"] == "DELETED" or state != "Running":
                     break  # re-read the object above: one place decides
 
-    def run(self, body: dict, timeout_s: float) -> str:
-        """Create the job, wait for it; on cancellation or timeout delete it, then re-raise."""
-        name = body["metadata"]["name"]
-        self.create(body)
+    def start(self, body: dict) -> tuple[str, str]:
+        """This attempt's job: ("adopted", name) for a running or complete job of the same run and
+        step, else ("created", name) for a new one named ``<base>-a<N>``; a 409 adopts the job."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = body["metadata"]
+        mine = {k: meta["labels"][k] for k in (JOB_LABEL, STEP_LABEL)}
+        earlier = self.list(mine)
+        for obj in earlier:
+            if job_state(obj)[0] in ("Running", "Complete"):
+                log.info("adopting TrainJob %s/%s of an earlier attempt", self.namespace, obj["metadata"]["name"])
+                return "adopted", obj["metadata"]["name"]
+        name = f"{meta['name']}-a{len(earlier) + 1}"
+        try:
+            self.create({**body, "metadata": {**meta, "name": name}})
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            theirs = (self.get(name)["metadata"].get("labels") or {})
+            if any(theirs.get(k) != v for k, v in mine.items()):
+                raise TrainJobFailed(f"TrainJob {self.namespace}/{name} exists and belongs to another run or step "
+                                     f"({theirs.get(JOB_LABEL)}, {theirs.get(STEP_LABEL)}); fix: delete it") from None
+            log.info("TrainJob %s/%s exists already (another attempt created it): adopting it", self.namespace, name)
+            return "adopted", name
         log.info("created TrainJob %s/%s (%s nodes)", self.namespace, name, body["spec"]["trainer"]["numNodes"])
+        return "created", name
+
+    def run(self, body: dict, timeout_s: float) -> tuple[str, str]:
+        """Start (or adopt) the job, wait for it; on cancellation or timeout delete it, then re-raise.
+
+        Returns (the job's name, its completion reason)."""
+        _, name = self.start(body)
         try:
             with _signals_cancel():
-                return self.wait(name, timeout_s)
+                return name, self.wait(name, timeout_s)
         except (Cancelled, TimeoutError, KeyboardInterrupt):
             self.cancel(name)
             raise

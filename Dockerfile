@@ -1,5 +1,5 @@
 # The one image of the UniToken platform: every pipeline component, the multi-node training
-# runtime (k8s/50-training-runtime.yaml) and the MLflow server (k8s/30-mlflow.yaml) run it.
+# runtime (k8s/base/training-runtime.yaml) and the MLflow server (k8s/base/mlflow.yaml) run it.
 #   Build:  docker build -t ghcr.io/unitoken/unitoken:0.1.0 .
 #   Check:  docker run --rm --read-only --tmpfs /tmp ghcr.io/unitoken/unitoken:0.1.0 unitoken model summary --recipe unitoken-7b
 # Pinned like the local install (requirements.lock as constraints); on x86_64 Linux the PyPI

@@ -574,7 +574,7 @@ COMMANDS = {
     ("model", "summary"): cmd_model_summary,
     ("generate", None): cmd_generate,
     ("chat", None): cmd_chat,
-    **{("pipeline", name): lambda args: _pipeline(args) for name in ("run", "compile", "submit", "schedule", "cache")},
+    **{("pipeline", name): lambda args: _pipeline(args) for name in ("run", "compile", "rehearse", "submit", "schedule", "cache")},
 }
 
 

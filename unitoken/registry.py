@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
-from unitoken.train.tracking import ArtifactLogError, default_tracking_uri, ensure_experiment, with_artifact_retries
+from unitoken.train.tracking import (ArtifactLogError, default_tracking_uri, ensure_experiment, experiment_for,
+                                     with_artifact_retries)
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
@@ -148,9 +149,9 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     verify_handoff(model_dir)
     client = _client()
     passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client)
-    exp_id = ensure_experiment(client)
     tags = {"unitoken.kind": "registration"}
     parent = os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
+    exp_id = experiment_for(client, parent)
     if parent:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp_id, run_name=f"register-{name}", tags=tags).info.run_id

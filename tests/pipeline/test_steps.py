@@ -93,3 +93,28 @@ def test_kubernetes_names_are_valid_and_distinct():
     assert len(names) == 3
     for name in names | {steps.dns_name("9 Weird JOB name!" * 10)}:
         assert len(name) <= 63 and name[0].isalpha() and name.replace("-", "").isalnum() and name == name.lower()
+
+
+def test_kfp_mlflow_integration_parent_run_is_reused(s3_env, monkeypatch):
+    """With KFP 2.17's MLflow plugin on (KFP_MLFLOW_CONFIG names the run KFP opened for the
+    pipeline run), that run is the parent: no second one is opened, steps nest under it in its
+    experiment, and closing marks it; a parent unknown to our server falls back to our own."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(s3_env["uri"])
+    kfp_exp = client.create_experiment("KFP-Default-test")
+    kfp_run = client.create_run(kfp_exp, run_name="my run", tags={"kfp.pipeline_run_id": "uuid-1"}).info.run_id
+    monkeypatch.setenv("KFP_MLFLOW_CONFIG", json.dumps({"endpoint": s3_env["uri"], "parentRunId": kfp_run,
+                                                       "experimentId": kfp_exp, "authType": "none"}))
+    assert steps.open_pipeline_run("uuid-1", "my run", {"recipe": "tiny"}) == kfp_run
+    with steps.step_run("validate", kfp_run) as run:
+        pass
+    nested = client.get_run(run.run_id)
+    assert nested.info.experiment_id == kfp_exp and nested.data.tags["mlflow.parentRunId"] == kfp_run
+    parent = client.get_run(kfp_run)
+    assert parent.data.tags[steps.PIPELINE_TAG] == "uuid-1" and parent.data.params["recipe"] == "tiny"
+    assert steps.close_pipeline_run("uuid-1", "SUCCEEDED") == "FINISHED"
+    assert client.get_run(kfp_run).info.status == "FINISHED"
+    monkeypatch.setenv("KFP_MLFLOW_CONFIG", json.dumps({"parentRunId": "0" * 32}))
+    own = steps.open_pipeline_run("uuid-2", "other run", {})
+    assert own != kfp_run and client.get_run(own).data.tags[steps.PIPELINE_TAG] == "uuid-2"

@@ -1,4 +1,4 @@
-"""``unitoken pipeline run|compile|submit|schedule|cache``: the CLI side of ``pipelines/``.
+"""``unitoken pipeline run|compile|rehearse|submit|schedule|cache``: the CLI side of ``pipelines/``.
 
 ``run --local`` is the embedded default (``make demo``): synthetic data, the whole pipeline
 through ``kfp.local`` (one subprocess per step, the same components as on a cluster), a
@@ -58,6 +58,14 @@ def add_parser(sub) -> None:
     comp = psub.add_parser("compile", help="write the pipeline YAML for a KFP server")
     comp.add_argument("--out", required=True, type=Path)
     common(comp, params=False)
+    reh = psub.add_parser("rehearse", help="render every pod and object one cluster run creates and check them offline",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="example:\n  unitoken pipeline rehearse --cluster examples/cluster.yaml "
+                                 "--k8s k8s/overlays/prod\n\nrules: schema, restricted (Pod Security), fit (node "
+                                 "pools), launcher, rbac, run-key, mlflow-host; exit 1 names each failure")
+    reh.add_argument("--k8s", type=Path, help="the kustomize overlay the cluster runs (e.g. k8s/overlays/prod)")
+    reh.add_argument("--package", type=Path, help="rehearse this compiled pipeline YAML instead of compiling one")
+    common(reh, params=False)
     cache = psub.add_parser("cache", help="list the step cache's entries; --prune-gib: evict the least recently used")
     cache.add_argument("--root", type=Path, default=LOCAL_ROOT / "checkpoints" / "cache",
                        help="the cache directory (a cluster: <checkpoint volume>/cache, e.g. from a pod mounting it)")
@@ -98,6 +106,11 @@ def cmd_pipeline(args) -> int:
     if args.pipeline_command == "run":
         return _run_local(args, stages)
     cluster = load_cluster(args.cluster)
+    if args.pipeline_command == "rehearse":
+        from unitoken.pipeline.rehearse import print_findings, rehearse
+
+        found, warnings = rehearse(cluster, args.k8s, stages, args.package)
+        return print_findings(found, warnings, console)
     if args.pipeline_command == "compile":
         console.print(f"compiled {launch.compile_pipeline(args.out, stages, cluster)} (stages {args.stages})")
         return 0

@@ -51,17 +51,52 @@ def _find_pipeline_run(client, exp_id: str, job: str):
     return runs[0] if runs else None
 
 
+KFP_MLFLOW_ENV = "KFP_MLFLOW_CONFIG"
+
+
+def kfp_parent_run(client) -> str | None:
+    """The parent run KFP's own MLflow integration opened for this pipeline run, if it is on
+    (KFP 2.17 ``plugins.mlflow``: the API server creates one run per pipeline run and passes
+    its id as ``parentRunId`` in the JSON env ``KFP_MLFLOW_CONFIG``) and it lives on our
+    tracking server; else None (we open our own)."""
+    raw = os.environ.get(KFP_MLFLOW_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        run_id = json.loads(raw).get("parentRunId") or None
+    except (json.JSONDecodeError, AttributeError):
+        log.warning("%s is not a JSON object; opening our own parent run", KFP_MLFLOW_ENV)
+        return None
+    if run_id is None:
+        return None
+    try:
+        client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - KFP's MLflow may be another server than MLFLOW_TRACKING_URI
+        log.warning("KFP's MLflow parent run %s is not on %s (%s); opening our own parent run",
+                    run_id, client.tracking_uri, type(err).__name__)
+        return None
+    return run_id
+
+
 def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
-    """The parent MLflow run of the pipeline run with id ``job`` (created once, named
-    ``job_name``; a retried step finds it by the id)."""
+    """The parent MLflow run of the pipeline run with id ``job``: KFP's own when its MLflow
+    integration opened one (``kfp_parent_run``), else ours, created once and named ``job_name``;
+    a retried step finds it by the id."""
     from unitoken.train.tracking import ensure_experiment
 
     client = _client()
+    tags = {PIPELINE_TAG: job, PIPELINE_NAME_TAG: job_name, "unitoken.kind": "pipeline"}
+    adopted = kfp_parent_run(client)
+    if adopted is not None:
+        for key, value in tags.items():
+            client.set_tag(adopted, key, value)
+        for key, value in sorted(params.items()):
+            client.log_param(adopted, key, str(value)[:6000])  # same values on a retry: accepted again
+        return adopted
     exp_id = ensure_experiment(client)
     run = _find_pipeline_run(client, exp_id, job)
     if run is not None:
         return run.info.run_id
-    tags = {PIPELINE_TAG: job, PIPELINE_NAME_TAG: job_name, "unitoken.kind": "pipeline"}
     run_id = client.create_run(exp_id, run_name=job_name or job, tags=tags).info.run_id
     for key, value in sorted(params.items()):
         client.log_param(run_id, key, str(value)[:6000])
@@ -69,18 +104,22 @@ def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
 
 
 def close_pipeline_run(job: str, state: str, error: str | None = None) -> str:
-    """Mark the parent run FINISHED or FAILED from KFP's final status of the pipeline."""
+    """Mark the parent run FINISHED or FAILED from KFP's final status of the pipeline (KFP's
+    own parent run too, when we adopted it: KFP sets the same terminal state later)."""
     from unitoken.train.tracking import ensure_experiment
 
     client = _client()
-    run = _find_pipeline_run(client, ensure_experiment(client), job)
-    if run is None:  # the pipeline failed before its first step could open the run
-        return "none"
+    run_id = kfp_parent_run(client)
+    if run_id is None:
+        run = _find_pipeline_run(client, ensure_experiment(client), job)
+        if run is None:  # the pipeline failed before its first step could open the run
+            return "none"
+        run_id = run.info.run_id
     status = "FINISHED" if state.upper() in ("SUCCEEDED", "SUCCESS") else "FAILED"
-    client.set_tag(run.info.run_id, "unitoken.pipeline_state", state)
+    client.set_tag(run_id, "unitoken.pipeline_state", state)
     if error:
-        client.set_tag(run.info.run_id, "unitoken.pipeline_error", error[:5000])
-    client.set_terminated(run.info.run_id, status)
+        client.set_tag(run_id, "unitoken.pipeline_error", error[:5000])
+    client.set_terminated(run_id, status)
     return status
 
 
@@ -121,13 +160,13 @@ class StepRun:
 
 @contextlib.contextmanager
 def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None) -> Iterator[StepRun]:
-    from unitoken.train.tracking import ensure_experiment
+    from unitoken.train.tracking import experiment_for
 
     client = _client()
     tags = {"unitoken.kind": "pipeline-step", "unitoken.step": name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = StepRun(client, client.create_run(ensure_experiment(client), run_name=name, tags=tags).info.run_id)
+    run = StepRun(client, client.create_run(experiment_for(client, parent_run_id), run_name=name, tags=tags).info.run_id)
     run.params(params or {})
     try:
         yield run

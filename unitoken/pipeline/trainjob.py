@@ -2,7 +2,7 @@
 
 A training step whose ``num_nodes`` > 1 does not train in its own pod: it creates a TrainJob
 (``trainer.kubeflow.org/v1alpha1``) that references our training runtime
-(``k8s/50-training-runtime.yaml``: torch-distributed, DeepSpeed inside ``unitoken train``),
+(``k8s/base/training-runtime.yaml``: torch-distributed, DeepSpeed inside ``unitoken train``),
 with ``numNodes``, resources per node, and the same node selector, tolerations, checkpoint
 volume, env, secrets and image pull secrets as the step. The step then watches the job until
 its ``Complete`` or ``Failed`` condition, and fails with the job's reason. When the step is

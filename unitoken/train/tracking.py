@@ -123,6 +123,14 @@ def ensure_experiment(client, name: str = "unitoken") -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def experiment_for(client, parent_run_id: str | None, name: str = "unitoken") -> str:
+    """Where a run goes: its parent's experiment (a nested run beside its parent, also when the
+    parent is KFP's own pipeline run in KFP's experiment), else ours, created on first use."""
+    if parent_run_id:
+        return client.get_run(parent_run_id).info.experiment_id
+    return ensure_experiment(client, name)
+
+
 class NullTracker:
     run_id: str | None = None
 
@@ -190,7 +198,7 @@ class MLflowTracker(NullTracker):
     def _ensure_run(self) -> None:
         if self.run_id:
             return
-        exp_id = ensure_experiment(self.client, self.experiment)
+        exp_id = experiment_for(self.client, self.parent, self.experiment)
         tags = dict(self.tags)
         if self.parent:
             tags["mlflow.parentRunId"] = self.parent

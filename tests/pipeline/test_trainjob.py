@@ -312,3 +312,25 @@ def test_the_launcher_uses_only_the_verbs_rbac_grants(stub_factory):
         used.add({"POST": "create", "DELETE": "delete"}.get(method) or
                  ("watch" if q.get("watch") else "get" if named else "list"))
     assert used == set(VERBS)
+
+
+def test_staged_inputs_are_reused_only_when_their_digest_matches(tmp_path):
+    """A retry reuses the staged copy of the same input; a different input (same run key, new
+    data) or a copy whose stamp is missing (cut off mid-copy) is staged again."""
+    from unitoken.pipeline.steps import stage_input
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_text("one")
+    dest = tmp_path / "pvc" / "inputs" / "tokens"
+    assert stage_input(src, dest, "d1") == dest and (dest / "a.bin").read_text() == "one"
+    (dest / "marker").write_text("kept")
+    stage_input(src, dest, "d1")
+    assert (dest / "marker").is_file()  # same digest: the copy is reused
+    (src / "a.bin").write_text("two")
+    stage_input(src, dest, "d2")
+    assert (dest / "a.bin").read_text() == "two" and not (dest / "marker").exists()
+    dest.with_name("tokens.sha256").unlink()
+    (dest / "marker").write_text("stale")
+    stage_input(src, dest, "d2")
+    assert not (dest / "marker").exists()

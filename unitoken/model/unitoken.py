@@ -80,10 +80,11 @@ class Head(nn.Linear):
     """The output layer; given targets it returns the chunked loss instead of logits. The loss
     goes through this module's own call so that ZeRO-3 gathers the weight for it."""
 
-    def forward(self, hidden, targets=None, token_weights=None, z_loss_weight: float = 0.0, chunk: int = 0):
+    def forward(self, hidden, targets=None, token_weights=None, z_loss_weight: float = 0.0, chunk: int = 0,
+                num_tokens: int | None = None):
         if targets is None:
             return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, token_weights, z_loss_weight, chunk)
+        return chunked_cross_entropy(hidden, self.weight, targets, token_weights, z_loss_weight, chunk, num_tokens)
 
 
 class UniToken(nn.Module):
@@ -219,9 +220,11 @@ class UniToken(nn.Module):
         return out.last_hidden_state
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
-                images: ContinuousImages | None = None, loss_weights=None) -> dict[str, torch.Tensor]:
+                images: ContinuousImages | None = None, loss_weights=None,
+                num_global_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """Args: input_ids/labels/attention_mask/position_ids: [b, T]; loss_weights: optional
-        [b, T] per-token weights of the cross-entropy (see ``loss``).
+        [b, T] per-token weights of the cross-entropy; num_global_tokens: the supervised tokens of
+        the global batch when this is one rank's part of it (see ``loss``).
 
         Returns:
             {"loss", "ce", "z_loss", "num_tokens"} when labels are given, else {"logits"}.
@@ -229,14 +232,18 @@ class UniToken(nn.Module):
         hidden = self.hidden_states(self.embed(input_ids, images), attention_mask, position_ids)
         if labels is None:
             return {"logits": self.lm_head(hidden)}
-        return self.loss(hidden, labels, loss_weights)
+        return self.loss(hidden, labels, loss_weights, num_global_tokens)
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
-             weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+             num_global_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy over the full vocabulary (image logits NOT masked) + z-loss.
 
         Without ``weights`` the cross-entropy is the mean over supervised tokens; with weights
         [b, T] (aligned with ``labels``, summing to 1) it is their weighted sum.
+
+        With ``num_global_tokens`` (data parallelism: the supervised tokens of all ranks) the mean
+        cross-entropy and the z-loss divide by that count instead of this batch's, so that the
+        ranks' losses sum to the global batch's; weights must then sum to 1 over all ranks.
 
         Only labelled positions go through the head, so the [b, T, vocab] logits of context
         tokens are never built; with ``ce_chunk`` > 0 not even those of all labelled positions
@@ -251,13 +258,16 @@ class UniToken(nn.Module):
         if self.ce_chunk > 0:
             w = None if weights is None else weights[:, 1:][keep]
             loss, ce, z = self.lm_head(hidden[:, :-1][keep], targets[keep], w, self.config.z_loss_weight,
-                                       self.ce_chunk)
+                                       self.ce_chunk, num_global_tokens)
             return {"loss": loss, "ce": ce, "z_loss": z, "num_tokens": num_tokens}
         logits = self.lm_head(hidden[:, :-1][keep]).float()
         lse = torch.logsumexp(logits, dim=-1)
         per_token = lse - logits.gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-        ce = per_token.mean() if weights is None else (per_token * weights[:, 1:][keep].float()).sum()
-        z = (lse ** 2).mean()
+        # this batch's mean times its share of the global count (exactly 1.0 in one process, which
+        # keeps single-process numbers bit-identical to a plain mean)
+        share = 1.0 if num_global_tokens is None else int(num_tokens) / num_global_tokens
+        ce = per_token.mean() * share if weights is None else (per_token * weights[:, 1:][keep].float()).sum()
+        z = (lse ** 2).mean() * share
         loss = ce + self.config.z_loss_weight * z
         return {"loss": loss, "ce": ce.detach(), "z_loss": z.detach(), "num_tokens": num_tokens}
 

@@ -160,13 +160,35 @@ def check_frozen(engine, frozen: dict[str, torch.Tensor]) -> list[str]:
             and not torch.equal(params[n].detach().cpu(), v.to(params[n].dtype))]
 
 
+def _collective_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces only CUDA tensors
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any (one all-reduce when distributed)."""
     if not torch.distributed.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks, the same on every rank (one all-reduce of
+    a small float64 tensor: counts stay exact, and one process gets its values back unchanged)."""
+    if not torch.distributed.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gradient_average_divisor(engine) -> int:
+    """What DeepSpeed divides the summed gradients of the ranks by: the data-parallel world size
+    (every ZeRO stage averages over ranks). A loss that is each rank's part of the global batch's
+    loss is multiplied by this before backward, so the averaged gradient is the global batch's.
+    Gradient accumulation, which would divide by its steps too, is off (``ds_config``)."""
+    return engine.dp_world_size
 
 
 def barrier() -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +41,7 @@ from unitoken.data.dataset import (
 )
 from unitoken.files import sha256_file
 from unitoken.model.io import is_handoff_dir, load_model, save_model
-from unitoken.model.sequence import T2I_TEMPLATE, SequenceBuilder
+from unitoken.model.sequence import IGNORE, T2I_TEMPLATE, SequenceBuilder
 from unitoken.train import checkpoint as ckpt
 from unitoken.train import parallel
 from unitoken.train.tracking import MLflowTracker, NullTracker
@@ -162,6 +163,37 @@ def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: in
     if loss_reduction == "sample":
         batch["loss_weights"] = sample_loss_weights(batch["labels"], seq_lens)
     return to_device(batch, device)
+
+
+class BatchCounts(NamedTuple):
+    """What a batch's loss is normalised by, and its size."""
+    supervised: int  # tokens with a target, as the loss shifts labels
+    samples: int  # samples with at least one supervised token
+    tokens: int  # real tokens (no padding)
+
+
+def count_batch(samples: list[Sample], batch: dict) -> BatchCounts:
+    """This rank's counts; ``batch`` is ``samples`` collated (on any device)."""
+    supervised = int((batch["labels"][:, 1:] != IGNORE).sum())
+    with_targets = sum(1 for s in samples if any(x != IGNORE for x in s.encoded.labels))
+    return BatchCounts(supervised, with_targets, sum(len(s) for s in samples))
+
+
+def global_batch_counts(local: BatchCounts) -> BatchCounts:
+    """The counts summed over all ranks (one all-reduce)."""
+    return BatchCounts(*(int(x) for x in parallel.sum_over_ranks(list(local))))
+
+
+def as_part_of_global_batch(batch: dict, local: BatchCounts, total: BatchCounts, loss_reduction: str) -> dict:
+    """Model inputs whose loss is this rank's part of the global batch's loss, so that the ranks'
+    losses sum to what one process gets for the whole batch: the token mean and the z-loss divide
+    by the supervised tokens of all ranks, and each sample weighs 1 / (samples of all ranks).
+    Normalising by each rank's own counts made the loss depend on the world size (issue 19).
+    In one process nothing changes (the factors are exactly 1)."""
+    batch = dict(batch, num_global_tokens=total.supervised)
+    if loss_reduction == "sample":  # sample_loss_weights sums to 1 over this rank's samples
+        batch["loss_weights"] = batch["loss_weights"] * (local.samples / total.samples)
+    return batch
 
 
 def to_device(batch: dict, device) -> dict:
@@ -447,6 +479,7 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
         return ckpt.step_dir(ckpt_root, step_done)
 
     engine.train()
+    grad_divisor = parallel.gradient_average_divisor(engine)
     engine_norms = False  # whether the engine reports the gradient norm (learnt at the first step)
     prefetch = Prefetch(make, stage.max_steps - start_step, depth=train.prefetch)
     with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch):
@@ -456,11 +489,14 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             drawn = prefetch.get()
             samples, batch = drawn.samples, to_device(drawn.batch, device)
             consumed = {"draws": drawn.draws, "sampler": drawn.sampler_state}
-            out = engine(**batch)
-            loss = out["loss"]
+            local = count_batch(samples, drawn.batch)
+            total = global_batch_counts(local)
+            out = engine(**as_part_of_global_batch(batch, local, total, train.loss_reduction))
+            loss = out["loss"]  # this rank's part of the global batch's loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage {stage_n}: non-finite loss ({loss.item()}) at step {step + 1}")
-            engine.backward(loss)
+            # DeepSpeed averages the ranks' gradients; the global batch's is their sum
+            engine.backward(loss * grad_divisor)
             # ZeRO computes the global norm inside step() (clipping): read before it, it is the
             # previous step's (every GPU run before this fix logged 0.0 at step 1 and after each
             # resume). Without ZeRO the engine reports none: the norm of the local grads, pre-step.
@@ -473,9 +509,11 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            tokens = sum(len(x) for x in samples) * world  # real tokens (no padding), all ranks
-            row = {"step": step + 1, "loss": round(loss.item(), 6), "ce": round(out["ce"].item(), 6),
-                   "z_loss": round(out["z_loss"].item(), 4), "lr": lrs.get("rest", next(iter(lrs.values()))),
+            tokens = total.tokens
+            # the global batch's values, the same on every rank
+            loss_sum, ce_sum, z_sum = parallel.sum_over_ranks([loss.item(), out["ce"].item(), out["z_loss"].item()])
+            row = {"step": step + 1, "loss": round(loss_sum, 6), "ce": round(ce_sum, 6),
+                   "z_loss": round(z_sum, 4), "lr": lrs.get("rest", next(iter(lrs.values()))),
                    "grad_norm": round(float(grad_norm), 6), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
                    "step_s": round(dt, 4)}
             if "vision" in lrs:

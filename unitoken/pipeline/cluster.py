@@ -35,11 +35,11 @@ Validation is pydantic v2; every error becomes one ``ConfigError`` line naming t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer,
+                      field_validator, model_validator)
 
 from unitoken.config import ConfigError
 from unitoken.pipeline.cache import MAX_GIB_ENV, max_bytes_from_env
@@ -91,14 +91,15 @@ class _Strict(BaseModel):
         return data
 
 
-StrMap = dict[str, str]
+StrMap = Annotated[dict[str, str], BeforeValidator(str_map)]
+Quantity = Annotated[str, BeforeValidator(quantity)]
 
 
 class StepResources(_Strict):
     """What one step's pod (or each TrainJob node) asks for and where it may run."""
 
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
     gpus: int = Field(0, ge=0)
     gpu_resource: str = "nvidia.com/gpu"
     node_selector: StrMap = Field(default_factory=dict)
@@ -107,17 +108,7 @@ class StepResources(_Strict):
     num_nodes: int = Field(1, ge=1)
     timeout_s: int | None = Field(None, ge=1)
     retries: int = Field(0, ge=0)
-    shm: str = "64Gi"                            # in-memory /dev/shm of a multi-GPU pod (NCCL, data workers)
-
-    @field_validator("cpu", "memory", "shm", mode="before")
-    @classmethod
-    def _quantities(cls, v: Any) -> str | None:
-        return quantity(v)
-
-    @field_validator("node_selector", mode="before")
-    @classmethod
-    def _labels(cls, v: Any) -> Any:
-        return str_map(v)
+    shm: Quantity = "64Gi"                            # in-memory /dev/shm of a multi-GPU pod (NCCL, data workers)
 
     @field_validator("tolerations")
     @classmethod
@@ -140,19 +131,9 @@ class NodePool(_Strict):
     taints: list[dict[str, Any]] = Field(default_factory=list)
     gpus: int = Field(0, ge=0)
     gpu_resource: str = "nvidia.com/gpu"
-    cpu: str
-    memory: str
+    cpu: Quantity
+    memory: Quantity
     nodes: int = Field(1, ge=1)
-
-    @field_validator("cpu", "memory", mode="before")
-    @classmethod
-    def _quantities(cls, v: Any) -> str | None:
-        return quantity(v)
-
-    @field_validator("node_selector", mode="before")
-    @classmethod
-    def _labels(cls, v: Any) -> Any:
-        return str_map(v)
 
 
 def _cpu_defaults() -> StepResources:
@@ -186,11 +167,6 @@ class ClusterConfig(_Strict):
     launcher: StepResources = Field(default_factory=_launcher_defaults)  # the pod watching a TrainJob
     steps: dict[str, StepResources] = Field(default_factory=dict)      # per-step overrides of gpu / cpu
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env(cls, v: Any) -> Any:
-        return str_map(v)
 
     @field_serializer("steps")
     def _dump_steps(self, steps: dict[str, StepResources]) -> dict:

@@ -139,3 +139,12 @@ def test_pod_security_checker_on_known_pods():
     for rule in ("hostNamespaces", "restrictedVolumes", "privileged", "runAsUser", "capabilities: containers[c] adds",
                  "allowPrivilegeEscalation: initContainers[i]", "capabilities: initContainers[i] does not drop"):
         assert rule in text, rule
+
+
+def test_without_manifests_the_pipeline_side_is_still_rehearsed():
+    """No overlay: task pods, TrainJob structure and run keys are still checked, and nothing fails
+    for want of the manifests (the TrainingRuntime-dependent rows are notes)."""
+    found, _ = rehearse(cluster_from_dict(_example()), None)
+    assert not [f for f in found if not f.ok]
+    assert {"schema", "restricted", "fit", "launcher", "run-key"} <= {f.rule for f in found}
+    assert any(f.warning and "no --k8s overlay" in f.detail for f in found)

@@ -21,6 +21,7 @@ from rich.table import Table
 console = Console()
 
 LOCAL_ROOT = Path(".unitoken/pipeline")
+DEFAULT_OVERLAY = Path("k8s/overlays/prod")
 # Laptop-sized defaults of `run --local` (the pipeline's own defaults are sized for a GPU);
 # any of them can be overridden with --param.
 LOCAL_DEFAULTS = {"tokenizer_steps": 300, "tokenizer_batch_size": 16, "tokenizer_lr": 2e-3, "eval_limit": 12}
@@ -63,7 +64,8 @@ def add_parser(sub) -> None:
                           epilog="example:\n  unitoken pipeline rehearse --cluster examples/cluster.yaml "
                                  "--k8s k8s/overlays/prod\n\nrules: schema, restricted (Pod Security), fit (node "
                                  "pools), launcher, rbac, run-key, mlflow-host; exit 1 names each failure")
-    reh.add_argument("--k8s", type=Path, help="the kustomize overlay the cluster runs (e.g. k8s/overlays/prod)")
+    reh.add_argument("--k8s", type=Path, default=DEFAULT_OVERLAY if DEFAULT_OVERLAY.is_dir() else None,
+                     help=f"the kustomize overlay the cluster runs (default {DEFAULT_OVERLAY} when present)")
     reh.add_argument("--package", type=Path, help="rehearse this compiled pipeline YAML instead of compiling one")
     common(reh, params=False)
     cache = psub.add_parser("cache", help="list the step cache's entries; --prune-gib: evict the least recently used")

@@ -343,7 +343,7 @@ def mlflow_host_findings(cluster: ClusterConfig, objects: list[dict]) -> list[Fi
 def trainjob_structure_findings(job: dict, runtimes: dict[str, dict]) -> list[Finding]:
     name, spec = job["metadata"]["name"], job["spec"]
     problems = []
-    if spec["runtimeRef"]["name"] not in runtimes:
+    if runtimes and spec["runtimeRef"]["name"] not in runtimes:  # none: no manifests given
         problems.append(f"runtimeRef {spec['runtimeRef']['name']} is not among the manifests' TrainingRuntimes")
     if not isinstance(spec["trainer"].get("numNodes"), int) or spec["trainer"]["numNodes"] < 1:
         problems.append("trainer.numNodes must be a positive integer")

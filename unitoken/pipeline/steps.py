@@ -378,18 +378,14 @@ def train_processes(stage: int, recipe: str, overrides: list[str], tokens: Path,
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise StepError(f"stage {stage}: torchrun with {nproc} processes exited {code}; last lines of {log_path}:\n{tail}")
-    losses = _read_metric(Path(work) / "metrics.jsonl", "loss")
+    from unitoken.train.train import _read_losses
+
+    losses = _read_losses(Path(work) / "metrics.jsonl")  # the loop's own reader of its log
     info = publish_handoff(Path(work) / "handoff", Path(out))
     run_id = json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")
     return info | {"steps": len(losses), "first_loss": losses[0] if losses else None,
                    "final_loss": losses[-1] if losses else None, "processes": nproc,
                    "seconds": round(time.perf_counter() - start, 1), "mlflow_run_id": run_id}
-
-
-def _read_metric(path: Path, key: str) -> list[float]:
-    if not path.is_file():
-        return []
-    return [json.loads(x)[key] for x in path.read_text().splitlines() if x.strip()]
 
 
 def tokens_digest(tokens: Path) -> str:

@@ -3,13 +3,25 @@ history, rollback, lineage, and ``models:/`` URIs for every command.
 
 **Passport.** A JSON chain of entries (data -> stage 1..3 -> evaluation -> gate -> build); each
 entry carries the sha256 of the previous one, so no entry can change without breaking every
-later link. It is stored with the registration run and its digest as a version tag.
+later link. It is stored with the registration run and inside the model, and its digest is a
+version tag and part of the MLmodel.
 
-**Compare-and-swap.** MLflow aliases have no CAS. A promotion of alias A is the n-th move of
-A; the mover must first create the registered model ``<name>.lock.<A>.<n>``. The tracking
-store's unique constraint lets exactly one of two racing promoters create it; the other gets
-``ConflictError``. The move is then recorded as tag ``unitoken.history.<A>.<n>`` (who, when,
-from, to, reason): MLflow itself keeps no alias history (mlflow/mlflow#2169).
+**The version is an MLflow model.** ``unitoken.serving.package`` writes a pyfunc (models from
+code) around the hand-off, with a signature and an input example; the LoggedModel is an output
+of the registration run and of the last stage's run, carries the evaluation metrics (so the
+model page shows the scores), and the version's description is a Markdown lineage with links.
+
+**Compare-and-swap without lock models.** MLflow aliases have no CAS, but a run's params are
+immutable: logging a different value under an existing key is refused by the tracking store's
+primary key. Each registered model has a *ledger run* (``registry-ledger-NAME``, found through
+the param ``unitoken.ledger_run`` of version 1's registration run, which is itself claimed that
+way); the n-th move of alias A is claimed as ledger param ``A.<n>`` holding the intended move.
+Of two racing promoters exactly one claim is stored; the other gets ``ConflictError``. Then the
+alias moves, then the move is recorded as registered-model tag ``unitoken.history.A.<n>`` (MLflow
+keeps no alias history, mlflow/mlflow#2169). A promoter killed between claim and record leaves a
+claim without a record: the next ``promote`` completes it (the alias did move) or records it as
+rolled back (it did not), once the claim is older than ``UNITOKEN_PROMOTION_LEASE_S`` (120 s;
+younger claims are a promotion in progress and get ``ConflictError``).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
@@ -30,6 +43,9 @@ from unitoken.train.tracking import (ArtifactLogError, default_tracking_uri, ens
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
+LEDGER_PARAM = "unitoken.ledger_run"
+OUTSIDE = "outside the CLI"
+MOVED = ("done", "completed")  # record statuses of moves that happened (legacy records have none)
 
 
 class RegistryError(RuntimeError):
@@ -54,6 +70,11 @@ def _sha(data: bytes) -> str:
 
 def _canonical(entry: dict) -> bytes:
     return json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+
+
+def canonical_sha(obj) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces): the passport digest."""
+    return _sha(_canonical(obj))
 
 
 # --------------------------------------------------------------------------- passport
@@ -139,7 +160,7 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
 
 def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force: bool = False,
              reason: str | None = None) -> dict:
-    """Log the model (LoggedModel + registered version), its evidence and passport; alias challenger."""
+    """Log the model (pyfunc LoggedModel + registered version), its evidence and passport; alias challenger."""
     model_dir, eval_dir, gate_file = Path(model_dir), Path(eval_dir), Path(gate_file)
     decision = json.loads(gate_file.read_text())
     if not decision.get("passed"):
@@ -149,6 +170,7 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     verify_handoff(model_dir)
     client = _client()
     passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client)
+    passport_sha = canonical_sha({"passport": passport})
     tags = {"unitoken.kind": "registration"}
     parent = os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
     exp_id = experiment_for(client, parent)
@@ -156,54 +178,143 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp_id, run_name=f"register-{name}", tags=tags).info.run_id
     lm = None
-    try:  # every artifact is stored before anything is registered
-        with tempfile.TemporaryDirectory() as tmp:
-            passport_file = Path(tmp) / "passport.json"
-            passport_file.write_text(json.dumps(passport, indent=2))
-            with_artifact_retries(f"passport.json of run {run_id}",
-                                  lambda: client.log_artifact(run_id, str(passport_file)))
-        for f, sub in ((eval_dir / "report.json", "eval"), (eval_dir / "items.jsonl", "eval"), (gate_file, "gate")):
-            with_artifact_retries(f"{sub}/{f.name} of run {run_id}",
-                                  lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
-        lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id,
-                                        params={"handoff_sha256": handoff_digest(model_dir)})
-        with_artifact_retries(f"model files of {model_dir} (logged model {lm.model_id})",
-                              lambda: client.log_model_artifacts(lm.model_id, str(model_dir)))
-    except ArtifactLogError as err:
-        raise RegistryError(f"{err}. Nothing was registered: no model version and no alias for {name!r}; the "
-                            f"registration run {run_id} is marked FAILED{_abandon(client, run_id, lm, err)}. Check the "
-                            f"tracking server's artifact store (S3) and run the registration again once it "
-                            f"answers.") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        from unitoken import serving
+
+        evidence = serving.write_evidence(Path(tmp) / "evidence", passport, eval_dir, gate_file)
+        try:  # every artifact is stored before anything is registered
+            for f, sub in ((evidence / "passport.json", None), (eval_dir / "report.json", "eval"),
+                           (eval_dir / "items.jsonl", "eval"), (gate_file, "gate")):
+                label = f"{sub}/{f.name}" if sub else f.name
+                with_artifact_retries(f"{label} of run {run_id}",
+                                      lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
+            lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="unitoken",
+                                            params={"handoff_sha256": handoff_digest(model_dir)},
+                                            tags={"unitoken.passport_sha256": passport_sha})
+            packaged = serving.package(Path(tmp) / "model", model_dir, evidence, passport_sha,
+                                       mlflow_model=_mlflow_model(lm, run_id),
+                                       metadata={"unitoken.passport_sha256": passport_sha, "registered_name": name})
+            with_artifact_retries(f"model files of {model_dir} (logged model {lm.model_id})",
+                                  lambda: client.log_model_artifacts(lm.model_id, str(packaged)))
+        except ArtifactLogError as err:
+            raise RegistryError(f"{err}. Nothing was registered: no model version and no alias for {name!r}; the "
+                                f"registration run {run_id} is marked FAILED{_abandon(client, run_id, lm, err)}. "
+                                f"Check the tracking server's artifact store (S3) and run the registration again "
+                                f"once it answers.") from err
+    report = json.loads((eval_dir / "report.json").read_text())
+    stage_runs = _link_model(client, run_id, lm.model_id, passport, eval_dir, report)
     client.finalize_logged_model(lm.model_id, "READY")
     try:
         client.create_registered_model(name)
     except Exception as err:  # noqa: BLE001 - "already exists" is the normal case
         if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
             raise
-    passport_sha = _sha(_canonical({"passport": passport}))
-    mv = client.create_model_version(name, source=lm.artifact_location, run_id=run_id, model_id=lm.model_id, tags={
-        "unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
-        "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
-        "unitoken.forced_reason": reason if force else ""})
+    mv = client.create_model_version(
+        name, source=lm.artifact_location, run_id=run_id, model_id=lm.model_id,
+        description=lineage_markdown(passport, report, decision, {**stage_runs, run_id: exp_id}, run_id, lm),
+        tags={"unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
+              "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
+              "unitoken.forced_reason": reason if force else ""})
     client.set_registered_model_alias(name, "challenger", mv.version)
     client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
             "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
 
 
+def _mlflow_model(lm, run_id: str):
+    from mlflow.models import Model
+
+    return Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
+
+
+def _link_model(client, run_id: str, model_id: str, passport: list[dict], eval_dir: Path,
+                report: dict) -> dict[str, str]:
+    """What the MLflow UI shows: the model as an output of the registration run and of the last
+    stage's run, the validated data and the evaluation items as dataset inputs, the evaluation
+    scores (and held-out losses) as metrics of the model. Returns {stage run id: experiment id}."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric
+
+    stage_runs = {}
+    for e in passport:
+        if e["kind"] == "stage" and e.get("mlflow_run_id"):
+            try:
+                stage_runs[e["mlflow_run_id"]] = client.get_run(e["mlflow_run_id"]).info.experiment_id
+            except Exception:  # noqa: BLE001 - a stage tracked on another server: no link to it
+                pass
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    last = next((e["mlflow_run_id"] for e in reversed(passport) if e["kind"] == "stage"), None)
+    if last in stage_runs:
+        client.log_outputs(last, [LoggedModelOutput(model_id, step=0)])
+    data = passport[0]
+    validated = Dataset(name="validated-manifest", digest=str(data.get("manifest_sha256") or "unknown")[:16],
+                        source_type="unitoken", source=json.dumps({k: data.get(k) for k in (
+                            "manifest_sha256", "validation_report_sha256", "pretokenized_sha256")}))
+    items = [json.loads(x) for x in (eval_dir / "items.jsonl").read_text().splitlines() if x.strip()]
+    evaluation = Dataset(name="evaluation", digest=_sha((eval_dir / "items.jsonl").read_bytes())[:16],
+                         source_type="unitoken", source=json.dumps({"registration_run": run_id, "path": "eval/items.jsonl"}),
+                         profile=json.dumps({"num_rows": len(items), "suites": sorted({i.get("suite") for i in items})}))
+    client.log_inputs(run_id, [DatasetInput(validated, [InputTag("mlflow.data.context", "validation")]),
+                               DatasetInput(evaluation, [InputTag("mlflow.data.context", "evaluation")])])
+    now = int(time.time() * 1000)
+    scores = dict(report.get("metrics", {}))
+    for task, held in (report.get("heldout") or {}).items():
+        if isinstance(held, dict) and "mean" in held:
+            scores[f"heldout_loss/{task}"] = held["mean"]
+    metrics = [Metric(k, float(v), now, 0, model_id=model_id, dataset_name="evaluation",
+                      dataset_digest=evaluation.digest) for k, v in scores.items()]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    return stage_runs
+
+
+def lineage_markdown(passport: list[dict], report: dict, decision: dict, experiments: dict[str, str],
+                     run_id: str, lm) -> str:
+    """The version's description: data digest -> validation -> stages (linked runs) -> evaluation -> gate."""
+    def run(rid: str | None, label: str) -> str:
+        return f"[{label}](#/experiments/{experiments[rid]}/runs/{rid})" if rid in experiments else label
+
+    def short(digest) -> str:
+        return f"`{str(digest)[:12]}`" if digest else "unknown"
+
+    data = passport[0]
+    lines = ["**Lineage** (each step's digest is in the passport, re-verified by `unitoken lineage`)", "",
+             f"1. **Data**: manifest {short(data.get('manifest_sha256'))} -> **validation** report "
+             f"{short(data.get('validation_report_sha256'))} -> pre-tokenised {short(data.get('pretokenized_sha256'))}"]
+    for e in passport:
+        if e["kind"] == "stage":
+            lines.append(f"{len(lines) - 1}. **Stage {e['stage']}** ({e.get('recipe')}, {e.get('steps')} steps): "
+                         f"{run(e.get('mlflow_run_id'), 'run ' + str(e.get('mlflow_run_id'))[:8])}, hand-off "
+                         f"{short(e['handoff_sha256'])}")
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(report.get("metrics", {}).items()) if k.endswith("/overall"))
+    lines.append(f"{len(lines) - 1}. **Evaluation**: {scores or 'no scores'} "
+                 f"({run(run_id, 'registration run')}; model `{lm.model_id}`)")
+    forced = next((e.get("forced_reason") for e in passport if e["kind"] == "gate"), None)
+    verdict = "passed" if decision.get("passed") else f"did not pass; registered by force: {forced}"
+    reasons = "; ".join(decision.get("reasons", []))
+    champion = decision.get("champion_version")
+    lines.append(f"{len(lines) - 1}. **Gate**: {verdict}"
+                 + (f" against champion v{champion}" if champion not in (None, "none") else " (no champion)")
+                 + (f" ({reasons})" if reasons else ""))
+    build = next((e for e in passport if e["kind"] == "build"), {})
+    lines += ["", f"Built by unitoken {build.get('package_version')} at commit `{str(build.get('git_commit'))[:12]}`"
+              + (f", pipeline run {run(build['pipeline_run_id'], build['pipeline_run_id'][:8])}"
+                 if build.get("pipeline_run_id") else "") + "."]
+    return "\n".join(lines)
+
+
 def _abandon(client, run_id: str, lm, err: Exception) -> str:
     """Mark an interrupted registration's run FAILED (and its logged model); '' or what could not be marked."""
-    for attempt in range(3):  # the server may have dropped the connection the failed upload used
-        try:
-            client.set_tag(run_id, "unitoken.registration_error", str(err)[:5000])
-            if lm is not None:
-                client.finalize_logged_model(lm.model_id, "FAILED")
-            client.set_terminated(run_id, "FAILED")
-            return ""
-        except Exception as cleanup:  # noqa: BLE001 - the tracking server went too; say so
-            if attempt == 2:
-                return f" (marking it FAILED also failed: {type(cleanup).__name__})"
-            time.sleep(1.0)
+    from tenacity import Retrying, stop_after_attempt, wait_fixed
+
+    try:  # the server may have dropped the connection the failed upload used
+        for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_fixed(1.0), reraise=True):
+            with attempt:
+                client.set_tag(run_id, "unitoken.registration_error", str(err)[:5000])
+                if lm is not None:
+                    client.finalize_logged_model(lm.model_id, "FAILED")
+                client.set_terminated(run_id, "FAILED")
+    except Exception as cleanup:  # noqa: BLE001 - the tracking server went too; say so
+        return f" (marking it FAILED also failed: {type(cleanup).__name__})"
     return ""
 
 
@@ -235,7 +346,8 @@ def resolve(uri: str, client=None):
 
 def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
     """Download a version's model, passport, eval and gate artifacts (into ``dest``, emptied first,
-    or a fresh temporary directory)."""
+    or a fresh temporary directory). ``model`` is the hand-off inside the MLflow model (or the
+    whole artifact for versions registered before the pyfunc packaging)."""
     import mlflow.artifacts
 
     client = client or _client()
@@ -261,8 +373,9 @@ def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
     run_id = mv.tags.get("unitoken.registration_run", mv.run_id)
     evidence = download(f"evidence (passport, evaluation, gate) of run {run_id}", run_id=run_id, artifact_path="",
                         dst_path=str(dest / "run"))
-    return {"root": dest, "model": model, "passport": evidence / "passport.json", "eval": evidence / "eval",
-            "gate": next((evidence / "gate").glob("*.json"))}
+    handoff = model / "artifacts" / "handoff" if (model / "MLmodel").is_file() else model
+    return {"root": dest, "model": handoff, "mlflow_model": model, "passport": evidence / "passport.json",
+            "eval": evidence / "eval", "gate": next((evidence / "gate").glob("*.json"))}
 
 
 def load_uri(uri: str) -> Path:
@@ -276,31 +389,44 @@ def load_uri(uri: str) -> Path:
     return paths["model"]
 
 
-def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
-    """Re-verify every digest of a version against its stored artifacts; [] when all hold."""
-    problems = []
-    passport = json.loads(paths["passport"].read_text())
-    if _sha(_canonical({"passport": passport})) != mv.tags.get("unitoken.passport_sha256"):
-        problems.append("passport.json differs from the digest recorded on the version")
-    problems += verify_chain(passport)
+def verify_evidence(passport: list[dict], model_dir: Path, eval_dir: Path, gate_file: Path) -> list[str]:
+    """The passport's chain, the model files and the evaluation and gate files against it; [] when all hold."""
+    problems = verify_chain(passport)
     by_kind: dict[str, list[dict]] = {}
     for e in passport:
         by_kind.setdefault(e["kind"], []).append(e)
     try:
-        verify_handoff(paths["model"])
-        digest = handoff_digest(paths["model"])
+        verify_handoff(model_dir)
+        digest = handoff_digest(model_dir)
         if by_kind.get("stage") and by_kind["stage"][-1]["handoff_sha256"] != digest:
             problems.append("stored model is not the hand-off the passport names")
     except ValueError as err:
         problems.append(f"stored model: {err}")
     ev = by_kind.get("eval", [{}])[0]
-    if _sha((paths["eval"] / "report.json").read_bytes()) != ev.get("report_sha256"):
+    if _sha((eval_dir / "report.json").read_bytes()) != ev.get("report_sha256"):
         problems.append("stored evaluation report does not match the passport")
-    if _sha((paths["eval"] / "items.jsonl").read_bytes()) != ev.get("items_sha256"):
+    if _sha((eval_dir / "items.jsonl").read_bytes()) != ev.get("items_sha256"):
         problems.append("stored evaluation items do not match the passport")
-    if _sha(paths["gate"].read_bytes()) != by_kind.get("gate", [{}])[0].get("decision_sha256"):
+    if _sha(gate_file.read_bytes()) != by_kind.get("gate", [{}])[0].get("decision_sha256"):
         problems.append("stored gate decision does not match the passport")
-    for st in by_kind.get("stage", []):
+    return problems
+
+
+def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
+    """Re-verify every digest of a version against its stored artifacts; [] when all hold."""
+    problems = []
+    passport = json.loads(paths["passport"].read_text())
+    if canonical_sha({"passport": passport}) != mv.tags.get("unitoken.passport_sha256"):
+        problems.append("passport.json differs from the digest recorded on the version")
+    problems += verify_evidence(passport, paths["model"], paths["eval"], paths["gate"])
+    packaged = paths.get("mlflow_model")
+    if packaged is not None and (packaged / "MLmodel").is_file():
+        from unitoken.serving import verify_packaged
+
+        problems += [f"MLflow model: {p}" for p in verify_packaged(
+            paths["model"], packaged / "artifacts" / "evidence", mv.tags.get("unitoken.passport_sha256"))
+            if p not in problems]
+    for st in (e for e in passport if e["kind"] == "stage"):
         if not st.get("mlflow_run_id"):
             continue
         try:
@@ -316,16 +442,107 @@ def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
 # --------------------------------------------------------------------------- aliases
 
 
-def history(name: str, alias: str = "champion", client=None) -> list[dict]:
-    client = client or _client()
-    tags = client.get_registered_model(name).tags
-    prefix = f"{HISTORY}.{alias}."
-    return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(prefix)]
-
-
 def _holder(client, name: str, alias: str) -> str | None:
     aliases = client.get_registered_model(name).aliases
     return str(aliases[alias]) if alias in aliases else None
+
+
+def _records(client, name: str, alias: str) -> dict[int, dict]:
+    prefix = f"{HISTORY}.{alias}."
+    return {int(k[len(prefix):]): json.loads(v) for k, v in client.get_registered_model(name).tags.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def _record(client, name: str, alias: str, entry: dict) -> None:
+    client.set_registered_model_tag(name, f"{HISTORY}.{alias}.{entry['seq']:06d}", json.dumps(entry))
+
+
+def history(name: str, alias: str = "champion", client=None) -> list[dict]:
+    """The moves of ``alias`` that happened, oldest first. Moves the CLI did not make (the MLflow
+    UI, another client) show as rows with action "outside the CLI" wherever one move does not
+    start where the previous one ended, or the alias is not where the last one left it."""
+    client = client or _client()
+    moves = [e for _, e in sorted(_records(client, name, alias).items()) if e.get("status", "done") in MOVED]
+    out, at = [], None
+    for m in moves:
+        if out and str(m["from"]) != str(at) or not out and m["from"] is not None:
+            out.append(_outside(alias, at, m["from"]))
+        out.append(m)
+        at = m["to"]
+    current = _holder(client, name, alias)
+    if str(current) != str(at):
+        out.append(_outside(alias, at, current))
+    return out
+
+
+def _outside(alias: str, frm, to) -> dict:
+    return {"seq": "-", "action": OUTSIDE, "alias": alias, "from": frm, "to": to, "who": "?", "when": "?",
+            "reason": "the alias was moved without `unitoken registry`"}
+
+
+def _ledger(client, name: str) -> str:
+    """The run whose immutable params are ``name``'s alias claims (created on first use, race-free:
+    the pointer to it is itself an immutable param of version 1's registration run)."""
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise RegistryError(f"{name}: no registered versions")
+    first = min(versions, key=lambda v: int(v.version))
+    anchor = first.tags.get("unitoken.registration_run") or first.run_id
+    params = client.get_run(anchor).data.params
+    if LEDGER_PARAM not in params:
+        exp = client.get_run(anchor).info.experiment_id
+        ledger = client.create_run(exp, run_name=f"registry-ledger-{name}", tags={
+            "unitoken.kind": "registry-ledger", "unitoken.registered_model": name}).info.run_id
+        client.set_terminated(ledger, "FINISHED")
+        _claim_param(client, anchor, LEDGER_PARAM, ledger)
+        params = client.get_run(anchor).data.params
+        if params.get(LEDGER_PARAM) != ledger:  # another promoter's ledger was stored first
+            client.delete_run(ledger)
+    return params[LEDGER_PARAM]
+
+
+def _claim_param(client, run_id: str, key: str, value: str) -> bool:
+    """Log ``key=value`` unless ``key`` holds another value; True when ``value`` is what is stored."""
+    try:
+        client.log_param(run_id, key, value)
+    except Exception:  # noqa: BLE001 - the store refuses a changed param; anything else re-raises below
+        stored = client.get_run(run_id).data.params.get(key)
+        if stored is None:
+            raise
+        return stored == value
+    return True
+
+
+def _lease_s() -> float:
+    return float(os.environ.get("UNITOKEN_PROMOTION_LEASE_S", "120"))
+
+
+def _settle(client, name: str, alias: str, ledger: str) -> int:
+    """Finish what killed promoters left (claims with no record) and return the next move number.
+
+    Raises:
+        ConflictError: a claim younger than the lease has no record yet: a promotion is in progress.
+    """
+    pre = f"{alias}."
+    claims = {int(k[len(pre):]): json.loads(v) for k, v in client.get_run(ledger).data.params.items()
+              if k.startswith(pre) and k[len(pre):].isdigit()}
+    records = _records(client, name, alias)
+    for seq in sorted(set(claims) - set(records)):
+        c = claims[seq]
+        age = time.time() - c["t"]
+        if age < _lease_s():
+            raise ConflictError(f"promotion #{seq} of {name}@{alias} to version {c['to']} by {c['who']} is in "
+                                f"progress (claimed {age:.0f} s ago); retry after it finishes (or after "
+                                f"{_lease_s():.0f} s if it was killed: the next promotion then completes it)")
+        holder = _holder(client, name, alias)
+        if holder == str(c["to"]):
+            status, note = "completed", "the promoter stopped after moving the alias; completed by a later promotion"
+        elif holder == (None if c["from"] is None else str(c["from"])):
+            status, note = "rolled back", "the promoter stopped before moving the alias; nothing was moved"
+        else:
+            status, note = "interrupted", f"the promoter stopped; the alias is now at {holder}"
+        _record(client, name, alias, {**c, "status": status, "note": note})
+    return max([*claims, *records], default=-1) + 1
 
 
 def promote(name: str, version: str, alias: str = "champion", expect_current: str | None = None,
@@ -333,11 +550,18 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
     """Move ``alias`` to ``version`` if (and only if) it is where the caller expects.
 
     ``expect_current``: None skips the check; ``"none"`` requires the alias to be unset.
+    Steps: settle earlier claims -> verify the version -> claim move n on the ledger (the CAS) ->
+    move the alias -> record move n. A kill between any two leaves a state the next call settles.
     """
     client = _client()
     version = str(version)
     mv = resolve(f"models:/{name}/{version}", client)
+    ledger = _ledger(client, name)
+    seq = _settle(client, name, alias, ledger)
     current = _holder(client, name, alias)
+    if current == version and expect_current is None:  # e.g. the re-run of a promotion a kill interrupted
+        return {"seq": seq - 1, "action": "none", "alias": alias, "from": current, "to": version,
+                "note": f"{name}@{alias} already holds version {version}; nothing moved"}
     if expect_current is not None and str(expect_current).lower() != str(current).lower():
         raise ConflictError(f"alias {alias!r} of {name} is held by version {current}, not {expect_current}; "
                             "re-read it (unitoken registry history) and retry")
@@ -348,20 +572,17 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
         shutil.rmtree(paths["root"], ignore_errors=True)
     if problems:
         raise RegistryError(f"refusing to promote {name} v{version}: {problems[0]}")
-    seq = len(history(name, alias, client))
-    try:  # the compare-and-swap: exactly one creator of this lock name exists
-        client.create_registered_model(f"{name}.lock.{alias}.{seq:06d}", tags={"unitoken.lock": "true"})
-    except Exception as err:  # noqa: BLE001
-        if "RESOURCE_ALREADY_EXISTS" in str(err) or "already exists" in str(err).lower():
-            raise ConflictError(f"another promotion of {name}@{alias} moved first (move #{seq}); re-read and retry") from None
-        raise
-    if _holder(client, name, alias) != current:  # a writer that skipped the lock protocol
-        raise ConflictError(f"alias {alias!r} of {name} changed during the promotion")
-    client.set_registered_model_alias(name, alias, version)
     entry = {"seq": seq, "action": action, "alias": alias, "from": current, "to": version,
-             "who": os.environ.get("UNITOKEN_ACTOR") or getpass.getuser(), "when": time.strftime(
-                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason}
-    client.set_registered_model_tag(name, f"{HISTORY}.{alias}.{seq:06d}", json.dumps(entry))
+             "who": os.environ.get("UNITOKEN_ACTOR") or getpass.getuser(),
+             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason[:1000],
+             "t": time.time(), "token": uuid.uuid4().hex}
+    if not _claim_param(client, ledger, f"{alias}.{seq:06d}", json.dumps(entry)):
+        raise ConflictError(f"another promotion of {name}@{alias} moved first (move #{seq}); re-read and retry")
+    if _holder(client, name, alias) != current:  # moved outside the CLI since we read it
+        _record(client, name, alias, {**entry, "status": "abandoned", "note": "the alias moved during the promotion"})
+        raise ConflictError(f"alias {alias!r} of {name} changed during the promotion")
+    client.set_registered_model_alias(name, alias, mv.version)
+    _record(client, name, alias, {**entry, "status": "done"})
     return entry
 
 

@@ -1,12 +1,15 @@
 """k8s/ renders (base, dev and prod overlays) with `kubectl kustomize`; built-in kinds validate
 against the Kubernetes 1.37 schemas, CRDs (TrainingRuntime, Kueue) are checked structurally;
 every pod meets the "restricted" Pod Security profile; no overlay owns the namespace; secrets
-and image digests are never committed placeholders; NetworkPolicies and RBAC are least privilege."""
+and image digests are never committed placeholders; NetworkPolicies and RBAC are least privilege;
+the champion's serving Deployment serves the pipeline's registered model through MLflow."""
 
 from __future__ import annotations
 
 import copy
 import shutil
+import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +19,7 @@ from kubernetes.utils import parse_quantity
 
 from unitoken.pipeline.cluster import GPU_STEPS, load_cluster
 from unitoken.pipeline.manifests import check_images, check_secret_env, render, secret_env_files
+from unitoken.pipeline.podsecurity import restricted_violations
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -221,7 +225,7 @@ def test_pods_meet_the_restricted_profile(rendered, layer):
     """Every pod template (Deployment, StatefulSets incl. SeaweedFS, TrainingRuntime) is admitted by
     "restricted": non-root, RuntimeDefault seccomp, no escalation, ALL dropped, no host access."""
     templates = {d["metadata"]["name"]: t for d in rendered[layer] for t in _pod_templates(d)}
-    expected = {"mlflow", "postgres", "unitoken-deepspeed"} | ({"seaweedfs"} if layer == "dev" else set())
+    expected = {"mlflow", "postgres", "unitoken-deepspeed", "champion"} | ({"seaweedfs"} if layer == "dev" else set())
     assert set(templates) == expected
     for name, template in templates.items():
         assert _restricted_violations(template["spec"]) == [], name
@@ -320,7 +324,7 @@ def test_the_committed_prod_digests_are_refused_as_placeholders(rendered):
     """The release gate refuses the committed all-zero digests, naming each object and image."""
     errors = check_images(rendered["prod"])
     assert sorted(e.split(":")[0] for e in errors) == [
-        "Deployment/mlflow", "StatefulSet/postgres", "TrainingRuntime/unitoken-deepspeed"]
+        "Deployment/champion", "Deployment/mlflow", "StatefulSet/postgres", "TrainingRuntime/unitoken-deepspeed"]
     real = copy.deepcopy(rendered["prod"])
     for doc in real:
         for template in _pod_templates(doc):
@@ -364,12 +368,13 @@ def test_checkpoint_volume_storage_class_is_the_overlays(rendered):
 
 @pytest.mark.parametrize("layer", OVERLAYS)
 def test_network_policies_select_the_right_pods(rendered, layer):
-    """Postgres takes 5432 from MLflow only; MLflow 5000 and SeaweedFS 8333 from this namespace's pods;
-    each policy selects exactly one workload, so other pods (KFP steps, trainers) stay unrestricted."""
+    """Postgres takes 5432 from MLflow only; MLflow 5000, SeaweedFS 8333 and the champion's server 8080
+    from this namespace's pods; each policy selects exactly one workload, so other pods (KFP steps,
+    trainers) stay unrestricted."""
     docs = rendered[layer]
     labels = {d["metadata"]["name"]: t.get("metadata", {}).get("labels", {}) for d in docs for t in _pod_templates(d)}
     expected = {"postgres": ("postgres", {"app.kubernetes.io/name": "mlflow"}, 5432),
-                "mlflow": ("mlflow", {}, 5000)}
+                "mlflow": ("mlflow", {}, 5000), "champion": ("champion", {}, 8080)}
     if layer == "dev":
         expected["seaweedfs"] = ("seaweedfs", {}, 8333)
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
@@ -413,4 +418,134 @@ def test_the_release_gate_lists_every_problem(tmp_path, capsys):
     assert main([str(tmp_path / "k8s" / "overlays" / "prod"), "--require-digests"]) == 1
     out = capsys.readouterr().out
     assert all(f"secrets/{name}.env: missing" in out for name in ("s3", "mlflow", "postgres"))
-    assert out.count("placeholder digest") == 3
+    assert out.count("placeholder digest") == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# serving the champion (k8s/components/serving)
+
+
+@pytest.fixture(scope="module")
+def registered_name() -> str:
+    """The name the pipeline registers its model under (its `model_name` default, from the compiled IR)."""
+    from pipelines.unitoken_training import compile_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", (1, 2, 3), None)
+        ir = next(yaml.safe_load_all(Path(package).read_text()))
+    return ir["root"]["inputDefinitions"]["parameters"]["model_name"]["defaultValue"]
+
+
+def _champion(docs: list[dict]) -> tuple[dict, dict]:
+    """The serving Deployment's pod spec and its one container."""
+    pod = _find(docs, "Deployment", "champion")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return pod, container
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """The `--flag value` pairs of a command line whose every flag takes a value."""
+    assert len(args) % 2 == 0 and all(a.startswith("-") for a in args[::2]), args
+    return dict(zip(args[::2], args[1::2]))
+
+
+def _container_port(container: dict, ref: int | str) -> int:
+    """A probe's or Service's port (number or name), resolved against the container's ports."""
+    ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    number = ports[ref] if isinstance(ref, str) else ref
+    assert number in ports.values(), (ref, ports)
+    return number
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_the_champion_is_served_by_mlflow(rendered, registered_name, layer):
+    """The serving Deployment runs `mlflow models serve` on the pipeline's registered model at alias
+    champion, in the image's own environment (--env-manager local), on all addresses, one worker,
+    the container's port, from the same image as MLflow and the pipeline."""
+    _, c = _champion(rendered[layer])
+    assert c["command"] == ["mlflow", "models", "serve"]
+    flags = _flags(c["args"])
+    assert flags["-m"] == f"models:/{registered_name}@champion" == "models:/unitoken@champion"
+    assert (flags["--env-manager"], flags["--host"], flags["--workers"]) == ("local", "0.0.0.0", "1")
+    assert [int(flags["--port"])] == [p["containerPort"] for p in c["ports"]]
+    mlflow = _find(rendered[layer], "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == mlflow["image"]
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_the_champion_pod_is_restricted_with_a_writable_tmp(rendered, layer):
+    """The serving pod passes the restricted checker as uid/gid 10001 on a read-only root; /tmp, where
+    MLflow downloads the model and HOME and the caches point, is an emptyDir; no telemetry, no hub."""
+    pod, c = _champion(rendered[layer])
+    assert restricted_violations(pod) == [] and _restricted_violations(pod) == []
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (10001, 10001)
+    [tmp] = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp)
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    for key in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "HF_HOME"):
+        assert env[key] == "/tmp" or env[key].startswith("/tmp/"), key
+    assert (env["MLFLOW_DISABLE_TELEMETRY"], env["HF_HUB_OFFLINE"]) == ("true", "1")
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_the_champion_probes_wait_for_the_model(rendered, layer):
+    """Startup and readiness GET /ping, liveness GET /health, on the server's port; the startup probe
+    allows at least 10 minutes (downloading and loading a 7B model) before liveness may restart it."""
+    _, c = _champion(rendered[layer])
+    port = int(_flags(c["args"])["--port"])
+    probes = {name: c[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {name: (p["httpGet"]["path"], _container_port(c, p["httpGet"]["port"])) for name, p in probes.items()} == {
+        "startupProbe": ("/ping", port), "readinessProbe": ("/ping", port), "livenessProbe": ("/health", port)}
+    startup = probes["startupProbe"]
+    assert startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10) >= 600
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_the_champion_service_targets_the_server(rendered, layer):
+    """Service champion (ClusterIP, port 80) selects the serving pods alone and targets the server's
+    port; MLflow's Service does not select them."""
+    docs = rendered[layer]
+    _, c = _champion(docs)
+    svc = _find(docs, "Service", "champion")["spec"]
+    assert svc.get("type", "ClusterIP") == "ClusterIP"
+    [port] = svc["ports"]
+    assert port["port"] == 80 and _container_port(c, port["targetPort"]) == int(_flags(c["args"])["--port"])
+    labels = {d["metadata"]["name"]: t.get("metadata", {}).get("labels", {}) for d in docs for t in _pod_templates(d)}
+    assert [w for w, lab in labels.items() if _selects({"matchLabels": svc["selector"]}, lab)] == ["champion"]
+    assert _selects(_find(docs, "Deployment", "champion")["spec"]["selector"], labels["champion"])
+    assert not _selects({"matchLabels": _find(docs, "Service", "mlflow")["spec"]["selector"]}, labels["champion"])
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_the_champion_reaches_mlflow_through_an_allowed_host(rendered, layer):
+    """The serving pod reads MLFLOW_TRACKING_URI from unitoken-config (the value the pipeline's cluster
+    config gives its steps): the mlflow Service by a host:port MLflow's Host check admits. MLflow
+    proxies artifacts, so the pod reads only MLflow's credentials, no S3 keys."""
+    docs = rendered[layer]
+    _, c = _champion(docs)
+    ref = next(v for v in c["env"] if v["name"] == "MLFLOW_TRACKING_URI")["valueFrom"]["configMapKeyRef"]
+    config = _find(docs, "ConfigMap", ref["name"])["data"]
+    assert config[ref["key"]] == load_cluster(ROOT / "examples" / "cluster.yaml").env["MLFLOW_TRACKING_URI"]
+    uri = urlsplit(config[ref["key"]])
+    allowed = [h.strip() for h in config["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")]
+    assert any(fnmatch(uri.netloc, pattern) for pattern in allowed), (uri.netloc, allowed)
+    service = _find(docs, "Service", "mlflow")
+    assert uri.hostname.split(".")[:2] == [service["metadata"]["name"], service["metadata"]["namespace"]]
+    assert uri.port == service["spec"]["ports"][0]["port"]
+    server = _find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert "--no-serve-artifacts" not in server["command"] + server["args"]
+    assert "MLFLOW_ARTIFACTS_DESTINATION" in {v["name"] for v in server["env"]}
+    refs = {v["valueFrom"]["secretKeyRef"]["name"] for v in c["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    assert refs == {"unitoken-mlflow"}
+
+
+def test_the_champion_gets_one_gpu_in_prod_and_the_cpu_in_dev(rendered):
+    """prod: one GPU, placed like the cluster config's GPU steps (node selector, tolerations); dev: CPU
+    only, with no GPU placement."""
+    gpu = load_cluster(ROOT / "examples" / "cluster.yaml").resources("evaluate")
+    pod, c = _champion(rendered["prod"])
+    assert c["resources"]["requests"][gpu.gpu_resource] == c["resources"]["limits"][gpu.gpu_resource] == 1
+    assert pod["nodeSelector"] == gpu.node_selector and pod["tolerations"] == gpu.tolerations
+    pod, c = _champion(rendered["dev"])
+    assert not [k for part in c["resources"].values() for k in part if k.endswith("/gpu")]
+    assert "nodeSelector" not in pod and "tolerations" not in pod

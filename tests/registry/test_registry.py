@@ -9,17 +9,6 @@ from tests.conftest import run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def registered(trained):
-    servers = trained
-    run(servers, "eval", "--model", "s3/handoff", "--suite", "shapes-vqa,shapes-geneval", "--data", "d", "--out", "e",
-        "--limit", "3", "--device", "cpu", "--heldout-tokens", "p", "--heldout-limit", "4")
-    run(servers, "gate", "--candidate", "e", "--out", "gate.json", inprocess=True)
-    out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
-              "--name", "shapes", inprocess=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _history(servers):
     from mlflow import MlflowClient
 

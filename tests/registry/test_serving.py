@@ -1,0 +1,170 @@
+"""The champion as an MLflow model: mlflow.pyfunc loads it with its signature, `mlflow models serve`
+answers both tasks over HTTP, bad requests get a 400 naming the problem, a tampered model is refused.
+A real MLflow server with artifacts on real S3 (SeaweedFS); the model is the tiny 3-stage hand-off."""
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _env, _port, run
+
+pytestmark = pytest.mark.slow
+NAME = "served"
+
+
+def _register(servers, name: str) -> str:
+    out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
+              "--name", name, inprocess=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["version"]
+
+
+@pytest.fixture(scope="module")
+def champion(servers, registered):
+    version = _register(servers, NAME)
+    run(servers, "registry", "promote", NAME, "--version", version, "--expect-current", "none", inprocess=True)
+    return version
+
+
+@pytest.fixture
+def tracking(servers, monkeypatch):
+    for k, v in _env(servers).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(servers["tmp"])
+    return servers
+
+
+def _b64(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def _rows(servers) -> list[dict]:
+    image = servers["tmp"] / "d" / "images" / "train" / "s000000.png"
+    return [{"task": "understand", "prompt": "What is this?", "image": _b64(image)},
+            {"task": "generate", "prompt": "a red circle", "image": ""}]
+
+
+def _png(data: str):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert im.format == "PNG"
+    return im
+
+
+def test_pyfunc_loads_the_champion_with_its_signature_and_answers_both_tasks(tracking, champion):
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["task", "prompt", "image"]
+    assert sig.outputs.input_names() == ["text", "image"]
+    assert {"cfg", "top_k", "temperature", "seed", "max_new_tokens"} <= {p.name for p in sig.params.params}
+    assert model.metadata.metadata["registered_name"] == NAME
+    frame = pd.DataFrame(_rows(tracking))
+    out = model.predict(frame, params={"max_new_tokens": 4, "seed": 1})
+    assert len(out) == 2 and list(out.columns) == ["text", "image"]
+    assert isinstance(out.text[0], str) and out.image[0] == "" and out.text[1] == ""
+    resolution = json.loads((tracking["tmp"] / "s3" / "handoff" / "config.json").read_text())["model"]["vq"]["resolution"]
+    assert _png(out.image[1]).size == (resolution, resolution)
+    # The answer is the one `unitoken chat` gives for the same image and prompt (greedy both ways).
+    chat = run(tracking, "chat", "--model", f"models:/{NAME}@champion", "--image", "d/images/train/s000000.png",
+               "--prompt", "What is this?", "--max-new-tokens", "4", "--device", "cpu")
+    assert chat.stdout.rstrip("\n") == out.text[0]
+    # A row's output does not depend on the rest of the request.
+    assert model.predict(frame.iloc[[1]], params={"max_new_tokens": 4, "seed": 1}).image[0] == out.image[1]
+    for row, message in (({"task": "caption", "prompt": "x", "image": ""}, "row 0: unknown task 'caption'"),
+                         ({"task": "generate", "prompt": "  ", "image": ""}, "row 0: empty prompt"),
+                         ({"task": "understand", "prompt": "x", "image": base64.b64encode(b"not an image").decode()},
+                          "row 0: image does not decode as PNG or JPEG"),
+                         ({"task": "understand", "prompt": "x", "image": ""}, "row 0: task 'understand' needs an image")):
+        with pytest.raises(MlflowException, match=message):
+            model.predict(pd.DataFrame([row]))
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_requests(tracking, champion, tmp_path):
+    port = _port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            cwd=tracking["tmp"], env={**os.environ, "UNITOKEN_DEVICE": "cpu",
+                                                                # the scoring server is the venv's uvicorn
+                                                                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow models serve did not answer /ping in 240 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        good = {"dataframe_records": _rows(tracking), "params": {"max_new_tokens": 4, "seed": 1}}
+        status, body = _post(port, good)
+        assert status == 200, body
+        (understood, drawn) = body["predictions"]
+        assert isinstance(understood["text"], str) and understood["image"] == ""
+        _png(drawn["image"])
+        for bad, message in (([{"task": "caption", "prompt": "x", "image": ""}], "unknown task 'caption'"),
+                             ([{"task": "understand", "prompt": "x", "image": "%%%"}], "image is not valid base64")):
+            status, body = _post(port, {"dataframe_records": bad})
+            assert status == 400 and message in body["message"], body
+        status, again = _post(port, good)
+        assert status == 200 and again["predictions"] == [understood, drawn]  # still serving, same answers
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+def test_a_tampered_model_is_refused_at_load(tracking, registered):
+    import mlflow.pyfunc
+
+    from unitoken.serving import ModelRefused
+
+    name = "tampered"
+    version = _register(tracking, name)
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(tracking_uri=tracking["uri"]).get_model_version(name, version)
+    model_id = mv.tags["unitoken.logged_model"]
+    s3 = tracking["s3"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"] if model_id in o["Key"]]
+    assert any(k.endswith("MLmodel") for k in keys), "the version is not an MLflow model"
+    for suffix, change in (("artifacts/handoff/model.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+                           ("artifacts/evidence/eval/report.json", lambda b: b.replace(b'"metrics": {', b'"metrics": {"x": 1, '))):
+        key = next(k for k in keys if k.endswith(suffix))
+        original = s3.get_object(Bucket="mlflow", Key=key)["Body"].read()
+        assert change(original) != original
+        s3.put_object(Bucket="mlflow", Key=key, Body=change(original))
+        try:
+            with pytest.raises(ModelRefused, match="refusing to load the model"):
+                mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        finally:
+            s3.put_object(Bucket="mlflow", Key=key, Body=original)
+    assert mlflow.pyfunc.load_model(f"models:/{name}/{version}").metadata.signature is not None

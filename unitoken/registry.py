@@ -38,12 +38,14 @@ import uuid
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
-from unitoken.train.tracking import (ArtifactLogError, default_tracking_uri, ensure_experiment, experiment_for,
+from unitoken.train.tracking import (ArtifactLogError, default_tracking_uri, experiment_for,
                                      with_artifact_retries)
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
 LEDGER_PARAM = "unitoken.ledger_run"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS (import-free)
+LEDGER_EXPERIMENT = "unitoken-registry"  # ledger runs live here, out of the training runs' table
 OUTSIDE = "outside the CLI"
 MOVED = ("done", "completed")  # record statuses of moves that happened (legacy records have none)
 
@@ -215,6 +217,9 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
         tags={"unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
               "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
               "unitoken.forced_reason": reason if force else ""})
+    # What MLflow's own register_model writes: the model page lists its versions; the note is its description.
+    client.set_logged_model_tags(lm.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(mv.version)}]),
+                                               "mlflow.note.content": mv.description})
     client.set_registered_model_alias(name, "challenger", mv.version)
     client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
@@ -373,9 +378,21 @@ def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
     run_id = mv.tags.get("unitoken.registration_run", mv.run_id)
     evidence = download(f"evidence (passport, evaluation, gate) of run {run_id}", run_id=run_id, artifact_path="",
                         dst_path=str(dest / "run"))
-    handoff = model / "artifacts" / "handoff" if (model / "MLmodel").is_file() else model
+    handoff = packaged_artifact(model, "handoff") if (model / "MLmodel").is_file() else model
     return {"root": dest, "model": handoff, "mlflow_model": model, "passport": evidence / "passport.json",
             "eval": evidence / "eval", "gate": next((evidence / "gate").glob("*.json"))}
+
+
+def packaged_artifact(mlflow_model: Path, key: str) -> Path:
+    """Where the pyfunc flavour of a downloaded MLflow model keeps artifact ``key`` (MLflow keeps
+    the source directory's own name, so the path is read from the MLmodel, not assumed)."""
+    import yaml
+
+    doc = yaml.safe_load((mlflow_model / "MLmodel").read_text())
+    try:
+        return mlflow_model / doc["flavors"]["python_function"]["artifacts"][key]["path"]
+    except (KeyError, TypeError):
+        raise RegistryError(f"{mlflow_model}/MLmodel names no pyfunc artifact {key!r}; not a unitoken model") from None
 
 
 def load_uri(uri: str) -> Path:
@@ -424,7 +441,7 @@ def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
         from unitoken.serving import verify_packaged
 
         problems += [f"MLflow model: {p}" for p in verify_packaged(
-            paths["model"], packaged / "artifacts" / "evidence", mv.tags.get("unitoken.passport_sha256"))
+            paths["model"], packaged_artifact(packaged, "evidence"), mv.tags.get("unitoken.passport_sha256"))
             if p not in problems]
     for st in (e for e in passport if e["kind"] == "stage"):
         if not st.get("mlflow_run_id"):
@@ -490,7 +507,7 @@ def _ledger(client, name: str) -> str:
     anchor = first.tags.get("unitoken.registration_run") or first.run_id
     params = client.get_run(anchor).data.params
     if LEDGER_PARAM not in params:
-        exp = client.get_run(anchor).info.experiment_id
+        exp = _ledger_experiment(client)
         ledger = client.create_run(exp, run_name=f"registry-ledger-{name}", tags={
             "unitoken.kind": "registry-ledger", "unitoken.registered_model": name}).info.run_id
         client.set_terminated(ledger, "FINISHED")
@@ -499,6 +516,20 @@ def _ledger(client, name: str) -> str:
         if params.get(LEDGER_PARAM) != ledger:  # another promoter's ledger was stored first
             client.delete_run(ledger)
     return params[LEDGER_PARAM]
+
+
+def _ledger_experiment(client) -> str:
+    exp = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    if exp is None:
+        try:
+            return client.create_experiment(LEDGER_EXPERIMENT, tags={"mlflow.note.content": (
+                "Alias claims of the model registry (one run per registered model, written by `unitoken registry "
+                "promote`); do not edit.")})
+        except Exception:  # noqa: BLE001 - created by a concurrent promoter: use theirs
+            exp = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+            if exp is None:
+                raise
+    return exp.experiment_id
 
 
 def _claim_param(client, run_id: str, key: str, value: str) -> bool:

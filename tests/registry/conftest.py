@@ -6,6 +6,9 @@ import pytest
 
 from tests.conftest import run
 
+NAME = "unitoken"  # what the pipeline registers
+FAST = ["--param", "tokenizer_steps=3", "--param", "max_steps=2", "--param", "eval_limit=2"]
+
 
 @pytest.fixture(scope="session")
 def registered(trained):
@@ -16,3 +19,12 @@ def registered(trained):
     out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
               "--name", "shapes", inprocess=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def champion(servers, registered):
+    """The pipeline's own registration and promotion, tracked on the real server."""
+    run(servers, "pipeline", "run", "--local", "--scenes", "40", "--promote", *FAST)
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(tracking_uri=servers["uri"]).get_registered_model(NAME).aliases["champion"])

@@ -110,6 +110,6 @@ def test_the_registry_lists_only_real_models_and_outside_moves_show_in_history(s
                                                                   ("promote", v2, v1)]
     names = {m.name for m in client.search_registered_models()}
     assert not [n for n in names if ".lock." in n] and name in names
-    ledgers = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
+    ledgers = client.search_runs([client.get_experiment_by_name(registry.LEDGER_EXPERIMENT).experiment_id],
                                  f"tags.`unitoken.registered_model` = '{name}'")
     assert len(ledgers) == 1 and ledgers[0].data.params  # one ledger run, holding the claims

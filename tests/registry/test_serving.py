@@ -1,6 +1,7 @@
-"""The champion as an MLflow model: mlflow.pyfunc loads it with its signature, `mlflow models serve`
-answers both tasks over HTTP, bad requests get a 400 naming the problem, a tampered model is refused.
-A real MLflow server with artifacts on real S3 (SeaweedFS); the model is the tiny 3-stage hand-off."""
+"""The champion as an MLflow model: after `unitoken pipeline run --local --promote` against a real
+MLflow server (artifacts on real S3, SeaweedFS), mlflow.pyfunc loads models:/unitoken@champion with
+its signature, `mlflow models serve` answers both tasks over HTTP, bad requests get a 400 naming the
+problem; a tampered model is refused at load."""
 
 import base64
 import io
@@ -19,20 +20,13 @@ import pytest
 from tests.conftest import _env, _port, run
 
 pytestmark = pytest.mark.slow
-NAME = "served"
+from tests.registry.conftest import NAME
 
 
 def _register(servers, name: str) -> str:
     out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
               "--name", name, inprocess=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["version"]
-
-
-@pytest.fixture(scope="module")
-def champion(servers, registered):
-    version = _register(servers, NAME)
-    run(servers, "registry", "promote", NAME, "--version", version, "--expect-current", "none", inprocess=True)
-    return version
 
 
 @pytest.fixture

@@ -193,8 +193,7 @@ def _client(env):
 
 
 def _read(call, *args):
-    """A read of the test's own: the server may drop a keep-alive connection a failed upload used,
-    and MLflow's HTTP retries are 0 in this process once a tracker ran (it sets them so)."""
+    """A read of the test's own: the server may drop a keep-alive connection a failed upload used."""
     for attempt in range(3):
         try:
             return call(*args)

@@ -23,6 +23,7 @@ from typing import Any
 from unitoken.files import scoped_env
 from unitoken.pipeline.cache import (CacheCorrupt, StepCache, cache_key, dataset_digest, model_digest,
                                      write_dataset_digest)
+from unitoken.train.tracking import log_batched
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,14 @@ def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
     tags = {PIPELINE_TAG: job, PIPELINE_NAME_TAG: job_name, "unitoken.kind": "pipeline"}
     adopted = kfp_parent_run(client)
     if adopted is not None:
-        for key, value in tags.items():
-            client.set_tag(adopted, key, value)
-        for key, value in sorted(params.items()):
-            client.log_param(adopted, key, str(value)[:6000])  # same values on a retry: accepted again
+        log_batched(client, adopted, params=params, tags=tags)  # same values on a retry: accepted again
         return adopted
     exp_id = ensure_experiment(client)
     run = _find_pipeline_run(client, exp_id, job)
     if run is not None:
         return run.info.run_id
     run_id = client.create_run(exp_id, run_name=job_name or job, tags=tags).info.run_id
-    for key, value in sorted(params.items()):
-        client.log_param(run_id, key, str(value)[:6000])
+    log_batched(client, run_id, params=params)
     return run_id
 
 
@@ -116,9 +113,10 @@ def close_pipeline_run(job: str, state: str, error: str | None = None) -> str:
             return "none"
         run_id = run.info.run_id
     status = "FINISHED" if state.upper() in ("SUCCEEDED", "SUCCESS") else "FAILED"
-    client.set_tag(run_id, "unitoken.pipeline_state", state)
+    tags = {"unitoken.pipeline_state": state}
     if error:
-        client.set_tag(run_id, "unitoken.pipeline_error", error[:5000])
+        tags["unitoken.pipeline_error"] = error[:5000]
+    log_batched(client, run_id, tags=tags)
     client.set_terminated(run_id, status)
     return status
 
@@ -130,12 +128,10 @@ class StepRun:
         self.client, self.run_id = client, run_id
 
     def params(self, params: dict[str, Any]) -> None:
-        for key, value in sorted(params.items()):
-            self.client.log_param(self.run_id, key, str(value)[:6000])
+        log_batched(self.client, self.run_id, params=params)
 
     def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        for key, value in sorted(metrics.items()):
-            self.client.log_metric(self.run_id, key.replace("/", "."), float(value), step=step)
+        log_batched(self.client, self.run_id, metrics={k.replace("/", "."): v for k, v in metrics.items()}, step=step)
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Store a file with the run: retried with backoff; when the artifact store keeps failing
@@ -154,8 +150,7 @@ class StepRun:
                             "cache)") from err
 
     def tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        log_batched(self.client, self.run_id, tags=tags)
 
 
 @contextlib.contextmanager
@@ -526,9 +521,7 @@ def _tag_run(run_id: str | None, tags: dict[str, str]) -> None:
     if not run_id:
         return
     try:
-        client = _client()
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
+        log_batched(_client(), run_id, tags=tags)
     except Exception as err:  # noqa: BLE001 - the stage's output is complete and cached; say what is missing
         log.warning("could not tag MLflow run %s with %s (%s)", run_id, tags, err)
 

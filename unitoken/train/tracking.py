@@ -26,9 +26,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unitoken.files import scoped_env
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +54,17 @@ def _transient(err: BaseException) -> bool:
     return getattr(err, "error_code", None) not in _PERMANENT_CODES
 
 
+def _first_line(err: BaseException, limit: int) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 @contextlib.contextmanager
 def _single_http_attempt():
-    """MLflow's own HTTP retries back off for minutes on a 500; our loop is the only retry layer."""
+    """MLflow's own HTTP retries back off for minutes on a 500; tenacity is the only retry layer.
+    Scoped to one attempt: other MLflow calls in this process keep MLflow's defaults."""
     with scoped_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"):
         yield
-
-
-def drop_pooled_connections() -> None:
-    """A server that fails an upload may close the connection mid-request while MLflow's pooled
-    session keeps it; the next call on it (with MLflow's retries at 0) fails with a reset. Start
-    from fresh sessions after an upload failure."""
-    try:
-        from mlflow.utils.request_utils import _cached_get_request_session
-
-        _cached_get_request_session.cache_clear()
-    except (ImportError, AttributeError):  # another MLflow layout: nothing pooled to drop
-        pass
 
 
 def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None,
@@ -75,32 +72,80 @@ def with_artifact_retries(what: str, upload, attempts: int | None = None, backof
     """Run ``upload()`` (an MLflow artifact call: an upload, or a download with ``action="reading it
     from"``) up to ``attempts`` times, waiting ``backoff_s``, then twice as long after each failure
     (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up
-    to 2+4+8+16 = 30 s of waiting).
+    to 2+4+8+16 = 30 s of waiting). A connection the server closed during a failed upload fails
+    at most the next attempt, which is retried like any transient error.
 
     Raises:
         ArtifactLogError: still failing after the last attempt, or a permanent error (4xx, a
             missing local file); the message names ``what`` and the last error.
     """
+    # tenacity comes with the [pipeline] extra, like MLflow; training imports this module without them
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
     attempts = attempts or int(os.environ.get("UNITOKEN_ARTIFACT_ATTEMPTS", "5"))
     delay = float(os.environ.get("UNITOKEN_ARTIFACT_BACKOFF_S", "2")) if backoff_s is None else backoff_s
+
+    def once():
+        with _single_http_attempt():
+            return upload()
+
+    def warn(state: RetryCallState) -> None:
+        err = state.outcome.exception()
+        log.warning("%s: artifact store error (%s: %s); attempt %d/%d, retrying in %.0f s", what, type(err).__name__,
+                    _first_line(err, 300), state.attempt_number, attempts, state.upcoming_sleep)
+
+    retrying = Retrying(stop=stop_after_attempt(attempts), wait=wait_exponential(multiplier=delay, exp_base=2),
+                        # Exception only: KeyboardInterrupt and SystemExit stop at once
+                        retry=retry_if_exception(lambda err: isinstance(err, Exception) and _transient(err)),
+                        before_sleep=warn, reraise=True)
     start = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            with _single_http_attempt():
-                return upload()
-        except Exception as err:  # noqa: BLE001 - classified below; re-raised with the artifact's name
-            drop_pooled_connections()
-            last = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
-            if not _transient(err) or attempt == attempts:
-                kind = "failed" if _transient(err) else "was refused (not retried)"
-                raise ArtifactLogError(
-                    f"{what}: {action} MLflow's artifact store {kind} after {attempt} attempt(s) over "
-                    f"{time.monotonic() - start:.0f} s (last error {last})") from err
-            log.warning("%s: artifact store error (%s); attempt %d/%d, retrying in %.0f s", what, last, attempt,
-                        attempts, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    try:
+        return retrying(once)
+    except Exception as err:  # noqa: BLE001 - re-raised with the artifact's name
+        kind = "failed" if _transient(err) else "was refused (not retried)"
+        raise ArtifactLogError(
+            f"{what}: {action} MLflow's artifact store {kind} after {retrying.statistics['attempt_number']} "
+            f"attempt(s) over {time.monotonic() - start:.0f} s (last error {type(err).__name__}: "
+            f"{_first_line(err, 300)})") from err
+
+
+@contextlib.contextmanager
+def _fail_fast_http():
+    """The tracker's own sends: one HTTP attempt, 10 s timeout (its queue does the retrying;
+    MLflow's default backs off for minutes), unless the environment sets either. Scoped, so the
+    registry and pipeline steps in the same process keep MLflow's defaults."""
+    with (scoped_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "0"),
+          scoped_env("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or "10")):
+        yield
+
+
+def _stale_connection(err: BaseException) -> bool:
+    """The request died on a pooled keep-alive connection the server had closed (it may close one
+    after failing an upload, and MLflow's retries are 0 in our scopes): worth one more try at
+    once, on a fresh connection. A refused connection or an HTTP error is not this."""
+    from urllib3.exceptions import ProtocolError
+
+    while err is not None:
+        reason = getattr(err.args[0], "reason", None) if err.args else None  # requests wraps urllib3's MaxRetryError
+        if isinstance(err, ProtocolError) or isinstance(reason, ProtocolError):
+            return True
+        err = err.__cause__ or err.__context__  # MLflow re-raises requests' error without `from`
+    return False
+
+
+def log_batched(client, run_id: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                metrics: dict[str, float] | None = None, step: int = 0) -> None:
+    """A run's params, tags and metrics in as few ``log_batch`` calls as MLflow's limits allow
+    (100 params, 100 tags, 1,000 entries per call). Params are cut at 6,000 characters."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    ps = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    ms = [Metric(k, float(v), now, int(step)) for k, v in sorted((metrics or {}).items())]
+    while ps or ts or ms:
+        client.log_batch(run_id, params=ps[:100], tags=ts[:100], metrics=ms[:800])
+        ps, ts, ms = ps[100:], ts[100:], ms[800:]
 
 
 def default_tracking_uri() -> str:
@@ -151,9 +196,6 @@ class MLflowTracker(NullTracker):
     def __init__(self, run_name: str, out_dir: Path, experiment: str = "unitoken", tracking_uri: str | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  final_wait_s: float = 30.0, min_flush_interval_s: float = 2.0) -> None:
-        # Fail fast per request; our own queue does the retrying (mlflow's default backs off for minutes).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient
 
@@ -205,7 +247,14 @@ class MLflowTracker(NullTracker):
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
 
     def _send(self, op: str, args: tuple, stamp: float) -> None:
-        from mlflow.entities import DatasetInput, InputTag, Metric, Param
+        """One queued call, sent again at once if it met a stale pooled connection (``_stale_connection``)."""
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+        Retrying(stop=stop_after_attempt(2), retry=retry_if_exception(_stale_connection), reraise=True)(
+            self._send_once, op, args, stamp)
+
+    def _send_once(self, op: str, args: tuple, stamp: float) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
         if op == "params":
             items = [Param(k, v) for k, v in args[0].items()]
@@ -217,16 +266,16 @@ class MLflowTracker(NullTracker):
         elif op == "artifact":
             self.client.log_artifact(self.run_id, args[0], args[1])
         elif op == "tags":
-            for k, v in args[0].items():
-                self.client.set_tag(self.run_id, k, v)
+            log_batched(self.client, self.run_id, tags=args[0])
         elif op == "dataset":
             import mlflow.data
             import pandas as pd
 
             name, digest, source, rows, context = args
             ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest)
-            self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(),
-                                                              tags=[InputTag("mlflow.data.context", context)])])
+            # to_dict() carries exactly the entity's fields (name, digest, source, source_type, schema, profile)
+            entity = Dataset(**ds.to_dict())
+            self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
         elif op == "terminate":
             self.client.set_terminated(self.run_id, args[0])
 
@@ -241,21 +290,22 @@ class MLflowTracker(NullTracker):
             return not self.queue and not self.deferred
         self._last_flush = now
         try:
-            self._ensure_run()
-            self._retry_deferred(force)
-            while self.queue:
-                op, args, stamp = self.queue[0]
-                if op == "terminate" and self.deferred:
-                    return False  # the run ends once its artifacts are in
-                if op == "artifact":
-                    try:
-                        self._send(op, args, stamp)
-                    except Exception as err:  # noqa: BLE001 - e.g. S3 behind the server: set aside, go on
-                        self._defer(args, stamp, err)
+            with _fail_fast_http():
+                self._ensure_run()
+                self._retry_deferred(force)
+                while self.queue:
+                    op, args, stamp = self.queue[0]
+                    if op == "terminate" and self.deferred:
+                        return False  # the run ends once its artifacts are in
+                    if op == "artifact":
+                        try:
+                            self._send(op, args, stamp)
+                        except Exception as err:  # noqa: BLE001 - e.g. S3 behind the server: set aside, go on
+                            self._defer(args, stamp, err)
+                        self.queue.pop(0)
+                        continue
+                    self._send(op, args, stamp)
                     self.queue.pop(0)
-                    continue
-                self._send(op, args, stamp)
-                self.queue.pop(0)
         except Exception as err:  # noqa: BLE001 - any transport/server error: keep the queue, train on
             self.failures += 1
             if self.failures == 1 or self.failures % 50 == 0:
@@ -265,10 +315,9 @@ class MLflowTracker(NullTracker):
         return not self.deferred
 
     def _defer(self, args: tuple, stamp: float, err: Exception, delay: float = 2.0) -> None:
-        drop_pooled_connections()
         self.deferred.append([args, stamp, time.monotonic() + delay, delay])
         log.warning("artifact %s not stored (%s: %s); training continues, retrying in %.0f s", args[0],
-                    type(err).__name__, str(err).strip().splitlines()[0][:200] if str(err).strip() else "", delay)
+                    type(err).__name__, _first_line(err, 200), delay)
 
     def _retry_deferred(self, force: bool) -> None:
         keep = []
@@ -281,18 +330,18 @@ class MLflowTracker(NullTracker):
                 self._send("artifact", args, stamp)
                 log.warning("artifact %s stored after the artifact store came back", args[0])
             except Exception:  # noqa: BLE001 - still failing: back off further
-                drop_pooled_connections()
                 delay = min(delay * 2, 60.0)
                 keep.append([args, stamp, time.monotonic() + delay, delay])
         self.deferred = keep
 
     def close(self, status: str = "FINISHED") -> None:
+        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
+
         self.queue.append(("terminate", (status,), time.time()))
-        deadline = time.time() + self.final_wait_s
-        delay = 0.5
-        while not self.flush(force=True) and time.time() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        # flush until everything is delivered or final_wait_s is up, waiting 0.5 s, 1 s, ... 5 s between
+        Retrying(stop=stop_after_delay(self.final_wait_s), wait=wait_exponential(multiplier=0.5, max=5.0),
+                 retry=retry_if_result(lambda delivered: not delivered),
+                 retry_error_callback=lambda state: state.outcome.result())(self.flush, force=True)
         if self.queue or self.deferred:
             pending = self.out_dir / "pending.jsonl"
             calls = [("artifact", args, stamp) for args, stamp, _, _ in self.deferred] + self.queue

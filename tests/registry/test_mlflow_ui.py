@@ -1,0 +1,59 @@
+"""Lineage review in the MLflow UI, looked at with a real browser (headless Chromium from the system
+packages): the champion's model page shows its evaluation metrics and its registered version; the
+version page shows the signature and the Markdown lineage; the runs table lists the model.
+
+Set UNITOKEN_UI_SCREENSHOTS=DIR to keep the screenshots (docs/images/ holds the committed ones)."""
+
+import html
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.registry.conftest import NAME
+
+pytestmark = pytest.mark.slow
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="headless Chromium is not installed "
+                                   "(apt-get install chromium-headless-shell)")
+
+
+def _browse(url: str, shot: Path) -> str:
+    """The page's text after its scripts ran (and a screenshot of it)."""
+    flags = [BROWSER, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1300",
+             "--virtual-time-budget=20000"]
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+@needs_browser
+def test_the_mlflow_ui_shows_the_champion_with_its_metrics_signature_and_lineage(servers, champion, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=servers["uri"])
+    mv = client.get_model_version(NAME, champion)
+    lm = client.get_logged_model(mv.tags["unitoken.logged_model"])
+    base = servers["uri"]
+    model_page = _browse(f"{base}/#/experiments/{lm.experiment_id}/models/{lm.model_id}", tmp_path / "model.png")
+    scores = {m.key: m.value for m in lm.metrics}
+    assert "shapes-vqa/overall" in scores and "heldout_loss/understanding" in scores
+    assert "Metrics (" in model_page and all(k in model_page for k in scores), model_page[:3000]
+    assert f"{NAME} v{champion}" in model_page or f"Version {champion}" in model_page, model_page[:3000]
+    assert "Lineage" in model_page  # the description
+    version_page = _browse(f"{base}/#/models/{NAME}/versions/{champion}", tmp_path / "version.png")
+    assert "Inputs (3)" in version_page and "Outputs (2)" in version_page, version_page[-3000:]
+    for text in ("Lineage", "Stage 3", "Evaluation", "Gate", "champion"):
+        assert text in version_page, text
+    runs_page = _browse(f"{base}/#/experiments/{lm.experiment_id}/runs", tmp_path / "runs.png")
+    assert f"register-{NAME}" in runs_page and "validated-manifest" in runs_page
+    assert "registry-ledger" not in runs_page  # ledger runs live in their own experiment
+    keep = os.environ.get("UNITOKEN_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for shot in ("model", "version", "runs"):
+            shutil.copyfile(tmp_path / f"{shot}.png", Path(keep) / f"mlflow-ui-{shot}.png")

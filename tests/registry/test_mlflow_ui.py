@@ -1,6 +1,7 @@
 """Lineage review in the MLflow UI, looked at with a real browser (headless Chromium from the system
 packages): the champion's model page shows its evaluation metrics and its registered version; the
-version page shows the signature and the Markdown lineage; the runs table lists the model.
+version page shows the signature and the Markdown lineage; the registration run's page shows its
+dataset inputs, its registered model and the model's metrics.
 
 Set UNITOKEN_UI_SCREENSHOTS=DIR to keep the screenshots (docs/images/ holds the committed ones)."""
 
@@ -22,10 +23,14 @@ needs_browser = pytest.mark.skipif(BROWSER is None, reason="headless Chromium is
 
 
 def _browse(url: str, shot: Path) -> str:
-    """The page's text after its scripts ran (and a screenshot of it)."""
+    """The page's text after its scripts ran (and a screenshot of it, kept in $UNITOKEN_UI_SCREENSHOTS)."""
     flags = [BROWSER, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1300",
              "--virtual-time-budget=20000"]
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    keep = os.environ.get("UNITOKEN_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(keep) / f"mlflow-ui-{shot.name}")
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     dom = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
@@ -49,11 +54,7 @@ def test_the_mlflow_ui_shows_the_champion_with_its_metrics_signature_and_lineage
     assert "Inputs (3)" in version_page and "Outputs (2)" in version_page, version_page[-3000:]
     for text in ("Lineage", "Stage 3", "Evaluation", "Gate", "champion"):
         assert text in version_page, text
-    runs_page = _browse(f"{base}/#/experiments/{lm.experiment_id}/runs", tmp_path / "runs.png")
-    assert f"register-{NAME}" in runs_page and "validated-manifest" in runs_page
-    assert "registry-ledger" not in runs_page  # ledger runs live in their own experiment
-    keep = os.environ.get("UNITOKEN_UI_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        for shot in ("model", "version", "runs"):
-            shutil.copyfile(tmp_path / f"{shot}.png", Path(keep) / f"mlflow-ui-{shot}.png")
+    run_id = mv.tags["unitoken.registration_run"]
+    run_page = _browse(f"{base}/#/experiments/{lm.experiment_id}/runs/{run_id}", tmp_path / "run.png")
+    for text in ("validated-manifest", "Registered models", f"v{champion}", "Metrics (", "shapes-vqa/overall"):
+        assert text in run_page, (text, run_page[:3000])

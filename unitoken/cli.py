@@ -508,7 +508,7 @@ def cmd_registry(args) -> int:
         return 0
     if args.registry_command == "promote":
         entry = registry.promote(args.name, args.version, args.alias, args.expect_current, args.reason)
-        console.print(f"{args.name}@{args.alias}: {entry['from']} -> {entry['to']}")
+        console.print(entry.get("note") or f"{args.name}@{args.alias}: {entry['from']} -> {entry['to']}")
         return 0
     if args.registry_command == "rollback":
         entry = registry.rollback(args.name, args.alias, args.reason)

@@ -229,8 +229,8 @@ def setup(args, w: Path, out: Path, res: Results) -> None:
     # recipe's one loses too many objects in reconstruction (the detector must find them).
     timed("synth_vq", lambda: sh(U + ["data", "synth", "--out", w / "dvq", "--n", args.vq_scenes, "--size", size,
                                       "--seed", 1]))
-    variants = {"vq": []} | ({"vq_fallback": [x for s in args.vq_fallback for x in ("--set", s)]}
-                             if args.vq_fallback else {})
+    variants = {"vq": [x for s in args.vq_set for x in ("--set", s)]} | (
+        {"vq_fallback": [x for s in args.vq_fallback for x in ("--set", s)]} if args.vq_fallback else {})
     vq_procs = {name: spawn(U + ["tokenizer", "train", "--data", w / "dvq", "--out", w / name, "--recipe", R,
                                  "--steps", args.vq_steps, "--batch-size", 64, "--device", dev, *extra],
                             logs / f"{name}.log") for name, extra in variants.items()}
@@ -238,10 +238,10 @@ def setup(args, w: Path, out: Path, res: Results) -> None:
     timed("vq_wait", lambda: wait_all(vq_procs))
     keys = ("steps", "psnr_db", "codebook_usage", "recognition_rate", "train_seconds")
     reports = {name: json.loads((w / name / "report.json").read_text()) for name in variants}
-    res.set("vq_candidates", value={n: {k: r.get(k) for k in keys} | {"sets": args.vq_fallback if n != "vq" else []}
+    res.set("vq_candidates", value={n: {k: r.get(k) for k in keys} | {"sets": args.vq_fallback if n != "vq" else args.vq_set}
                                     for n, r in reports.items()})
     chosen = choose_vq(reports, args.min_recognition)
-    model_sets = args.vq_fallback if chosen == "vq_fallback" else []
+    model_sets = args.vq_fallback if chosen == "vq_fallback" else args.vq_set
     (w / "model_sets.json").write_text(json.dumps(model_sets))
     res.set("vq", value={k: reports[chosen].get(k) for k in keys} | {"chosen": chosen, "model_sets": model_sets})
     log(f"VQ-GAN: {chosen} (recognition {reports[chosen]['recognition_rate']}; min {args.min_recognition})")
@@ -702,6 +702,8 @@ def main() -> None:
     r.add_argument("--scenes", type=int, default=12000)
     r.add_argument("--vq-scenes", type=int, default=1500)
     r.add_argument("--vq-steps", type=int, default=1000)
+    r.add_argument("--vq-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--set of the recipe's own VQ-GAN (and the model), e.g. the 16 x 16 grid directly")
     r.add_argument("--vq-fallback", action="append", metavar="KEY=VALUE",
                    help="--set of a second VQ-GAN trained beside the recipe's, used if the recipe's recognises fewer "
                         "than --min-recognition of the test objects (default for small: the 16 x 16 grid)")
@@ -722,6 +724,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "run" and args.vq_fallback is None:
         args.vq_fallback = ["model.vq.channel_multiplier=[1,2,2,4]"] if args.recipe == "small" else []
+    if args.cmd == "run" and args.vq_fallback == ["none"]:  # one VQ-GAN, trained alone
+        args.vq_fallback = []
     if args.device == "auto":
         import torch
 

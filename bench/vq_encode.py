@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="images per batched variant")
     ap.add_argument("--single-images", type=int, default=32, help="images for the one-at-a-time variant")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--variants", default="fp32-single,bf16-autocast,bf16-cl,bf16-cl-compile")
+    ap.add_argument("--variants", default="fp32-single,fp32-batched,bf16-autocast,bf16-cl,bf16-cl-compile")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms first")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -57,11 +58,16 @@ def main() -> None:
     pixels = torch.rand(args.images, 3, res, res, device=device) * 2 - 1
     reference = torch.cat([vq.encode(pixels[i:i + 1]) for i in range(min(args.batch, args.images))])
 
+    # vq.encode runs in cfg.encode_dtype whatever the caller's autocast: the bf16 variants are copies
+    # whose config says bfloat16 (what a recipe with model.vq.encode_dtype=bfloat16 runs).
+    as_bf16 = dataclasses.replace(cfg, encode_dtype="bfloat16")
+    auto = copy.deepcopy(vq)
+    auto.cfg = as_bf16
     bf16 = copy.deepcopy(vq).to(torch.bfloat16, memory_format=torch.channels_last)
+    bf16.cfg = as_bf16
 
     def enc_autocast(x):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return vq.encode(x)
+        return auto.encode(x)
 
     def enc_cl(x):
         return bf16.encode(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
@@ -76,7 +82,7 @@ def main() -> None:
         _, _, idx = bf16.quantize(z)
         return idx.view(z.shape[0], z.shape[2], z.shape[3])
 
-    variants = {"fp32-single": (vq.encode, 1), "bf16-autocast": (enc_autocast, args.batch),
+    variants = {"fp32-single": (vq.encode, 1), "fp32-batched": (vq.encode, args.batch), "bf16-autocast": (enc_autocast, args.batch),
                 "bf16-cl": (enc_cl, args.batch), "bf16-cl-compile": (enc_compiled, args.batch)}
     rows = []
     for name in args.variants.split(","):

@@ -124,6 +124,10 @@ class VQConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = ()
     grid_unit_px: int = 32  # Lumina-mGPT grid tokens count image size in 32-px units
+    # The one precision images are VQ-encoded in, for pre-tokenisation, evaluation, chat and serving
+    # alike: codes are generation targets and model inputs, and bf16 vs fp32 flips 2-11 % of them
+    # (docs/performance.md), a train/serve skew. "float32" also turns TF32 off for the encoder.
+    encode_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _positive(self, "num_codes", "embed_dim", "latent_channels", "base_channels",
@@ -139,6 +143,8 @@ class VQConfig:
         _require(self.resolution % self.downsample == 0, "resolution",
                  f"{self.resolution} is not divisible by the downsample factor {self.downsample}",
                  "use a multiple of 2**(len(channel_multiplier)-1)")
+        _require(self.encode_dtype in ("float32", "bfloat16"), "encode_dtype", f"got {self.encode_dtype!r}",
+                 "use float32 (exact on every device) or bfloat16 (faster on GPUs; keep every step on one device type)")
         _require(self.resolution % self.grid_unit_px == 0, "resolution",
                  f"{self.resolution} is not a multiple of grid_unit_px={self.grid_unit_px}",
                  "use a resolution in whole grid units")

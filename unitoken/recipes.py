@@ -29,10 +29,10 @@ ALL = ("vision", "adapter", "llm", "lm_head")
 # Stage data of the synthetic shapes set (`unitoken data synth`): captions to align vision;
 # VQA + all text-to-image for joint training; dialogues (+ replay) to tune.
 SYNTH_STAGE1 = ("synth-caption",)
-SYNTH_STAGE2 = ("synth-vqa", "synth-t2i", "synth-t2i-fine")
+SYNTH_STAGE2 = ("synth-vqa", "synth-mc", "synth-t2i", "synth-t2i-fine")
 # Stage 3 replays the stage-2 questions and prompts beside the dialogues: the dialogues ask only
 # colour/shape/count, so tuning on them alone forgot positions and multiple choice (tiny run).
-SYNTH_STAGE3 = ("synth-dialogue", "synth-vqa", "synth-t2i", "synth-t2i-fine")
+SYNTH_STAGE3 = ("synth-dialogue", "synth-vqa", "synth-mc", "synth-t2i", "synth-t2i-fine")
 
 
 def _round_up(n: int, multiple: int = 64) -> int:

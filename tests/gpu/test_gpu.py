@@ -44,3 +44,43 @@ def test_generate_on_cuda():
     codes = generate_image_codes(model, b, "a blue square", cfg_scale=3.0, top_k=32, seed=0)
     assert codes.shape == (8, 8)
     assert decode_image(model, codes).size == (64, 64)
+
+
+def test_pretokenized_codes_equal_the_codes_inference_computes(tmp_path):
+    """The train/serve skew check: the VQ codes pretokenize stores on the GPU are exactly those
+    evaluation, chat and serving compute for the same images, also when the caller runs under
+    bf16 autocast with TF32 allowed (as training code does); the CPU agrees up to float rounding."""
+    from PIL import Image
+
+    from unitoken.data.dataset import ShardDataset
+    from unitoken.data.pretokenize import pretokenize
+    from unitoken.data.synth import synthesize
+    from unitoken.data.validate import validate_manifest
+
+    synthesize(tmp_path / "data", 16, seed=3)
+    validate_manifest(tmp_path / "data" / "manifest.jsonl", tmp_path / "v")
+    model, _, builder = build_tiny()
+    cpu_model, _, _ = build_tiny()
+    model.to("cuda")
+    pretokenize(tmp_path / "v" / "clean.jsonl", model, tmp_path / "p", device="cuda")
+    ds = ShardDataset(tmp_path / "p", builder, splits=None)
+    stored, images = {}, {}
+    for s_, j, rec in ds.records:  # the codes as the shards hold them, per distinct image
+        rel = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
+        if rel not in stored:
+            shard = ds._shard(s_)
+            stored[rel] = shard["codes"][int(shard["image_offsets"][j])]
+            with Image.open(tmp_path / "data" / rel) as im:
+                images[rel] = im.convert("RGB")
+    rels = sorted(images)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        served, _ = prepare_images(model, [images[r] for r in rels])
+    direct, _ = prepare_images(model, [images[r] for r in rels])
+    on_cpu, _ = prepare_images(cpu_model, [images[r] for r in rels])
+    for r, a, b_, c in zip(rels, served, direct, on_cpu):
+        assert torch.equal(a.codes, b_.codes) and torch.equal(stored[r].long(), a.codes), r
+    agree = float(torch.cat([(a.codes == c.codes).flatten() for a, c in zip(served, on_cpu)]).float().mean())
+    print(f"VQ codes equal between CUDA fp32 and CPU fp32: {agree:.4%}")
+    assert agree >= 0.99

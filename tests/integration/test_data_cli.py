@@ -23,7 +23,7 @@ def test_synth_500_validates_clean_then_broken_rows_exit_3(tmp_path):
     rec = json.loads(good[0])
     (d / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     broken = []
-    for i in range(48):  # 48 of ~4,000 rows: over the default 1 %
+    for i in range(60):  # 60 of ~5,100 rows: over the default 1 %
         r = dict(rec, id=f"bad{i}")
         kind = i % 6
         if kind == 0:
@@ -80,3 +80,27 @@ def test_synth_content_matches_its_annotations(tmp_path):
         r = json.loads(line)
         if r["meta"].get("qtype") == "count":
             assert r["meta"]["answer"] == str(len(by_scene[r["meta"]["scene"]]["objects"]))
+
+
+def test_multiple_choice_drill_is_only_in_training_scenes_and_answers_right(tmp_path):
+    """The extra multiple-choice questions (source synth-mc) belong to training scenes only, so the
+    test split is what it was; each answer letter points at the option that is the truth."""
+    from unitoken.data.synth import load_scenes
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "80"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    scenes = {s["id"]: s for s in load_scenes(tmp_path / "scenes.jsonl")}
+    drill = [r for r in records if r["source"] == "synth-mc"]
+    assert drill and {r["split"] for r in drill} == {"train"}
+    per_scene = {}
+    for r in drill:
+        per_scene[r["meta"]["scene"]] = per_scene.get(r["meta"]["scene"], 0) + 1
+        objects = scenes[r["meta"]["scene"]]["objects"]
+        truth = r["meta"]["options"]["ABCD".index(r["meta"]["answer"])]
+        if r["meta"]["qtype"] == "mc_count":
+            assert truth == str(len(objects))
+        else:
+            attr = r["meta"]["qtype"].removeprefix("mc_")
+            position = r["conversations"][0]["value"].split("in the ")[1].split("?")[0]
+            assert truth == getattr(next(o for o in objects if o.position == position), attr)
+    assert max(per_scene.values()) <= 3

@@ -45,3 +45,32 @@ def test_decoder_key_layout_matches_taming():
               "quant_conv.weight", "post_quant_conv.weight", "encoder.down.0.downsample.conv.weight"):
         assert k in keys, k
     assert "decoder.up.0.upsample.conv.weight" not in keys  # level 0 has no upsample
+
+
+def test_encode_runs_in_the_configured_precision_whatever_the_callers_autocast():
+    """Codes depend on the image and the model's encode_dtype only: a caller's bf16 autocast
+    (training and evaluation code run under one) changes nothing; a bfloat16 model config does."""
+    import dataclasses
+
+    cfg = get_recipe("tiny").model.vq
+    assert cfg.encode_dtype == "float32"
+    torch.manual_seed(0)
+    vq = VQTokenizer(cfg)
+    x = torch.rand(4, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    exact = vq.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vq.encode(x), exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what an unpinned encode computes under autocast
+        z = vq.quant_conv(vq.encoder(x))
+        loose = vq.quantize(z.float())[2].view(exact.shape)
+    vq.cfg = dataclasses.replace(cfg, encode_dtype="bfloat16")
+    assert torch.equal(vq.encode(x), loose)
+    assert not torch.equal(loose, exact)  # the precisions disagree on some codes: the skew this pins down
+
+
+def test_encode_dtype_is_validated():
+    from unitoken.config import ConfigError, from_dict, to_dict
+
+    cfg = to_dict(get_recipe("tiny").model.vq)
+    with pytest.raises(ConfigError, match="encode_dtype"):
+        from_dict(type(get_recipe("tiny").model.vq), {**cfg, "encode_dtype": "fp16"}, "vq")

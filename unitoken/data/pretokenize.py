@@ -49,10 +49,8 @@ def _encode(vq, pixels: list[torch.Tensor], batch_size: int, device: torch.devic
     out = []
     for i in range(0, len(pixels), batch_size):
         batch = torch.stack(pixels[i : i + batch_size]).to(device)
-        # bf16 on the GPU (the VQ-GAN is fixed; codes agree with fp32 on all but boundary ties),
-        # fp32 on the CPU where bf16 is 25-30x slower.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(vq.encode(batch).to(torch.int32).cpu())
+        # in the model's encode_dtype, exactly as evaluation, chat and serving encode (vq.encode)
+        out.append(vq.encode(batch).to(torch.int32).cpu())
     return torch.cat(out) if out else torch.zeros((0,), dtype=torch.int32)
 
 

@@ -124,6 +124,31 @@ def questions(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
     return qa
 
 
+def mc_drill(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
+    """Extra multiple-choice questions for training scenes: colour and shape of one object, and
+    the count, each with four shuffled options. One MC question per scene (1/15 of
+    the samples) was never learned (held-out loss ln 4); the letter is only learnable once the
+    model has seen many questions whose options it can match against what it recognises."""
+    qa = []
+    for target in [rng.choice(objects)]:
+        for attr, universe in (("color", list(COLORS)), ("shape", list(SHAPES))):
+            truth = getattr(target, attr)
+            qa.append(_mc(rng, f"mc_{attr}", f"What {attr} is the object in the {target.position}?", truth,
+                          [v for v in universe if v != truth]))
+    qa.append(_mc(rng, "mc_count", "How many objects are in the image?", str(len(objects)),
+                  [str(k) for k in range(1, 5) if k != len(objects)]))
+    return qa
+
+
+def _mc(rng: random.Random, qtype: str, question: str, truth: str, others: list[str]) -> dict:
+    options = [truth] + rng.sample(others, min(3, len(others)))
+    rng.shuffle(options)
+    letters = "ABCD"[: len(options)]
+    body = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options))
+    return {"type": qtype, "question": f"{question}\n{body}\n{MC_SUFFIX}", "answer": letters[options.index(truth)],
+            "options": options}
+
+
 def _record(rid, scene: Scene, image_rel, task, source, turns, **meta) -> dict:
     return {"id": rid, "image": [image_rel], "conversations": turns, "task": task, "source": source,
             "split": scene.split, "meta": {"scene": scene.id, **meta}}
@@ -150,6 +175,14 @@ def scene_records(scene: Scene, image_rel: str, rng: random.Random) -> list[dict
         turns += [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": q["answer"]}]
     turns += [{"from": "human", "value": "Describe the whole picture."}, {"from": "gpt", "value": caption(scene.objects)}]
     out.append(_record(f"{scene.id}-dlg", scene, image_rel, "understanding", "synth-dialogue", turns))
+    if scene.split == "train":  # its own generator: the scene stream and the test split stay as they were
+        drill = random.Random(f"{scene.id}-mc")
+        asked = {q["question"] for q in qa}  # the validator rejects a repeated conversation as a duplicate
+        for i, q in enumerate(q for q in mc_drill(drill, scene.objects) if q["question"] not in asked):
+            out.append(_record(f"{scene.id}-mc{i}", scene, image_rel, "understanding", "synth-mc",
+                               [{"from": "human", "value": f"{img}\n{q['question']}"},
+                                {"from": "gpt", "value": q["answer"]}],
+                               qtype=q["type"], answer=q["answer"], options=q["options"]))
     return out
 
 

@@ -13,6 +13,7 @@ pre-tokenised shard.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -109,6 +110,41 @@ class VQDecoder(nn.Module):
         return self.conv_out(h)
 
 
+@contextlib.contextmanager
+def encode_precision(dtype: str, device_type: str):
+    """``bfloat16``: autocast to bf16. ``float32``: autocast off and, on CUDA, IEEE fp32 for
+    convolutions and matmuls (cuDNN uses TF32 for fp32 convolutions by default, and training code
+    may allow it for matmuls: either changes codes)."""
+    if dtype == "bfloat16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+        return
+    with torch.autocast(device_type, enabled=False), _ieee_fp32(device_type == "cuda"):
+        yield
+
+
+@contextlib.contextmanager
+def _ieee_fp32(active: bool):
+    if not active:
+        yield
+        return
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(conv, "conv") and hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the new API only
+        saved = conv.conv.fp32_precision, matmul.fp32_precision
+        conv.conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = conv.allow_tf32, matmul.allow_tf32
+    conv.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        conv.allow_tf32, matmul.allow_tf32 = saved
+
+
 class VQTokenizer(nn.Module):
     """Encode images to VQ codes and decode codes to images (frozen)."""
 
@@ -132,9 +168,15 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels: [b, 3, H, W] in [-1, 1] -> codes: [b, H/f, W/f] (long)."""
-        z = self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype)))
-        _, _, indices = self.quantize(z)
+        """pixels: [b, 3, H, W] in [-1, 1] -> codes: [b, H/f, W/f] (long).
+
+        The only way images become codes (pre-tokenisation, evaluation, chat, serving), always in
+        ``cfg.encode_dtype`` whatever autocast or TF32 setting the caller runs under: the codes
+        of an image must not depend on which command computed them."""
+        with encode_precision(self.cfg.encode_dtype, pixels.device.type):
+            dtype = torch.bfloat16 if self.cfg.encode_dtype == "bfloat16" else self.quant_conv.weight.dtype
+            z = self.quant_conv(self.encoder(pixels.to(dtype)))
+            _, _, indices = self.quantize(z.float())
         return indices.view(z.shape[0], z.shape[2], z.shape[3])
 
     @torch.no_grad()

@@ -70,7 +70,7 @@ def main() -> None:
     model.train()
     batch = {k: v.to(args.device) for k, v in batch.items()}
     if cont is not None:
-        cont = ContinuousImages(cont.pixel_values.to(args.device), cont.grids)
+        cont = ContinuousImages(cont.pixel_values.to(args.device), cont.grids, cont.sizes)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
     times = []
     for step in range(args.warmup + args.steps):

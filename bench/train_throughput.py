@@ -95,7 +95,8 @@ def unitoken_mix(model: UniToken, n: int, anyres: bool, seed: int = 0, text_shar
             ids, sup = [tok.bos] + prompt + answer + [tok.eos], 1 + len(prompt)
         elif task == "understanding":
             grid = rng.choice(ANYRES_GRIDS) if anyres else (0, 0)
-            n_cont = num_continuous_features(grid, cfg.vision)
+            px = cfg.vision.image_size  # an image of the grid's aspect ratio: nothing is cut as padding
+            n_cont = num_continuous_features(grid, (grid[1] * px, grid[0] * px), cfg.vision)
             q, a = text(rng.randint(10, 60)), text(rng.randint(5, 300))
             ids = [tok.bos] + discrete() + [tok.sep] + [tok.continuous] * n_cont + [tok.eoi] + q + a + [tok.eos]
             sup = len(ids) - len(a) - 1

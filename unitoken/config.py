@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +88,10 @@ class VisionConfig:
     image_size: int
     patch_size: int
     anyres: bool = False
-    anyres_grids: tuple[tuple[int, int], ...] = ANYRES_GRIDS
+    anyres_grids: tuple[tuple[int, int], ...] = ANYRES_GRIDS  # (rows, cols) of image_size tiles
+    # Pixel budget of a grid's canvas: at most anyres_max_size**2 pixels. 768 is the report's
+    # "max 768x768": four 384-px tiles (2x2), which admits 1x3 and 3x1 (384x1152, three tiles)
+    # as the reference's grid pinpoints do. A bound on the longest side would drop them.
     anyres_max_size: int = 768
     layer_norm_eps: float = 1e-6
 
@@ -105,10 +109,22 @@ class VisionConfig:
         _require(all(len(g) == 2 and min(g) >= 1 for g in self.anyres_grids), "anyres_grids",
                  f"every grid must be (rows, cols) >= 1, got {self.anyres_grids}",
                  "use pairs such as [[2, 2], [1, 2]]")
+        _require(bool(self.anyres_grids), "anyres_grids", "is empty", "use pairs such as [[2, 2], [1, 2]]")
+        smallest = min(rows * cols for rows, cols in self.anyres_grids) * self.image_size ** 2
+        _require(not self.anyres or bool(self.allowed_grids), "anyres_max_size",
+                 f"{self.anyres_max_size} admits none of anyres_grids={self.anyres_grids} "
+                 f"({self.image_size}-px tiles)",
+                 f"use anyres_max_size >= {math.isqrt(smallest - 1) + 1} or smaller grids")
 
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def allowed_grids(self) -> tuple[tuple[int, int], ...]:
+        """The AnyRes grids whose canvas fits the pixel budget (``anyres_max_size**2``)."""
+        return tuple((rows, cols) for rows, cols in self.anyres_grids
+                     if rows * cols * self.image_size ** 2 <= self.anyres_max_size ** 2)
 
 
 @dataclass
@@ -296,6 +312,18 @@ class Recipe:
     train: TrainConfig
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. paper targets)
+
+    def __post_init__(self) -> None:
+        # Imported here: the token arithmetic lives beside the sequence builder (model code).
+        from unitoken.model.sequence import max_input_image_tokens, min_seq_len
+
+        need = min_seq_len(self.model)
+        for n in (1, 2, 3):
+            have = self.train.stage(n).max_seq_len
+            _require(have >= need, f"train.stage{n}.max_seq_len",
+                     f"{have} tokens cannot hold one input image of this model ({max_input_image_tokens(self.model)} "
+                     f"tokens at worst{', AnyRes grids included' if self.model.vision.anyres else ''}) in a conversation",
+                     f"raise it to at least {need} (plus room for text)")
 
 
 # --------------------------------------------------------------------------- (de)serialisation

@@ -23,6 +23,7 @@ from unitoken.config import (
     VQConfig,
     apply_overrides,
 )
+from unitoken.model.sequence import max_input_image_tokens
 from unitoken.model.tokens import min_vocab_size
 
 ALL = ("vision", "adapter", "llm", "lm_head")
@@ -72,9 +73,24 @@ def unitoken_7b() -> Recipe:
 
 
 def unitoken_7b_anyres() -> Recipe:
+    """unitoken-7b with AnyRes tiling, and rows long enough for it.
+
+    A photo's AnyRes features alone outgrow the paper's 4,096-token rows (640x480 -> 2x2 grid:
+    2,929 features, 3,990 tokens with the discrete block). The reference cuts ids + text to
+    4,096 and inserts the continuous features after that, so its rows run to ~7,800 tokens;
+    ours are sized up front instead: the worst-case AnyRes image (4,760 tokens) plus the room
+    for text that unitoken-7b's rows leave beside a base image (4,096 - 1,790 = 2,306),
+    rounded up to 7,168. A sample that still does not fit is an error naming it."""
     base = unitoken_7b()
     model = dataclasses.replace(base.model, vision=dataclasses.replace(base.model.vision, anyres=True))
+    stages = {}
+    for n in (1, 2, 3):
+        stage = base.train.stage(n)
+        text_room = stage.max_seq_len - max_input_image_tokens(base.model)
+        stages[f"stage{n}"] = dataclasses.replace(
+            stage, max_seq_len=_round_up(max_input_image_tokens(model) + text_room, 1024))
     return dataclasses.replace(base, name="unitoken-7b-anyres", model=model,
+                               train=dataclasses.replace(base.train, **stages),
                                description="UniToken with AnyRes tiling of the continuous path")
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from unitoken.config import config_hash
-from unitoken.data.pretokenize import tiles_to_pixels
+from unitoken.data.pretokenize import FORMAT_VERSION, tiles_to_pixels
 from unitoken.model.sequence import IGNORE, Encoded, ImageInput, SequenceBuilder, pad_batch
 from unitoken.model.unitoken import ContinuousImages
 from unitoken.model.vision import num_continuous_features
@@ -32,6 +32,7 @@ class Sample:
     task: str
     source: str
     index: int
+    num_continuous: int = 0  # placeholder tokens of continuous features among its tokens
 
     def __len__(self) -> int:
         return len(self.encoded.input_ids)
@@ -52,6 +53,11 @@ class ShardDataset:
         if self.index["vq_config"] != config_hash(cfg.vq) or self.index["vision_config"] != config_hash(cfg.vision):
             raise ValueError(f"{self.root} was pre-tokenised for a different VQ/vision config than this model; "
                              "pre-tokenise again with this model")
+        version = self.index.get("format_version")
+        # Version 1 stretched AnyRes tiles and kept no image sizes; its base-only tiles are the same.
+        if version != FORMAT_VERSION and (version != 1 or cfg.vision.anyres):
+            raise ValueError(f"{self.root} has shard format_version {version}; this unitoken reads "
+                             f"{FORMAT_VERSION} (and 1 without AnyRes): pre-tokenise again")
         self.records: list[tuple[int, int, dict]] = []  # (shard, position in shard, record)
         for s, shard in enumerate(self.index["shards"]):
             with open(self.root / "shards" / shard["name"] / "records.jsonl") as fh:
@@ -80,19 +86,23 @@ class ShardDataset:
         t = self._shard(s)
         cfg = self.builder.cfg
         lo, hi = int(t["image_offsets"][j]), int(t["image_offsets"][j + 1])
-        inputs, tiles, grids = [], [], []
+        inputs, tiles, grids, sizes = [], [], [], []
         answer_images = sum(turn["value"].count("<|image|>") for turn in rec["conversations"] if turn["from"] == "gpt")
         for k in range(lo, hi):
             grid = tuple(int(x) for x in t["grids"][k])
+            size = tuple(int(x) for x in t["sizes"][k]) if "sizes" in t else (0, 0)  # v1: base-only, unused
             is_output = k >= hi - answer_images  # images in gpt turns are generated, never read
-            n_cont = 0 if is_output or cfg.encoder_mode == "discrete" else num_continuous_features(grid, cfg.vision)
+            n_cont = 0 if is_output or cfg.encoder_mode == "discrete" else \
+                num_continuous_features(grid, size, cfg.vision)
             inputs.append(ImageInput(codes=t["codes"][k].long(), num_continuous=n_cont))
             if n_cont:
                 tiles.append(tiles_to_pixels(t["tiles"][int(t["tile_offsets"][k]): int(t["tile_offsets"][k + 1])]))
                 grids.append(grid)
+                sizes.append(size)
         encoded = self.builder.conversation(rec["conversations"], inputs)
-        images = ContinuousImages(torch.cat(tiles), grids) if tiles else None
-        return Sample(encoded, images, rec.get("task", "understanding"), rec.get("source", ""), i)
+        images = ContinuousImages(torch.cat(tiles), grids, sizes) if tiles else None
+        return Sample(encoded, images, rec.get("task", "understanding"), rec.get("source", ""), i,
+                      sum(x.num_continuous for x in inputs))
 
 
 # --------------------------------------------------------------------------- task mixture
@@ -186,6 +196,24 @@ def _starts(lens: list[int]) -> list[int]:
     return out
 
 
+def check_fits(samples: list[Sample], max_seq_len: int) -> None:
+    """Raise for the first sample longer than ``max_seq_len``, naming it and its token counts.
+
+    Samples are never cut: a truncated sample loses its answer or splits an image block.
+
+    Raises:
+        ValueError: a sample does not fit (raise the stage's max_seq_len or drop the record).
+    """
+    for s in samples:
+        if len(s) > max_seq_len:
+            grids = s.images.grids if s.images is not None else []
+            raise ValueError(
+                f"sample {s.index} (source {s.source!r}, task {s.task}) has {len(s)} tokens > max_seq_len "
+                f"{max_seq_len}: {s.num_continuous} continuous features of {len(grids)} input images "
+                f"(AnyRes grids {grids}) + {len(s) - s.num_continuous} text, discrete-image and marker tokens; "
+                f"fix: raise the stage's max_seq_len to >= {len(s)} or drop the record")
+
+
 def pack_samples(samples: list[Sample], budget: int, pad_id: int) -> dict:
     """Pack samples, in order, into rows of exactly ``budget`` tokens.
 
@@ -193,13 +221,12 @@ def pack_samples(samples: list[Sample], budget: int, pad_id: int) -> dict:
     isolates samples from each other in attention; ``attention_mask`` must stay None.
 
     Raises:
-        ValueError: a sample longer than ``budget`` (raise max_seq_len or filter it).
+        ValueError: a sample longer than ``budget`` (``check_fits``).
     """
+    check_fits(samples, budget)
     rows: list[list[Sample]] = [[]]
     used = 0
     for s in samples:
-        if len(s) > budget:
-            raise ValueError(f"sample {s.index} has {len(s)} tokens > packing budget {budget}; raise max_seq_len")
         if used + len(s) > budget:
             rows.append([])
             used = 0

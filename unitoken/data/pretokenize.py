@@ -10,6 +10,7 @@ Layout of ``OUT``::
         tiles         uint8 [n_tiles, s, s, 3] SigLIP input tiles (base + AnyRes), already resized
         tile_offsets  int64 [n_images + 1]
         grids         int64 [n_images, 2]      AnyRes (rows, cols); (0, 0) = base only
+        sizes         int64 [n_images, 2]      original (width, height): AnyRes cuts its padding by it
         image_offsets int64 [n_records + 1]    images of record i: image_offsets[i]:image_offsets[i+1]
     index.json                      shards, counts and sha256 of every file (written last)
 
@@ -37,7 +38,8 @@ from unitoken.files import sha256_file, write_json
 from unitoken.model.vision import preprocess_continuous, vq_pixels
 
 FORMAT = "unitoken-shards"
-FORMAT_VERSION = 1
+# 2: AnyRes tiles are resized-and-padded (1 stretched them) and the image sizes are stored
+FORMAT_VERSION = 2
 
 
 def _tiles_uint8(tiles: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,7 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
     cfg = model.config
     # Records of one scene share its image (caption, questions, prompt, dialogue): each distinct
     # path is decoded, resized and VQ-encoded once per shard, then stored for every record.
-    pixels, slot_of, slots, tiles, grids, image_offsets, tile_offsets = [], {}, [], [], [], [0], [0]
+    pixels, slot_of, slots, tiles, grids, sizes, image_offsets, tile_offsets = [], {}, [], [], [], [], [0], [0]
     for rec in records:
         paths = rec.get("image", [])
         for rel in [paths] if isinstance(paths, str) else paths:
@@ -67,11 +69,12 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
                     im = im.convert("RGB")
                     pixels.append(vq_pixels(im, cfg.vq.resolution))
                     t, grid = preprocess_continuous(im, cfg.vision)
-                slot_of[rel] = (len(pixels) - 1, _tiles_uint8(t), grid)
-            slot, t, grid = slot_of[rel]
+                slot_of[rel] = (len(pixels) - 1, _tiles_uint8(t), grid, im.size)
+            slot, t, grid, size = slot_of[rel]
             slots.append(slot)
             tiles.append(t)
             grids.append(grid)
+            sizes.append(size)
             tile_offsets.append(tile_offsets[-1] + t.shape[0])
         image_offsets.append(len(slots))
     s = cfg.vision.image_size
@@ -83,6 +86,7 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
         "tiles": torch.cat(tiles) if tiles else torch.zeros((0, s, s, 3), dtype=torch.uint8),
         "tile_offsets": torch.tensor(tile_offsets, dtype=torch.int64),
         "grids": torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),
+        "sizes": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
         "image_offsets": torch.tensor(image_offsets, dtype=torch.int64),
     }
 

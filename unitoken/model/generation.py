@@ -226,7 +226,7 @@ def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[Ima
 
     cfg = model.config
     device = model.lm_head.weight.device
-    inputs, tiles, grids = [], [], []
+    inputs, tiles, grids, sizes = [], [], [], []
     all_codes = model.vq.encode(torch.stack([vq_pixels(img, cfg.vq.resolution) for img in images]).to(device)).cpu() \
         if images else []
     for img, codes in zip(images, all_codes):
@@ -235,7 +235,8 @@ def prepare_images(model: UniToken, images: list[Image.Image]) -> tuple[list[Ima
             tile, grid = preprocess_continuous(img, cfg.vision)
             tiles.append(tile)
             grids.append(grid)
-            n_cont = num_continuous_features(grid, cfg.vision)
+            sizes.append(img.size)
+            n_cont = num_continuous_features(grid, img.size, cfg.vision)
         inputs.append(ImageInput(codes=codes, num_continuous=n_cont))
-    cont = ContinuousImages(torch.cat(tiles).to(device), grids) if tiles else None
+    cont = ContinuousImages(torch.cat(tiles).to(device), grids, sizes) if tiles else None
     return inputs, cont

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 FORMAT = "unitoken"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+LEGACY_ROW_END = "adapter.row_end"  # a learned AnyRes marker, replaced by the newline embedding
 
 
 def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -101,6 +102,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     tokenizer = load_tokenizer(path)
     model = UniToken(cfg, tokenizer.get_vocab())
     state = load_file(str(path / WEIGHTS))
+    if LEGACY_ROW_END in state:
+        raise ValueError(
+            f"{path}: has {LEGACY_ROW_END}, the learned AnyRes end-of-row embedding of models made before "
+            "issue 22. AnyRes now ends rows with the newline token's embedding and pads tiles instead of "
+            "stretching them (as the UniToken reference does), so this model's AnyRes features would change "
+            "meaning under it. Train the AnyRes stages again from a model without it (e.g. the non-AnyRes "
+            "stage it started from, or `unitoken model init`)")
     _load_exact(model, state, str(path / WEIGHTS))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     model.vq.float()  # the VQ-GAN decodes in fp32

@@ -60,20 +60,24 @@ def chameleon_config(cfg: ModelConfig, vocab: dict[str, int], tokens: SpecialTok
 
 @dataclass
 class ContinuousImages:
-    """Inputs of the continuous path for a batch: all tiles, and each image's AnyRes grid.
+    """Inputs of the continuous path for a batch: all tiles, each image's AnyRes grid and size.
 
     pixel_values: [n_tiles, 3, s, s]; image i owns 1 + rows_i*cols_i consecutive tiles.
+    sizes: original (width, height) of image i, which AnyRes needs to cut the padding out of
+    its grid features (``vision.feature_crop``); unused for a (0, 0) grid.
     """
 
     pixel_values: torch.Tensor
     grids: list[tuple[int, int]]
+    sizes: list[tuple[int, int]]
 
     @classmethod
     def concat(cls, items: list[ContinuousImages]) -> ContinuousImages | None:
         items = [x for x in items if x is not None and x.grids]
         if not items:
             return None
-        return cls(torch.cat([x.pixel_values for x in items]), [g for x in items for g in x.grids])
+        return cls(torch.cat([x.pixel_values for x in items]), [g for x in items for g in x.grids],
+                   [z for x in items for z in x.sizes])
 
 
 class Head(nn.Linear):
@@ -105,7 +109,7 @@ class UniToken(nn.Module):
         self.lm_head = Head(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
         if cfg.encoder_mode != "discrete":
             self.vision = build_vision_tower(cfg.vision)
-            self.adapter = Adapter(cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.vision.anyres)
+            self.adapter = Adapter(cfg.vision.hidden_size, cfg.llm.hidden_size)
         else:
             self.vision = None
             self.adapter = None
@@ -177,14 +181,21 @@ class UniToken(nn.Module):
 
     # ----------------------------------------------------------------------- embeddings
 
-    def encode_continuous(self, images: ContinuousImages) -> torch.Tensor:
-        """All tiles through SigLIP + adapter -> [n_features, d] in image order."""
+    def encode_continuous(self, images: ContinuousImages, row_end: torch.Tensor | None = None) -> torch.Tensor:
+        """All tiles through SigLIP + adapter -> [n_features, d] in image order.
+
+        Args:
+            row_end: [d] the newline token's embedding, which ends every row of AnyRes grid
+                features (the reference's end-of-row marker); looked up here when not given.
+        """
         if self.vision is None:
             raise ValueError("encoder mode 'discrete' has no continuous path")
         dtype = self.adapter.fc1.weight.dtype
         feats = self.vision(pixel_values=images.pixel_values.to(dtype)).last_hidden_state
         feats = self.adapter(feats)
-        per_image = arrange_features(feats, images.grids, self.adapter.row_end,
+        if row_end is None and self.config.vision.anyres:
+            row_end = self.llm.embed_tokens(torch.tensor([self.tokens.newline], device=feats.device))[0]
+        per_image = arrange_features(feats, images.grids, images.sizes, row_end,
                                      self.config.vision.patches_per_side)
         return torch.cat(per_image)
 
@@ -194,10 +205,18 @@ class UniToken(nn.Module):
         Raises:
             ValueError: number of placeholder tokens != number of continuous features.
         """
-        embeds = self.llm.embed_tokens(input_ids)
+        row_end = None
+        if self.config.vision.anyres and self.vision is not None:
+            # The newline embedding (AnyRes end-of-row marker) comes from the same lookup as the
+            # ids, so every rank calls the embedding once per forward (ZeRO-3 gathers per call).
+            flat = torch.cat([input_ids.reshape(-1), input_ids.new_tensor([self.tokens.newline])])
+            table = self.llm.embed_tokens(flat)
+            embeds, row_end = table[:-1].view(*input_ids.shape, -1), table[-1]
+        else:
+            embeds = self.llm.embed_tokens(input_ids)
         mask = input_ids == self.tokens.continuous
         n_tokens = int(mask.sum())
-        feats = self.encode_continuous(images) if images is not None else None
+        feats = self.encode_continuous(images, row_end) if images is not None else None
         n_features = 0 if feats is None else feats.shape[0]
         if n_tokens != n_features:
             raise ValueError(f"continuous placeholders and features differ: {n_tokens} tokens vs "

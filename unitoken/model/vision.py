@@ -1,13 +1,18 @@
 """The continuous path: SigLIP vision tower + MLP adapter, with AnyRes tiling as a config flag.
 
 Without AnyRes an image becomes ``p*p`` features (SigLIP-so400m at 384 px: 27*27 = 729).
-With AnyRes the image is also cut into the grid (from ``VisionConfig.anyres_grids``) that
-keeps most of its resolution; each tile runs through the same tower, the tile features are
-laid out at their spatial positions, and every row of the result ends with a learned
-end-of-row embedding. Base features come first. One code path serves both.
+With AnyRes (LLaVA-NeXT's scheme, as the UniToken reference uses it) the image also gets a
+grid of tiles: the grid whose canvas keeps most of the image's resolution is chosen, the image
+is resized into that canvas keeping its aspect ratio and padded, each tile runs through the
+same tower, the tile features are laid out at their spatial positions, the rows and columns
+that only saw padding are cut away, and every remaining row ends with the newline token's
+embedding. Base features (the whole image squeezed to one tile) come first. One code path
+serves both.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -38,13 +43,11 @@ def build_vision_tower(cfg: VisionConfig) -> SiglipVisionModel:
 class Adapter(nn.Module):
     """Linear -> GELU -> Linear from the vision width to the LLM width."""
 
-    def __init__(self, vision_hidden: int, llm_hidden: int, anyres: bool) -> None:
+    def __init__(self, vision_hidden: int, llm_hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(vision_hidden, llm_hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(llm_hidden, llm_hidden)
-        # End-of-row marker between rows of AnyRes tile features (LLaVA-NeXT's image_newline).
-        self.row_end = nn.Parameter(torch.zeros(llm_hidden)) if anyres else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -54,19 +57,35 @@ class Adapter(nn.Module):
 
 
 def select_anyres_grid(width: int, height: int, cfg: VisionConfig) -> tuple[int, int]:
-    """Pick (rows, cols) that keeps the most image resolution, then wastes the fewest pixels."""
-    best, best_key = cfg.anyres_grids[0], None
-    tile = cfg.image_size
-    for rows, cols in cfg.anyres_grids:
-        if max(rows, cols) * tile > cfg.anyres_max_size and (rows, cols) != cfg.anyres_grids[0]:
-            continue
-        scale = min(cols * tile / width, rows * tile / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        waste = rows * cols * tile * tile - effective
-        key = (effective, -waste)
-        if best_key is None or key > best_key:
-            best, best_key = (rows, cols), key
-    return best
+    """(rows, cols) of the allowed grid that keeps the most image pixels, then wastes the fewest.
+
+    LLaVA-NeXT's ``select_best_resolution`` over the grids' canvases (``cols*s`` x ``rows*s``).
+    Exact ties (equal canvases, e.g. 1x2 vs 2x1 for a small square image) go to the grid with
+    more rows, which is what the reference's pinpoint order ([384, 768] before [768, 384])
+    picks.
+    """
+    s = cfg.image_size
+
+    def score(grid: tuple[int, int]) -> tuple[int, int, int]:
+        rows, cols = grid
+        scale = min(cols * s / width, rows * s / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        return kept, -(rows * cols * s * s - kept), rows
+
+    return max(cfg.allowed_grids, key=score)
+
+
+def resize_and_pad(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Fit ``image`` into a ``size`` = (w, h) canvas keeping its aspect ratio, centred on black
+    (LLaVA-NeXT's ``resize_and_pad_image``): stretching would distort what the tiles show."""
+    w, h = size
+    if w / image.width < h / image.height:
+        new = (w, min(math.ceil(image.height * w / image.width), h))
+    else:
+        new = (min(math.ceil(image.width * h / image.height), w), h)
+    canvas = Image.new("RGB", size, (0, 0, 0))
+    canvas.paste(image.resize(new, Image.Resampling.BICUBIC), ((w - new[0]) // 2, (h - new[1]) // 2))
+    return canvas
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -96,48 +115,91 @@ def vq_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def preprocess_continuous(image: Image.Image, cfg: VisionConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image -> (tiles [1 + rows*cols, 3, s, s], (rows, cols)); (0, 0) when AnyRes is off."""
+    """Image -> (tiles [1 + rows*cols, 3, s, s], (rows, cols)); (0, 0) when AnyRes is off.
+
+    Tile 0 is the whole image squeezed to s x s (the base view, as SigLIP's processor does);
+    the others are the grid's tiles, row by row, of the resized-and-padded canvas. The model
+    needs ``image.size`` as well, to cut the padding out of the features.
+    """
     s = cfg.image_size
     base = to_tensor(image, (s, s))
     if not cfg.anyres:
         return base.unsqueeze(0), (0, 0)
     rows, cols = select_anyres_grid(image.width, image.height, cfg)
-    big = to_tensor(image, (cols * s, rows * s))
+    canvas = resize_and_pad(image.convert("RGB"), (cols * s, rows * s))
+    big = to_tensor(canvas, canvas.size)
     tiles = big.unfold(1, s, s).unfold(2, s, s)  # [3, rows, cols, s, s]
     tiles = tiles.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, s, s)
     return torch.cat([base.unsqueeze(0), tiles]), (rows, cols)
 
 
-def num_continuous_features(grid: tuple[int, int], cfg: VisionConfig) -> int:
-    """Embeddings one image contributes to the sequence for a given AnyRes grid."""
+def feature_crop(grid: tuple[int, int], image_size: tuple[int, int], p: int) -> tuple[slice, slice]:
+    """(rows, cols) slices of a grid's [rows*p, cols*p] feature map that cover the image and not
+    the padding around it (LLaVA-NeXT's ``unpad_image``, in feature units).
+
+    Args:
+        grid: (rows, cols) of tiles; image_size: the original (width, height); p: patches per side.
+    """
+    h, w = grid[0] * p, grid[1] * p
+    img_w, img_h = image_size
+    if img_w / img_h > w / h:  # wider than the canvas: the padding is above and below
+        pad = (h - int(img_h * (w / img_w))) // 2
+        return slice(pad, h - pad), slice(0, w)
+    pad = (w - int(img_w * (h / img_h))) // 2
+    return slice(0, h), slice(pad, w - pad)
+
+
+def num_continuous_features(grid: tuple[int, int], image_size: tuple[int, int], cfg: VisionConfig) -> int:
+    """Embeddings one image contributes to the sequence: p*p base features, then for an AnyRes
+    grid the unpadded feature rows, each with one end-of-row marker.
+
+    Args:
+        grid: (rows, cols) from ``preprocess_continuous``; (0, 0) = base only.
+        image_size: the original (width, height) of the image (unused for (0, 0)).
+    """
     p = cfg.patches_per_side
-    rows, cols = grid
-    return p * p + rows * p * (cols * p + 1)
+    if not grid[0] * grid[1]:
+        return p * p
+    rows, cols = feature_crop(grid, image_size, p)
+    return p * p + (rows.stop - rows.start) * (cols.stop - cols.start + 1)
+
+
+def max_continuous_features(cfg: VisionConfig) -> int:
+    """The most embeddings one image can contribute under ``cfg``: an image with its grid's
+    exact aspect ratio loses nothing to unpadding, so the largest allowed canvas decides
+    (unitoken-7b-anyres: 729 + 54 * 55 = 3,699 for the 2x2 grid)."""
+    s = cfg.image_size
+    if not cfg.anyres:
+        return num_continuous_features((0, 0), (s, s), cfg)
+    return max(num_continuous_features(g, (g[1] * s, g[0] * s), cfg) for g in cfg.allowed_grids)
 
 
 def arrange_features(
-    feats: torch.Tensor, grids: list[tuple[int, int]], row_end: torch.Tensor | None, p: int
+    feats: torch.Tensor, grids: list[tuple[int, int]], sizes: list[tuple[int, int]], row_end: torch.Tensor | None,
+    p: int,
 ) -> list[torch.Tensor]:
     """Per-tile features -> per-image sequences.
 
     Args:
         feats: [n_tiles, p*p, d], tiles of all images in order (base tile first per image).
         grids: (rows, cols) per image; (0, 0) means base tile only.
-        row_end: [d] end-of-row embedding (required when any grid is non-empty).
+        sizes: original (width, height) per image (cuts the padding out of AnyRes features).
+        row_end: [d] end-of-row embedding, the newline token's (required when any grid is non-empty).
         p: patches per side.
 
     Returns:
-        one [num_continuous_features(grid), d] tensor per image.
+        one [num_continuous_features(grid, size), d] tensor per image.
     """
     out, i = [], 0
-    for rows, cols in grids:
+    d = feats.shape[-1]
+    for (rows, cols), size in zip(grids, sizes, strict=True):
         parts = [feats[i]]
         i += 1
         if rows * cols:
-            d = feats.shape[-1]
             t = feats[i : i + rows * cols].view(rows, cols, p, p, d)
             t = t.permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, d)
-            t = torch.cat([t, row_end.view(1, 1, d).expand(rows * p, 1, d).to(t.dtype)], dim=1)
+            t = t[feature_crop((rows, cols), size, p)]
+            t = torch.cat([t, row_end.view(1, 1, d).expand(t.shape[0], 1, d).to(t.dtype)], dim=1)
             parts.append(t.reshape(-1, d))
             i += rows * cols
         out.append(torch.cat(parts))

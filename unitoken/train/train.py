@@ -35,6 +35,7 @@ from unitoken.data.dataset import (
     MixtureSampler,
     Sample,
     ShardDataset,
+    check_fits,
     pack_samples,
     pad_samples,
     sample_loss_weights,
@@ -149,11 +150,9 @@ def draw_batch(dataset, sampler, global_batch: int, rank: int, world: int, draws
 
 def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device,
             loss_reduction: str = "token", attention: str = "sdpa") -> dict:
+    check_fits(samples, stage.max_seq_len)
     if packing and attention == "varlen":
         # varlen attention needs no common row width: one row holding every sample, nothing padded
-        longest = max(samples, key=len)
-        if len(longest) > stage.max_seq_len:
-            raise ValueError(f"sample {longest.index} has {len(longest)} tokens > max_seq_len {stage.max_seq_len}")
         batch = pack_samples(samples, sum(len(s) for s in samples), pad_id)
     elif packing:
         batch = pack_samples(samples, stage.max_seq_len, pad_id)

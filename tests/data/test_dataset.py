@@ -84,7 +84,7 @@ def test_packed_and_padded_give_same_per_sample_loss(dataset):
 
 def test_packing_rejects_oversized_sample(dataset):
     model, ds = dataset
-    with pytest.raises(ValueError, match="packing budget 50"):
+    with pytest.raises(ValueError, match=r"sample 0 \(source '[\w-]+', task \w+\) has \d+ tokens > max_seq_len 50"):
         pack_samples([ds[0]], 50, model.tokens.pad)
 
 
@@ -105,3 +105,39 @@ def test_sample_loss_reduction_is_the_mean_of_per_sample_losses(dataset):
             torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
             ce = model(**batch, loss_weights=weights)["ce"]
             torch.testing.assert_close(ce, own.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_too_long_is_named_with_its_counts():
+    """A unitoken-7b-anyres sample that truly cannot fit (two worst-case AnyRes images + text in 7,168-token
+    rows) raises naming the sample and its numbers, for packing and for every collate path; one fits."""
+    from unitoken.data.dataset import Sample, check_fits
+    from unitoken.model.sequence import ImageInput, SequenceBuilder
+    from unitoken.model.tokens import SpecialTokens, build_tokenizer
+    from unitoken.model.unitoken import ContinuousImages
+    from unitoken.model.vision import num_continuous_features
+    from unitoken.recipes import get_recipe
+    from unitoken.train.train import collate
+
+    recipe = get_recipe("unitoken-7b-anyres")
+    cfg, stage = recipe.model, recipe.train.stage2
+    tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    b = SequenceBuilder(SpecialTokens.from_vocab(tok.get_vocab(), cfg.max_grid_tokens), tok, cfg)
+
+    def sample(n_images):
+        n = num_continuous_features((2, 2), (768, 768), cfg.vision)
+        images = [ImageInput(torch.zeros(32, 32, dtype=torch.long), n) for _ in range(n_images)]
+        enc = b.conversation([{"from": "human", "value": "<|image|>" * n_images + "Compare."},
+                              {"from": "gpt", "value": "Same."}], images)
+        cont = ContinuousImages(torch.zeros(5 * n_images, 3, 1, 1), [(2, 2)] * n_images, [(768, 768)] * n_images)
+        return Sample(enc, cont, "understanding", "pairs", 3, n * n_images)
+
+    one, two = sample(1), sample(2)
+    check_fits([one], stage.max_seq_len)
+    message = (r"sample 3 \(source 'pairs', task understanding\) has 95\d\d tokens > max_seq_len 7168: 7398 continuous "
+               r"features of 2 input images \(AnyRes grids \[\(2, 2\), \(2, 2\)\]\) \+ 21\d\d text, discrete-image "
+               r"and marker tokens; fix: raise the stage's max_seq_len to >= 95\d\d or drop the record")
+    with pytest.raises(ValueError, match=message):
+        pack_samples([one, two], stage.max_seq_len, 0)
+    for packing, attention in [(True, "varlen"), (True, "sdpa"), (False, "sdpa")]:
+        with pytest.raises(ValueError, match=message):
+            collate([two], stage, packing, 0, "cpu", attention=attention)

@@ -1,6 +1,7 @@
 """Pre-tokenisation: shards, determinism, resume after SIGKILL."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from unitoken.data.pretokenize import pretokenize
 from unitoken.data.synth import synthesize
 from unitoken.data.validate import validate_manifest
 from unitoken.model.io import save_model
+from unitoken.recipes import get_recipe
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,86 @@ def test_resume_refuses_other_inputs(prepared, tmp_path):
     pretokenize(d / "v" / "clean.jsonl", model, tmp_path / "p", shard_size=100)
     with pytest.raises(ValueError, match=r"differs in \['shard_size'\]"):
         pretokenize(d / "v" / "clean.jsonl", model, tmp_path / "p", shard_size=10)
+
+
+def _photo(size: tuple[int, int]):
+    """A real photograph (scikit-learn's sample image, 640x427) cropped to ``size``'s aspect ratio and
+    resized to it; a synthetic gradient with noise where scikit-learn is missing."""
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_sample_image
+
+        photo = Image.fromarray(load_sample_image("china.jpg"))
+    except ImportError:
+        g = torch.Generator().manual_seed(0)
+        ramp = torch.linspace(0, 255, 640).expand(427, 640)
+        noise = torch.rand(427, 640, 3, generator=g) * 64
+        photo = Image.fromarray((torch.stack([ramp, ramp.flip(1), ramp * 0.5], -1) * 0.75 + noise).byte().numpy())
+    w, h = size
+    scale = min(photo.width / w, photo.height / h)
+    cw, ch = int(w * scale), int(h * scale)
+    left, top = (photo.width - cw) // 2, (photo.height - ch) // 2
+    return photo.crop((left, top, left + cw, top + ch)).resize(size)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two photographs of ordinary sizes, pre-tokenised for the tiny model with AnyRes on."""
+    d = tmp_path_factory.mktemp("photos")
+    (d / "data").mkdir()
+    records = []
+    for i, size in enumerate([(640, 480), (360, 1080)]):
+        _photo(size).save(d / "data" / f"photo{i}.png")
+        records.append({"id": f"photo{i}", "image": [f"photo{i}.png"], "task": "understanding", "source": "photos",
+                        "split": "train", "conversations": [
+                            {"from": "human", "value": "<|image|>\nWhat is in the picture?"},
+                            {"from": "gpt", "value": "A pagoda among trees." if i == 0 else "A tall strip of it."}]})
+    (d / "data" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model, tok, builder = build_tiny(anyres=True)
+    pretokenize(d / "data" / "manifest.jsonl", model, d / "p")
+    return d, model, builder
+
+
+def test_anyres_trains_on_photos(photos):
+    """AnyRes trains on photographs of ordinary sizes (640x480 -> 2x2 grid, 360x1080 -> 3x1) through
+    pre-tokenisation, the dataset and packing: the loss is finite and falls over a few optimizer steps."""
+    from unitoken.data.dataset import pack_samples
+    from unitoken.model.vision import num_continuous_features
+
+    d, model, builder = photos
+    samples = [s for s in (ShardDataset(d / "p", builder)[i] for i in range(2))]
+    assert [s.images.grids for s in samples] == [[(2, 2)], [(3, 1)]]
+    assert [s.images.sizes for s in samples] == [[(640, 480)], [(360, 1080)]]
+    assert [s.num_continuous for s in samples] == [num_continuous_features(g, z, model.config.vision)
+                                                   for g, z in [((2, 2), (640, 480)), ((3, 1), (360, 1080))]]
+    stage = get_recipe("tiny", ["model.vision.anyres=true"]).train.stage2
+    batch = pack_samples(samples, stage.max_seq_len, model.tokens.pad)
+    model.freeze_except(stage.trainable)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.optim.lr)
+    losses = []
+    for _ in range(6):
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                    images=batch["images"])
+        assert torch.isfinite(out["loss"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_anyres_refuses_shards_of_format_1(photos, tmp_path):
+    """Shards from before resize-and-pad (format_version 1 stretched AnyRes tiles) are refused for AnyRes."""
+    import shutil
+
+    d, _, builder = photos
+    shutil.copytree(d / "p", tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    (tmp_path / "p" / "index.json").write_text(json.dumps({**index, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"format_version 1; this unitoken reads 2 \(and 1 without AnyRes\)"):
+        ShardDataset(tmp_path / "p", builder)
 
 
 @pytest.mark.faults  # make test-faults only (26 s): make test's 15-minute budget

@@ -3,6 +3,8 @@
 import dataclasses
 
 import pytest
+import torch
+from PIL import Image
 
 from unitoken.config import ConfigError, LLMConfig, Recipe, StageConfig, OptimConfig, apply_overrides, from_dict, to_dict
 from unitoken.recipes import RECIPES, get_recipe
@@ -97,3 +99,55 @@ def test_stage3_data_keeps_every_evaluated_question_and_prompt(name):
                     categories.add(rec["meta"].get("category"))
     assert {"color", "shape", "count", "position", "mc_color", "mc_shape"} <= qtypes
     assert set(CATEGORIES) <= categories
+
+
+ANYRES_RECIPES = [name for name in sorted(RECIPES) if RECIPES[name]().model.vision.anyres]
+
+
+def test_some_recipe_is_anyres():
+    assert ANYRES_RECIPES == ["unitoken-7b-anyres"]
+
+
+@pytest.mark.parametrize("name", ANYRES_RECIPES)
+def test_anyres_recipe_rows_fit_every_grid(name):
+    """With the real shapes and tokenizer (computed, not trained): the worst image of every allowed grid
+    (one of the grid's own aspect, so nothing is cut as padding) and ordinary photos fit every stage's
+    rows together with the text room the paper's 4,096-token rows leave beside a base image."""
+    from unitoken.model.sequence import ImageInput, SequenceBuilder, max_input_image_tokens
+    from unitoken.model.tokens import SpecialTokens, build_tokenizer
+    from unitoken.model.vision import num_continuous_features, preprocess_continuous, select_anyres_grid
+
+    cfg = get_recipe(name).model
+    base = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, anyres=False))
+    text_room = 4096 - max_input_image_tokens(base)
+    assert text_room == 2306
+    tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    builder = SequenceBuilder(SpecialTokens.from_vocab(tok.get_vocab(), cfg.max_grid_tokens), tok, cfg)
+    s, c = cfg.vision.image_size, cfg.vq.codes_per_side
+    canvases = [(cols * s, rows * s) for rows, cols in cfg.vision.allowed_grids]
+    photos = [(640, 480), (480, 640), (360, 1080), (1080, 360), (1920, 1080), (4000, 3000), (300, 300)]
+    lengths, grids = {}, set()
+    for size in canvases + photos:
+        grid = select_anyres_grid(*size, cfg.vision)
+        grids.add(grid)
+        image = ImageInput(codes=torch.zeros(c, c, dtype=torch.long),
+                           num_continuous=num_continuous_features(grid, size, cfg.vision))
+        enc = builder.conversation([{"from": "human", "value": "<|image|>"}, {"from": "gpt", "value": ""}], [image])
+        lengths[size] = len(enc.input_ids)
+        for n in (1, 2, 3):
+            assert lengths[size] + text_room <= get_recipe(name).train.stage(n).max_seq_len, (size, grid)
+    assert grids == set(cfg.vision.allowed_grids) == {(2, 2), (1, 2), (1, 3), (2, 1), (3, 1)}
+    assert max(lengths.values()) == max_input_image_tokens(cfg) + 4 == 4764  # [BOS] [EOT] [EOT] [EOS]
+    assert lengths[(640, 480)] == 4 + 1060 + 1 + 729 + 40 * 55  # 2x2, 7 padding rows cut above and below
+    assert lengths[(360, 1080)] == 4 + 1060 + 1 + 729 + 81 * 28  # 3x1
+    tiles, grid = preprocess_continuous(Image.new("RGB", (360, 1080)), cfg.vision)
+    assert grid == (3, 1) and tiles.shape == (4, 3, 384, 384)
+
+
+def test_recipe_rows_too_short_for_one_image_are_refused():
+    """Turning AnyRes on without longer rows fails validation, naming the field and the numbers."""
+    with pytest.raises(ConfigError, match=r"train\.stage1\.max_seq_len: 4096 tokens cannot hold one input image "
+                                          r"of this model \(4760 tokens at worst, AnyRes grids included\).*at least 4765"):
+        get_recipe("unitoken-7b", ["model.vision.anyres=true"])
+    r = get_recipe("unitoken-7b", ["model.vision.anyres=true"] + [f"train.stage{n}.max_seq_len=7168" for n in (1, 2, 3)])
+    assert r.model.vision.anyres

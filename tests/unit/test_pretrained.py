@@ -158,6 +158,24 @@ def test_corrupt_handoff_weights_refused(tiny, tmp_path):
         load_model(out)
 
 
+def test_model_with_learned_anyres_row_end_is_refused(tmp_path):
+    """A model saved before AnyRes used the newline embedding (it has adapter.row_end) is refused with
+    the reason, not loaded with a marker its training never saw."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import build_tiny
+
+    model, tok, _ = build_tiny(anyres=True)
+    out = save_model(model, tok, tmp_path / "m")
+    load_model(out)  # today's AnyRes model round-trips
+    state = load_file(str(out / "model.safetensors"))
+    state["adapter.row_end"] = torch.zeros(model.config.llm.hidden_size)
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"has adapter\.row_end, the learned AnyRes end-of-row embedding.*"
+                                         r"newline token's embedding.*Train the AnyRes stages again"):
+        load_model(out)
+
+
 def _siglip_params(d, ff, layers, image, patch):
     n_pos = (image // patch) ** 2
     emb = 3 * patch * patch * d + d + n_pos * d

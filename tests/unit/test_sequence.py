@@ -117,3 +117,32 @@ def test_code_token_mapping_roundtrip(tiny):
     _, _, b = tiny
     codes = torch.arange(256)
     assert torch.equal(b.tokens.tokens_to_codes(b.tokens.codes_to_tokens(codes)), codes)
+
+
+@pytest.mark.parametrize("name", ["unitoken-7b", "unitoken-7b-anyres"])
+def test_max_input_image_tokens_is_the_builders_longest_block(name):
+    """The worst-case arithmetic equals the length of the block the builder makes for the biggest image."""
+    from unitoken.model.sequence import max_input_image_tokens
+    from unitoken.model.tokens import SpecialTokens, build_tokenizer
+    from unitoken.model.vision import max_continuous_features
+    from unitoken.recipes import get_recipe
+
+    cfg = get_recipe(name).model
+    tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    b = SequenceBuilder(SpecialTokens.from_vocab(tok.get_vocab(), cfg.max_grid_tokens), tok, cfg)
+    img = ImageInput(codes=torch.zeros(32, 32, dtype=torch.long), num_continuous=max_continuous_features(cfg.vision))
+    assert len(b.image(img)) == max_input_image_tokens(cfg) == {"unitoken-7b": 1790, "unitoken-7b-anyres": 4760}[name]
+
+
+@pytest.mark.parametrize("mode", ["discrete", "continuous"])
+def test_image_block_len_per_mode(tiny, mode):
+    """image_block_len counts the blocks of every encoder mode, input and generated."""
+    from unitoken.model.sequence import image_block_len
+    from unitoken.recipes import get_recipe
+
+    _, tok, b = tiny
+    cfg = get_recipe("tiny", [f"model.encoder_mode={mode}"]).model
+    bm = SequenceBuilder(b.tokens, tok, cfg)
+    img = _img()
+    assert len(bm.image(img)) == image_block_len(cfg, img.num_continuous)
+    assert len(bm.image(img, as_output=True)) == image_block_len(cfg, img.num_continuous, as_output=True)

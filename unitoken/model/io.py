@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from unitoken.config import LLMConfig, ModelConfig, VisionConfig, from_dict, to_dict
 from unitoken.model.tokens import build_tokenizer
 from unitoken.model.unitoken import UniToken
-from unitoken.model.vq import load_taming_state_dict, vq_config_from_taming_yaml
+from unitoken.model.vq import at_resolution, load_taming_state_dict, vq_config_from_taming_yaml
 
 log = logging.getLogger(__name__)
 FORMAT = "unitoken"
@@ -164,7 +164,17 @@ def init_model(cfg: ModelConfig, pretrained: list[str | Path] = (), seed: int = 
 
     tokenizer = None
     if "vqgan" in found:
-        new = vq_config_from_taming_yaml(found["vqgan"] / "vqgan.yaml", cfg.vq.grid_unit_px)
+        released = vq_config_from_taming_yaml(found["vqgan"] / "vqgan.yaml", cfg.vq.grid_unit_px)
+        # The image size is the recipe's (the paper: 512 px, 32 x 32 codes): the yaml's resolution
+        # only places the attention blocks (``at_resolution``).
+        new = at_resolution(released, cfg.vq.resolution)
+        if released.resolution != cfg.vq.resolution:
+            log.warning("%s: ddconfig.resolution is %d, the recipe's vq.resolution %d; images are encoded "
+                        "and generated at %d px (%d x %d codes), the yaml's value only places attention "
+                        "(attn_resolutions %s -> %s). Set model.vq.resolution to change the image size",
+                        found["vqgan"] / "vqgan.yaml", released.resolution, cfg.vq.resolution,
+                        new.resolution, new.codes_per_side, new.codes_per_side,
+                        list(released.attn_resolutions), list(new.attn_resolutions))
         _changed("vq", cfg.vq, new)
         cfg = dataclasses.replace(cfg, vq=new)
     if "chameleon" in found:

@@ -130,6 +130,35 @@ def test_freeze_nothing_trainable_in_discrete_mode_raises():
         model.freeze_except(("vision", "adapter"))
 
 
+def test_dropout_is_residual_on_attention_and_mlp_outputs():
+    """train.dropout drops the attention (o_proj) and MLP (down_proj) outputs before the residual add, as the
+    reference does, never the attention probabilities; train-mode outputs vary, eval mode is deterministic and
+    equals the model without dropout."""
+    model, _, b = build_tiny("discrete")
+    batch, _ = _batch(model, b)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        plain = model.eval()(input_ids=ids)["logits"]
+    model.configure_training(dropout=0.5)
+    assert model.residual_dropout == 0.5
+    seen = {}
+    layer = model.llm.layers[0]
+    for name, module in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.detach()))
+    model.train()
+    with torch.no_grad():
+        first, second = (model(input_ids=ids)["logits"] for _ in range(2))
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.llm.layers)
+    for name in ("attn", "mlp"):
+        assert 0.35 < (seen[name] == 0).float().mean() < 0.65, name  # half of the outputs dropped
+    assert not torch.allclose(first, second)
+    model.eval()
+    with torch.no_grad():
+        a, c = (model(input_ids=ids)["logits"] for _ in range(2))
+    assert torch.equal(a, c) and torch.equal(a, plain)
+    assert (seen["attn"] == 0).float().mean() < 0.01
+
+
 def test_vq_stays_in_eval_mode(tiny):
     model, _, _ = tiny
     model.train()

@@ -259,6 +259,9 @@ class TrainConfig:
     # "token": mean cross-entropy over every supervised token of the batch (the paper). "sample":
     # every sample weighs the same, so a 3-token answer is not drowned by 270 image tokens.
     loss_reduction: str = "token"
+    # Keep SigLIP's patch and position embeddings frozen in every stage, as the reference does
+    # (a pretrained tower; a tower trained from scratch needs them trainable).
+    freeze_vision_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"got {self.zero_stage}",
@@ -287,12 +290,26 @@ class TrainConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Image-generation defaults: what `unitoken generate` and `unitoken eval` use when the
+    command line does not say (``--cfg``, ``--top-k``)."""
+
+    cfg: float = 3.0  # classifier-free guidance scale (1.0 = off)
+    top_k: int = 0  # sample among the k most likely image tokens (0 = all)
+
+    def __post_init__(self) -> None:
+        _require(self.cfg >= 0, "cfg", f"negative ({self.cfg})", "use 1.0 (off) or e.g. 5.5")
+        _require(self.top_k >= 0, "top_k", f"negative ({self.top_k})", "use 0 (all image tokens) or e.g. 4000")
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelConfig
     train: TrainConfig
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. paper targets)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 # --------------------------------------------------------------------------- (de)serialisation

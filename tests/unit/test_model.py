@@ -118,6 +118,20 @@ def test_freeze_sets_by_prefix():
     assert not any(p.requires_grad for p in model.vq.parameters())  # the VQ-GAN never trains
 
 
+def test_freeze_vision_embeddings_keeps_patch_and_position_embeddings_frozen():
+    """With freeze_vision_embeddings (the reference's setting) SigLIP's patch and position embeddings stay frozen
+    while the rest of the tower trains; they get no gradient."""
+    model, _, b = build_tiny()
+    model.freeze_except(("vision", "adapter"), freeze_vision_embeddings=True)
+    frozen = {n for n, p in model.vision.named_parameters() if not p.requires_grad}
+    assert {n.split(".")[-2] for n in frozen} == {"patch_embedding", "position_embedding"}
+    assert any(p.requires_grad for p in model.vision.parameters())
+    batch, cont = _batch(model, b)
+    model(**batch, images=cont)["loss"].backward()
+    assert _patch_weight(model.vision).grad is None
+    assert model.adapter.fc1.weight.grad is not None
+
+
 def test_freeze_unknown_prefix_raises(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match=r"unknown freeze prefixes \['vit'\]"):

@@ -2,7 +2,8 @@
 
 Hand-off format (what every ``unitoken`` command reads and writes)::
 
-    DIR/config.json        {"format": "unitoken", "format_version": 1, "model": ModelConfig}
+    DIR/config.json        {"format": "unitoken", "format_version": 1, "model": ModelConfig,
+                            "recipe": name (optional: the recipe it was built or trained with)}
     DIR/model.safetensors  every weight (llm.*, lm_head.*, vision.*, adapter.*, vq.*)
     DIR/tokenizer.json     + tokenizer_config.json: the Chameleon-layout tokenizer
 
@@ -37,10 +38,12 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
-def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None,
+               recipe: str | None = None) -> Path:
     """Write ``model`` in the hand-off format (temporary dir, then rename: never half-written).
 
-    ``state`` replaces ``model.state_dict()`` (weights gathered from a ZeRO-3 engine).
+    ``state`` replaces ``model.state_dict()`` (weights gathered from a ZeRO-3 engine); ``recipe``
+    is recorded so that commands can use its settings (image sampling) with the model.
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -50,6 +53,8 @@ def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, tor
     state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
+    if recipe:
+        doc["recipe"] = recipe
     (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     tokenizer.save_pretrained(str(tmp))
     if out.exists():
@@ -77,6 +82,16 @@ def load_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def local_dir(path: str | Path) -> Path:
+    """A model directory, or the local copy of a registry URI (models:/NAME/V, models:/NAME@ALIAS),
+    fetched and verified."""
+    if str(path).startswith("models:/"):
+        from unitoken.registry import load_uri
+
+        return load_uri(str(path))
+    return Path(path)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[UniToken, object]:
     """Load a hand-off directory or a registry URI (models:/NAME/V, models:/NAME@ALIAS) -> (model, tokenizer).
@@ -85,11 +100,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         FileNotFoundError / ValueError: not a hand-off dir, wrong format version, missing or
             unexpected weights (names listed).
     """
-    if str(path).startswith("models:/"):
-        from unitoken.registry import load_uri
-
-        path = load_uri(str(path))
-    path = Path(path)
+    path = local_dir(path)
     if not is_handoff_dir(path):
         raise FileNotFoundError(f"{path}: not a unitoken model directory (no config.json with "
                                 f"format={FORMAT!r}); create one with `unitoken model init`")

@@ -174,8 +174,14 @@ class UniToken(nn.Module):
 
     # ----------------------------------------------------------------------- freezing
 
-    def freeze_except(self, trainable: tuple[str, ...] | list[str]) -> dict[str, int]:
+    def freeze_except(self, trainable: tuple[str, ...] | list[str],
+                      freeze_vision_embeddings: bool = False) -> dict[str, int]:
         """Train exactly the modules named by prefix; everything else is frozen.
+
+        Args:
+            trainable: module prefixes (``FREEZE_PREFIXES``) that train.
+            freeze_vision_embeddings: keep SigLIP's patch and position embeddings frozen even
+                when ``vision`` trains (the reference's setting for a pretrained tower).
 
         Returns:
             parameter counts {"trainable": n, "frozen": m}.
@@ -191,6 +197,13 @@ class UniToken(nn.Module):
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(name in trainable)
+        if freeze_vision_embeddings and self.vision is not None:
+            for suffix in ("embeddings.patch_embedding", "embeddings.position_embedding"):
+                # the tower's module path differs across transformers versions; the suffix does not
+                found = [m for n, m in self.vision.named_modules() if n == suffix or n.endswith("." + suffix)]
+                if len(found) != 1:
+                    raise ValueError(f"vision tower has {len(found)} modules named *{suffix}; expected 1")
+                found[0].requires_grad_(False)
         self.vq.requires_grad_(False)
         counts = {"trainable": 0, "frozen": 0}
         for _, p in self.named_parameters():

@@ -329,7 +329,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
         raise ValueError(f"--init {init} was built with a different model config than recipe {recipe.name!r}; "
                          "use the recipe it was created with (or --set the same overrides)")
     torch.manual_seed(recipe.train.seed + stage_n)
-    counts = model.freeze_except(stage.trainable)
+    counts = model.freeze_except(stage.trainable, recipe.train.freeze_vision_embeddings)
     train_cfg = recipe.train
     ckpt_layers = train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0
     if train_cfg.activation_checkpointing and train_cfg.activation_budget_gib > 0:
@@ -412,7 +412,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     state = parallel.full_state_dict(engine, trainable_names, frozen_start)
     handoff = out / "handoff"
     if rank == 0:
-        save_model(model, tokenizer, handoff, state=state)
+        save_model(model, tokenizer, handoff, state=state, recipe=recipe.name)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         doc = ckpt.write_handoff(handoff, {
             "stage": stage_n, "step": stage.max_steps, "recipe": recipe.name,

@@ -277,7 +277,7 @@ def cmd_generate(args) -> int:
     cfg = sampling.cfg if args.cfg is None else args.cfg
     top_k = sampling.top_k if args.top_k is None else args.top_k
     if args.cfg is None or args.top_k is None:
-        err_console.print(f"sampling: CFG {cfg}, image top-k {top_k} (defaults from the {source})", highlight=False)
+        err_console.print(f"sampling: CFG {cfg}, image top-k {top_k} (from the {source})", highlight=False)
     start = time.perf_counter()
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("generating rows", total=model.config.vq.codes_per_side)

@@ -92,8 +92,8 @@ def unitoken_7b_fast() -> Recipe:
     """unitoken-7b with the measured speed settings (docs/performance.md): packed samples with
     variable-length attention, the chunked head + cross-entropy, compiled decoder layers, and
     activation checkpointing on only as many layers as the memory needs (ZeRO-3 over 8 H200s
-    leaves ~100 GiB per GPU for activations). The paper's dropout 0.05 is residual dropout,
-    which the varlen kernel does not need to support (it was measured with dropout 0)."""
+    leaves ~100 GiB per GPU for activations). The paper's dropout 0.05 is residual dropout, so
+    it goes with the varlen kernel (the speed measurements ran with dropout 0)."""
     base = unitoken_7b()
     train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True,
                                 activation_checkpointing=True, activation_budget_gib=100.0, compile=True)
@@ -193,7 +193,7 @@ def sampling_defaults(model_dir: str | Path) -> tuple[SamplingConfig, str]:
         recipe = json.loads(f.read_text()).get("recipe") if f.is_file() else None
         if recipe in RECIPES:
             return RECIPES[recipe]().sampling, f"recipe {recipe}"
-    return SamplingConfig(), "defaults (the model names no known recipe)"
+    return SamplingConfig(), "built-in defaults (the model names no known recipe)"
 
 
 def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:

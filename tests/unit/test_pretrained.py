@@ -145,7 +145,7 @@ def test_placeholder_under_both_names_with_different_ids_is_refused(tiny):
 
 
 def _chameleon_layout_vocab(placeholder: str) -> dict[str, int]:
-    """A vocabulary laid out as Chameleon's released one (65,536 entries): <s> <pad> </s> <unk>, the 8,192
+    """A vocabulary laid out as Chameleon's released one (65,536 entries): four specials, the 8,192
     IMGIMG codes at ids 4-8195, then the reserved block where <reserved{n}> has id n + 4 (<eoss> 8196,
     <racm3:break> 8197 and <sentinel:0> 8198 hold the first slots), then text pieces."""
     from unitoken.model.tokens import image_token_name
@@ -168,7 +168,7 @@ def test_chameleon_vocabulary_gives_the_reference_ids(placeholder):
 
     max_grid = get_recipe("unitoken-7b").model.max_grid_tokens
     t = SpecialTokens.from_vocab(_chameleon_layout_vocab(placeholder), max_grid)
-    assert (t.bos, t.pad, t.eos, t.boi, t.eoi, t.sep) == (0, 1, 2, 8197, 8196, 8198)
+    assert (t.boi, t.eoi, t.sep) == (8197, 8196, 8198)
     assert (t.newline, t.end_of_turn, t.continuous) == (8803, 8710, 8711)
     assert t.grid[1:] == tuple(8804 + n for n in range(1, max_grid + 1))
     assert t.num_codes == 8192 and t.vocab_size == 65536

@@ -17,9 +17,9 @@ The continuous embeddings have no vocabulary entry; their positions hold a place
 Chameleon converter renames that token to ``<image>`` (same id), so an HF-converted vocabulary
 (facebook/chameleon-7b, Lumina-mGPT) is accepted under either name.
 
-In Chameleon's 65,536-entry vocabulary ``<reserved{n:05d}>`` has id ``n + 4`` (after ``<s>``,
-``<pad>``, ``</s>``, ``<unk>``; ids 4-8195 are the 8,192 IMGIMG codes): EOT 8710, placeholder
-8711, NL 8803, grid token n 8804 + n (the reference's literals). The reserved block runs at
+In Chameleon's 65,536-entry vocabulary ``<reserved{n:05d}>`` has id ``n + 4`` (ids 0-3 are
+specials such as ``<s>``; ids 4-8195 are the 8,192 IMGIMG codes): EOT 8710, placeholder 8711,
+NL 8803, grid token n 8804 + n (the reference's literals). The reserved block runs at
 least to ``<reserved09001>`` (id 9005, used by Lumina-mGPT-derived video models), so every grid
 token up to ``max_grid_tokens=64`` (``<reserved08864>``, 2,048 px) exists; ``from_vocab``
 refuses a vocabulary that lacks one.

@@ -89,7 +89,7 @@ class SpecialTokens:
         for key, name in TOKEN_NAMES.items():
             found = {vocab[n] for n in (name, *TOKEN_ALIASES.get(key, ())) if n in vocab}
             if len(found) > 1:
-                raise ValueError(f"vocabulary has both {name} and {TOKEN_ALIASES[key]} with different ids "
+                raise ValueError(f"vocabulary has both {name} and {' / '.join(TOKEN_ALIASES[key])} with different ids "
                                  f"{sorted(found)}; they must be one token")
             if found:
                 ids[key] = found.pop()

@@ -133,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--circular", action="store_true", help="circular evaluation for the mc suite")
     ev.add_argument("--geneval-metadata", type=Path, help="GenEval evaluation_metadata.jsonl for the geneval suite")
     ev.add_argument("--detector", help="module:Class detector for generated images (default: the shapes detector)")
-    ev.add_argument("--cfg", type=float, default=3.0)
-    ev.add_argument("--top-k", type=int, default=0)
+    ev.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's recipe's)")
+    ev.add_argument("--top-k", type=int, help="image top-k, 0 = all (default: the model's recipe's)")
     ev.add_argument("--temperature", type=float, default=1.0, help="image sampling temperature")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
@@ -182,8 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, type=Path, help="PNG to write")
-    gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1.0 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k best image tokens (0 = all)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1.0 = off (default: the model's "
+                     "recipe's: 5.5 for unitoken-7b*, 3.0 for small and tiny)")
+    gen.add_argument("--top-k", type=int, help="sample among the k best image tokens, 0 = all (default: the model's "
+                     "recipe's: 4000 for unitoken-7b*, 0 for small and tiny)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -235,7 +237,7 @@ def cmd_model_init(args) -> int:
         pretrained.append(args.tokenizer)
     with console.status(f"building {recipe.name} model"):
         model, tokenizer = init_model(recipe.model, pretrained, seed=args.seed)
-        save_model(model, tokenizer, args.out)
+        save_model(model, tokenizer, args.out, recipe=recipe.name)
     console.print(_params_table(f"{recipe.name} -> {args.out}", model.num_parameters()))
     return 0
 
@@ -264,16 +266,23 @@ def cmd_generate(args) -> int:
     from rich.progress import Progress
 
     from unitoken.model.generation import decode_image, generate_image_codes
-    from unitoken.model.io import load_model
+    from unitoken.model.io import load_model, local_dir
     from unitoken.model.sequence import SequenceBuilder
+    from unitoken.recipes import sampling_defaults
 
-    model, tokenizer = load_model(args.model, device=_device(args.device))
+    path = local_dir(args.model)
+    model, tokenizer = load_model(path, device=_device(args.device))
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
+    sampling, source = sampling_defaults(path)
+    cfg = sampling.cfg if args.cfg is None else args.cfg
+    top_k = sampling.top_k if args.top_k is None else args.top_k
+    if args.cfg is None or args.top_k is None:
+        err_console.print(f"sampling: CFG {cfg}, image top-k {top_k} (from the {source})", highlight=False)
     start = time.perf_counter()
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("generating rows", total=model.config.vq.codes_per_side)
-        codes = generate_image_codes(model, builder, args.prompt, cfg_scale=args.cfg, temperature=args.temperature,
-                                     top_k=args.top_k, seed=args.seed,
+        codes = generate_image_codes(model, builder, args.prompt, cfg_scale=cfg, temperature=args.temperature,
+                                     top_k=top_k, seed=args.seed,
                                      progress=lambda done, total: bar.update(task, completed=done))
     image = decode_image(model, codes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +444,7 @@ def _train_dry_run(recipe, stage_n: int) -> int:
     tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
     with torch.device("meta"):
         model = UniToken(cfg, tok.get_vocab())
-    counts = model.freeze_except(stage.trainable)
+    counts = model.freeze_except(stage.trainable, recipe.train.freeze_vision_embeddings)
     ds = ds_config(recipe.train, stage)
     validate_ds_config(ds)
     print(json.dumps({"recipe": recipe.name, "stage": stage_n, "parameters": model.num_parameters(),

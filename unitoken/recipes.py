@@ -10,13 +10,16 @@ YAML registries). ``get_recipe("tiny", ["train.seed=1"])`` applies ``--set`` ove
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from unitoken.config import (
     LLMConfig,
     ModelConfig,
     OptimConfig,
     Recipe,
+    SamplingConfig,
     StageConfig,
     TrainConfig,
     VisionConfig,
@@ -42,7 +45,9 @@ def _round_up(n: int, multiple: int = 64) -> int:
 
 def paper_stages(batch_size: int, max_steps: tuple[int, int, int]) -> TrainConfig:
     """Technical report Table 2: stage I aligns vision (LLM frozen, LR 1e-3, ViT 1e-5 because
-    5e-4 collapsed SigLIP, report §4); stages II/III train all at 1e-5; 1:1 und:gen in II."""
+    5e-4 collapsed SigLIP, report §4); stages II/III train all at 1e-5; 1:1 und:gen in II,
+    423K dialogues : 100K fine-grained T2I (4.23:1) in III. SigLIP's patch and position
+    embeddings stay frozen throughout (the reference's training scripts)."""
     return TrainConfig(
         stage1=StageConfig(trainable=("vision", "adapter"), optim=OptimConfig(lr=1e-3, vision_lr=1e-5),
                            max_steps=max_steps[0], batch_size=batch_size,
@@ -52,8 +57,9 @@ def paper_stages(batch_size: int, max_steps: tuple[int, int, int]) -> TrainConfi
                            understanding_ratio=1.0, generation_ratio=1.0),
         stage3=StageConfig(trainable=ALL, optim=OptimConfig(lr=1e-5, vision_lr=1e-5),
                            max_steps=max_steps[2], batch_size=batch_size,
-                           understanding_ratio=1.0, generation_ratio=1.0),
+                           understanding_ratio=4.23, generation_ratio=1.0),
         zero_stage=3, precision="bf16", dropout=0.05, save_every=1000, activation_checkpointing=True,
+        freeze_vision_embeddings=True,
     )
 
 
@@ -68,8 +74,12 @@ def unitoken_7b() -> Recipe:
                             image_size=384, patch_size=14),
         vq=vq,
     )
+    # Generation as the paper evaluates GenEval: CFG 5.5 (T2I-CompBench++: 5.0, `--cfg 5.0`), and
+    # image top-k 4000 at temperature 1.0, the reference's value with CFG 5.5 (demos/inference.py:
+    # `gen_t, cfg, image_top_k = 1.0, 5.5, 4000`; its README also samples with image_top_k=4000).
     return Recipe(name="unitoken-7b", model=model, train=paper_stages(128, (19_531, 156_250, 4_086)),
-                  description="UniToken as published (base resolution, no AnyRes)")
+                  description="UniToken as published (base resolution, no AnyRes)",
+                  sampling=SamplingConfig(cfg=5.5, top_k=4000))
 
 
 def unitoken_7b_anyres() -> Recipe:
@@ -98,13 +108,13 @@ def unitoken_7b_fast() -> Recipe:
     """unitoken-7b with the measured speed settings (docs/performance.md): packed samples with
     variable-length attention, the chunked head + cross-entropy, compiled decoder layers, and
     activation checkpointing on only as many layers as the memory needs (ZeRO-3 over 8 H200s
-    leaves ~100 GiB per GPU for activations). One deviation from the paper: no attention
-    dropout (the varlen kernel has none)."""
+    leaves ~100 GiB per GPU for activations). The paper's dropout 0.05 is residual dropout, so
+    it goes with the varlen kernel (the speed measurements ran with dropout 0)."""
     base = unitoken_7b()
-    train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True, dropout=0.0,
+    train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True,
                                 activation_checkpointing=True, activation_budget_gib=100.0, compile=True)
     return dataclasses.replace(base, name="unitoken-7b-fast", train=train,
-                               description="unitoken-7b with varlen packing, chunked CE (no attention dropout)")
+                               description="unitoken-7b with varlen packing, chunked CE and compiled layers")
 
 
 def small() -> Recipe:
@@ -135,10 +145,13 @@ def small() -> Recipe:
         # 256 samples (~40k tokens) per step: a 113M model leaves an H200 mostly idle at 96.
         stage1=dataclasses.replace(base.train.stage1, optim=align, max_steps=150, batch_size=256, sources=SYNTH_STAGE1),
         stage2=dataclasses.replace(base.train.stage2, optim=joint, max_steps=1200, batch_size=256, sources=SYNTH_STAGE2),
-        stage3=dataclasses.replace(base.train.stage3, optim=tune, max_steps=400, batch_size=256, sources=SYNTH_STAGE3),
+        # stage 3 stays 1:1 (what the small runs used): the synthetic set is not the paper's 423K/100K mix
+        stage3=dataclasses.replace(base.train.stage3, optim=tune, max_steps=400, batch_size=256, sources=SYNTH_STAGE3,
+                                   understanding_ratio=1.0, generation_ratio=1.0),
         # Each sample weighs the same: with mean-over-tokens a 3-token answer counts 1/90 of a
         # 270-token image block and understanding learns far slower than generation.
         zero_stage=2, save_every=500, dropout=0.0, activation_checkpointing=False, loss_reduction="sample",
+        freeze_vision_embeddings=False,  # its ViT starts from random weights
         # Samples are ~100-250 tokens: padding them costs ~20 % pad tokens, while packing them
         # into 4096-token rows through stock SDPA makes every attention a 4096 x 4096 masked one
         # (10x the work). On a GPU, `--set train.packing=true --set train.attention=varlen` packs
@@ -181,6 +194,22 @@ RECIPES: dict[str, Callable[[], Recipe]] = {
     "unitoken-7b-anyres": unitoken_7b_anyres,
     "unitoken-7b-fast": unitoken_7b_fast,
 }
+
+
+def sampling_defaults(model_dir: str | Path) -> tuple[SamplingConfig, str]:
+    """Image-sampling defaults for a model directory: its recipe's (``config.json`` records the
+    recipe, a stage hand-off's ``handoff.json`` too), else ``SamplingConfig()``.
+
+    Returns:
+        (sampling, where it came from), e.g. (SamplingConfig(5.5, 4000), "recipe unitoken-7b").
+    """
+    model_dir = Path(model_dir)
+    for name in ("config.json", "handoff.json"):
+        f = model_dir / name
+        recipe = json.loads(f.read_text()).get("recipe") if f.is_file() else None
+        if recipe in RECIPES:
+            return RECIPES[recipe]().sampling, f"recipe {recipe}"
+    return SamplingConfig(), "built-in defaults (the model names no known recipe)"
 
 
 def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:

@@ -51,3 +51,32 @@ def test_chunked_ce_matches_full_ce_in_bf16():
     assert abs(loss.item() - ref.item()) < 1e-3
     assert (h.grad.float() - gh).norm() / gh.norm() < 2e-2
     assert (w.grad.float() - gw).norm() / gw.norm() < 2e-2
+
+
+def test_compiled_varlen_layers_train_with_residual_dropout():
+    """unitoken-7b-fast's path on the tiny model in bf16: compiled decoder layers, varlen attention and residual
+    dropout 0.05 train (finite loss, gradients, train-mode outputs vary); eval mode is deterministic and matches
+    the uncompiled layers."""
+    from tests.conftest import build_tiny
+
+    model, _, _ = build_tiny("discrete")
+    model.to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.tokens.vocab_size, (1, 96), generator=g).cuda()
+    pos = torch.cat([torch.arange(40), torch.arange(56)])[None].cuda()  # two packed samples
+    model.configure_training(attention="varlen", dropout=0.05)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=pos)["logits"].float()
+    model.configure_training(attention="varlen", dropout=0.05, compile_layers=True)
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, position_ids=pos)["logits"].float() for _ in range(2))
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, ref, rtol=3e-2, atol=3e-2)
+    model.train()
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, position_ids=pos)["logits"].float() for _ in range(2))
+    assert not torch.equal(a, b)
+    out = model(input_ids=ids, labels=ids, position_ids=pos)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.llm.layers[0].mlp.down_proj.weight.grad is not None

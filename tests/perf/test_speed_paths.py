@@ -126,12 +126,23 @@ def test_selective_checkpointing_keeps_the_gradients():
 
 
 def test_varlen_config_rules():
-    with pytest.raises(ConfigError, match="train.dropout"):
-        get_recipe("unitoken-7b", ["train.attention=varlen"])
+    """varlen needs packed rows; the paper's dropout is residual, so it goes with varlen."""
     with pytest.raises(ConfigError, match="packing"):
-        get_recipe("small", ["train.attention=varlen", "train.dropout=0"])
+        get_recipe("small", ["train.attention=varlen"])
+    assert get_recipe("unitoken-7b", ["train.attention=varlen"]).train.dropout == 0.05
     fast = get_recipe("unitoken-7b-fast")
-    assert fast.train.attention == "varlen" and fast.train.ce_chunk > 0
+    assert fast.train.attention == "varlen" and fast.train.ce_chunk > 0 and fast.train.dropout == 0.05
+
+
+def test_varlen_trains_with_residual_dropout():
+    """Packed varlen rows train with train.dropout > 0 (the kernel refuses attention-probability dropout, and
+    none is asked for)."""
+    model, _, _ = build_tiny("discrete")
+    model.train()
+    model.configure_training(attention="varlen", dropout=0.05)
+    ids, labels = _rows(model, [37, 21])
+    loss, _ = _loss_and_grads(model, _packed(model, ids, labels, budget=200))
+    assert torch.isfinite(loss)
 
 
 def test_checkpoint_layers_follow_the_memory_budget():

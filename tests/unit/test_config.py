@@ -65,6 +65,32 @@ def test_recipes_derive_and_follow_paper_stages():
     assert anyres.model.vision.anyres and dataclasses.replace(anyres.model.vision, anyres=False) == r.model.vision
 
 
+@pytest.mark.parametrize("name", ["unitoken-7b", "unitoken-7b-anyres", "unitoken-7b-fast"])
+def test_paper_recipes_carry_stage3_mix_sampling_and_frozen_vision_embeddings(name):
+    """The 7B recipes: stage III mixes 423K dialogues with 100K fine-grained T2I (4.23:1), images are sampled with
+    the paper's GenEval CFG 5.5 and the reference's image top-k 4000, SigLIP's embeddings stay frozen."""
+    r = get_recipe(name)
+    s3 = r.train.stage3
+    assert s3.understanding_ratio / s3.generation_ratio == pytest.approx(423 / 100)
+    assert r.train.stage2.understanding_ratio == r.train.stage2.generation_ratio
+    assert (r.sampling.cfg, r.sampling.top_k) == (5.5, 4000)
+    assert r.train.freeze_vision_embeddings
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_small_recipes_keep_their_mix_and_sampling(name):
+    """tiny and small keep 1:1 in stage 3, the CLI's former sampling defaults, and a trainable ViT (random init)."""
+    r = get_recipe(name)
+    assert r.train.stage3.understanding_ratio == r.train.stage3.generation_ratio
+    assert (r.sampling.cfg, r.sampling.top_k) == (3.0, 0)
+    assert not r.train.freeze_vision_embeddings
+
+
+def test_sampling_validated():
+    with pytest.raises(ConfigError, match="top_k"):
+        get_recipe("tiny", ["sampling.top_k=-1"])
+
+
 def test_stage_ratios_validated():
     with pytest.raises(ConfigError, match="understanding_ratio"):
         StageConfig(trainable=("llm",), optim=OptimConfig(lr=1, vision_lr=1), max_steps=1, batch_size=1,

@@ -83,3 +83,41 @@ def _check_batched_equals_single(model, b):
     answers = generate_text_batch(model, b, questions, images, max_new_tokens=6)
     assert answers == [generate_text(model, b, q, im, max_new_tokens=6) for q, im in zip(questions, images)]
     assert any(answers)
+
+
+def test_generate_takes_sampling_defaults_from_the_models_recipe(tiny, tmp_path, monkeypatch):
+    """`unitoken generate` without --cfg/--top-k uses the recipe the model directory names (config.json, or a
+    hand-off's handoff.json): the paper's CFG 5.5 and image top-k 4000 for unitoken-7b, 3.0 and 0 for tiny; the
+    command line wins. (The tiny model stands in for a 7B one: only the recorded recipe name is read.)"""
+    import json
+
+    import unitoken.model.generation as generation
+    from unitoken.cli import main
+    from unitoken.model.io import save_model
+
+    seen = []
+
+    def fake(model, builder, prompt, cfg_scale, temperature, top_k, seed, progress):
+        seen.append((cfg_scale, top_k))
+        return torch.zeros(model.config.vq.codes_per_side, model.config.vq.codes_per_side, dtype=torch.long)
+
+    monkeypatch.setattr(generation, "generate_image_codes", fake)
+    model, tok, _ = tiny
+    m = save_model(model, tok, tmp_path / "m", recipe="tiny")
+
+    def generate(*extra):
+        assert main(["--debug", "generate", "--model", str(m), "--prompt", "a red circle", "--out",
+                     str(tmp_path / "g.png"), "--device", "cpu", *extra]) == 0
+        return seen[-1]
+
+    assert generate() == (3.0, 0)
+    doc = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps(dict(doc, recipe="unitoken-7b")))
+    assert generate() == (5.5, 4000)
+    assert generate("--cfg", "5.0") == (5.0, 4000)
+    assert generate("--cfg", "2", "--top-k", "7") == (2.0, 7)
+    (m / "config.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "recipe"}))
+    (m / "handoff.json").write_text(json.dumps({"recipe": "unitoken-7b-anyres"}))  # a hand-off before config.json named it
+    assert generate() == (5.5, 4000)
+    (m / "handoff.json").unlink()
+    assert generate() == (3.0, 0)  # names no recipe: the former defaults

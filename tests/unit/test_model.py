@@ -118,6 +118,20 @@ def test_freeze_sets_by_prefix():
     assert not any(p.requires_grad for p in model.vq.parameters())  # the VQ-GAN never trains
 
 
+def test_freeze_vision_embeddings_keeps_patch_and_position_embeddings_frozen():
+    """With freeze_vision_embeddings (the reference's setting) SigLIP's patch and position embeddings stay frozen
+    while the rest of the tower trains; they get no gradient."""
+    model, _, b = build_tiny()
+    model.freeze_except(("vision", "adapter"), freeze_vision_embeddings=True)
+    frozen = {n for n, p in model.vision.named_parameters() if not p.requires_grad}
+    assert {n.split(".")[-2] for n in frozen} == {"patch_embedding", "position_embedding"}
+    assert any(p.requires_grad for p in model.vision.parameters())
+    batch, cont = _batch(model, b)
+    model(**batch, images=cont)["loss"].backward()
+    assert _patch_weight(model.vision).grad is None
+    assert model.adapter.fc1.weight.grad is not None
+
+
 def test_freeze_unknown_prefix_raises(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match=r"unknown freeze prefixes \['vit'\]"):
@@ -128,6 +142,35 @@ def test_freeze_nothing_trainable_in_discrete_mode_raises():
     model, _, _ = build_tiny("discrete")
     with pytest.raises(ValueError, match="leaves no parameter to train"):
         model.freeze_except(("vision", "adapter"))
+
+
+def test_dropout_is_residual_on_attention_and_mlp_outputs():
+    """train.dropout drops the attention (o_proj) and MLP (down_proj) outputs before the residual add, as the
+    reference does, never the attention probabilities; train-mode outputs vary, eval mode is deterministic and
+    equals the model without dropout."""
+    model, _, b = build_tiny("discrete")
+    batch, _ = _batch(model, b)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        plain = model.eval()(input_ids=ids)["logits"]
+    model.configure_training(dropout=0.5)
+    assert model.residual_dropout == 0.5
+    seen = {}
+    layer = model.llm.layers[0]
+    for name, module in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.detach()))
+    model.train()
+    with torch.no_grad():
+        first, second = (model(input_ids=ids)["logits"] for _ in range(2))
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.llm.layers)
+    for name in ("attn", "mlp"):
+        assert 0.35 < (seen[name] == 0).float().mean() < 0.65, name  # half of the outputs dropped
+    assert not torch.allclose(first, second)
+    model.eval()
+    with torch.no_grad():
+        a, c = (model(input_ids=ids)["logits"] for _ in range(2))
+    assert torch.equal(a, c) and torch.equal(a, plain)
+    assert (seen["attn"] == 0).float().mean() < 0.01
 
 
 def test_vq_stays_in_eval_mode(tiny):

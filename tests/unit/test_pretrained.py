@@ -1,6 +1,7 @@
 """Loading released formats (tiny random weights saved in the real formats) and our hand-off format."""
 
 import argparse
+import dataclasses
 import hashlib
 import json
 
@@ -33,6 +34,21 @@ def chameleon_dir(tmp_path_factory, cfg):
     model = ChameleonForConditionalGeneration(hf)
     model.save_pretrained(d)
     tok.save_pretrained(d)
+    return d, model
+
+
+@pytest.fixture(scope="module")
+def hf_chameleon_dir(tmp_path_factory, chameleon_dir):
+    """The same directory as transformers' convert_chameleon_weights_to_hf writes it (facebook/chameleon-7b,
+    Lumina-mGPT): the placeholder <reserved08707> is renamed <image> (same id) in the tokenizer files and in
+    config.json's vocabulary_map."""
+    src, model = chameleon_dir
+    d = tmp_path_factory.mktemp("hf_converted")
+    for f in src.iterdir():
+        data = f.read_bytes()
+        if f.suffix == ".json":
+            data = data.replace(b'"<reserved08707>"', b'"<image>"')
+        (d / f.name).write_bytes(data)
     return d, model
 
 
@@ -91,6 +107,77 @@ def test_load_chameleon_hf_dir(cfg, chameleon_dir):
     assert model.tokens.boi == tok.convert_tokens_to_ids("<racm3:break>")
 
 
+def test_model_init_accepts_hf_converted_chameleon_dir(chameleon_dir, hf_chameleon_dir, tmp_path):
+    """`unitoken model init --pretrained` takes an HF-converted dir (placeholder <image>) like the original
+    names; the hand-off keeps <image>, and continuous features land at its positions."""
+    from unitoken.cli import main
+    from unitoken.model.generation import prepare_images
+    from unitoken.model.sequence import SequenceBuilder
+    from unitoken.model.tokens import IMAGE_PLACEHOLDER
+
+    d, ref = hf_chameleon_dir
+    original = json.loads((chameleon_dir[0] / "tokenizer.json").read_text())["model"]["vocab"]
+    assert main(["--debug", "model", "init", "--recipe", "tiny", "--pretrained", str(d),
+                 "--out", str(tmp_path / "m")]) == 0
+    model, tok = load_model(tmp_path / "m")
+    vocab = tok.get_vocab()
+    assert "<reserved08707>" not in vocab
+    assert model.tokens.continuous == vocab["<image>"] == original["<reserved08707>"]
+    _same(model.llm, ref.state_dict(), "model.")
+    from PIL import Image
+
+    inputs, cont = prepare_images(model, [Image.new("RGB", (64, 64), (200, 30, 30))])
+    enc = SequenceBuilder(model.tokens, tok, model.config).conversation(
+        [{"from": "human", "value": IMAGE_PLACEHOLDER + "colour?"}, {"from": "gpt", "value": "red"}], inputs)
+    ids = torch.tensor([enc.input_ids])
+    assert int((ids == vocab["<image>"]).sum()) == inputs[0].num_continuous > 0
+    assert torch.isfinite(model(input_ids=ids, labels=torch.tensor([enc.labels]), images=cont)["loss"])
+
+
+def test_placeholder_under_both_names_with_different_ids_is_refused(tiny):
+    """A vocabulary with <reserved08707> and <image> as two tokens is ambiguous: refused, naming both."""
+    from unitoken.model.tokens import SpecialTokens
+
+    model, tok, _ = tiny
+    vocab = dict(tok.get_vocab(), **{"<image>": model.tokens.pad})
+    with pytest.raises(ValueError, match=r"both <reserved08707> and <image> with different ids"):
+        SpecialTokens.from_vocab(vocab, model.config.max_grid_tokens)
+
+
+def _chameleon_layout_vocab(placeholder: str) -> dict[str, int]:
+    """A vocabulary laid out as Chameleon's released one (65,536 entries): four specials, the 8,192
+    IMGIMG codes at ids 4-8195, then the reserved block where <reserved{n}> has id n + 4 (<eoss> 8196,
+    <racm3:break> 8197 and <sentinel:0> 8198 hold the first slots), then text pieces."""
+    from unitoken.model.tokens import image_token_name
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({image_token_name(c): 4 + c for c in range(8192)})
+    vocab.update({"<eoss>": 8196, "<racm3:break>": 8197, "<sentinel:0>": 8198})
+    vocab.update({f"<reserved{i - 4:05d}>": i for i in range(8199, 9006)})  # to <reserved09001>
+    vocab[placeholder] = vocab.pop("<reserved08707>")
+    vocab.update({f"piece{i}": i for i in range(len(vocab), 65536)})
+    return vocab
+
+
+@pytest.mark.parametrize("placeholder", ["<reserved08707>", "<image>"])
+def test_chameleon_vocabulary_gives_the_reference_ids(placeholder):
+    """In Chameleon's layout our by-name lookup finds the reference's literal ids (BOI 8197, EOI 8196, SEP 8198,
+    NL 8803, EOT 8710, placeholder 8711, grid n 8804 + n), every grid token up to the 7B recipe's
+    max_grid_tokens, and 8,192 codes, under the original and the HF placeholder name alike."""
+    from unitoken.model.tokens import SpecialTokens
+
+    max_grid = get_recipe("unitoken-7b").model.max_grid_tokens
+    t = SpecialTokens.from_vocab(_chameleon_layout_vocab(placeholder), max_grid)
+    assert (t.boi, t.eoi, t.sep) == (8197, 8196, 8198)
+    assert (t.newline, t.end_of_turn, t.continuous) == (8803, 8710, 8711)
+    assert t.grid[1:] == tuple(8804 + n for n in range(1, max_grid + 1))
+    assert t.num_codes == 8192 and t.vocab_size == 65536
+    assert t.codes_to_tokens(torch.tensor([0, 8191])).tolist() == [4, 8195]
+    # a recipe asking for more grid tokens than the vocabulary has is refused by name
+    with pytest.raises(ValueError, match=r"<reserved09002>"):
+        SpecialTokens.from_vocab(_chameleon_layout_vocab(placeholder), 202)
+
+
 def test_load_siglip_dir(cfg, siglip_dir):
     d, ref = siglip_dir
     model, _ = init_model(cfg, [d])
@@ -109,6 +196,34 @@ def test_load_vqgan_ckpt(cfg, vqgan_dir):
     _same(model.vq, ref.state_dict())
     img = torch.rand(1, 3, 64, 64) * 2 - 1
     assert torch.equal(model.vq.decode(model.vq.encode(img)), ref.decode(ref.encode(img)))
+
+
+def test_vqgan_yaml_resolution_does_not_shrink_images(cfg, tmp_path, caplog):
+    """A vqgan.yaml whose resolution differs from the recipe's (Chameleon's says 256 and encodes 512 px) keeps
+    the recipe's image size, says so, and keeps its attention blocks at the same levels: the weights load
+    strictly and give the released model's codes."""
+    half = cfg.vq.resolution // 2
+    released_cfg = dataclasses.replace(cfg.vq, resolution=half, attn_resolutions=(half // 2,))
+    torch.manual_seed(14)
+    released = VQTokenizer(released_cfg)
+    d = tmp_path / "vqgan"
+    d.mkdir()
+    torch.save({"state_dict": released.state_dict()}, d / "vqgan.ckpt")
+    doc = {"model": {"params": {
+        "embed_dim": cfg.vq.embed_dim, "n_embed": cfg.vq.num_codes,
+        "ddconfig": {"double_z": False, "z_channels": cfg.vq.latent_channels, "resolution": half, "in_channels": 3,
+                     "out_ch": 3, "ch": cfg.vq.base_channels, "ch_mult": list(cfg.vq.channel_multiplier),
+                     "num_res_blocks": cfg.vq.num_res_blocks, "attn_resolutions": [half // 2], "dropout": 0.0}}}}
+    (d / "vqgan.yaml").write_text(yaml.safe_dump(doc))
+    with caplog.at_level("WARNING", logger="unitoken.model.io"):
+        model, _ = init_model(cfg, [d])
+    assert model.config.vq.resolution == cfg.vq.resolution
+    assert model.config.vq.attn_resolutions == (cfg.vq.resolution // 2,)  # the same level, rescaled
+    assert f"ddconfig.resolution is {half}, the recipe's vq.resolution {cfg.vq.resolution}" in caplog.text
+    _same(model.vq, released.state_dict())
+    img = torch.rand(1, 3, cfg.vq.resolution, cfg.vq.resolution) * 2 - 1
+    codes = model.vq.encode(img)
+    assert codes.shape[-1] == cfg.vq.codes_per_side and torch.equal(codes, released.encode(img))
 
 
 def test_load_all_three_then_handoff_roundtrip(cfg, chameleon_dir, siglip_dir, vqgan_dir, tmp_path):

@@ -27,17 +27,19 @@ SUITES = {
 
 def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: Path | None = None,
              limit: int | None = None, mc_file: Path | None = None, circular: bool = False,
-             geneval_metadata: Path | None = None, detector: str | None = None, cfg_scale: float = 3.0,
-             top_k: int = 0, seed: int = 0, device: str = "cpu", progress_factory=None,
+             geneval_metadata: Path | None = None, detector: str | None = None, cfg_scale: float | None = None,
+             top_k: int | None = None, seed: int = 0, device: str = "cpu", progress_factory=None,
              temperature: float = 1.0, batch_size: int = 64, heldout_tokens: Path | None = None,
              heldout_limit: int | None = 500) -> dict:
     """Run ``suites`` on the model; with ``heldout_tokens`` (a pre-tokenised dir) also the
     held-out loss per task on its test split (``report["heldout"]``, ``heldout.jsonl``). The loss
-    stays out of ``metrics`` and ``items.jsonl``: the gate reads those as higher-is-better scores."""
+    stays out of ``metrics`` and ``items.jsonl``: the gate reads those as higher-is-better scores.
+    ``cfg_scale`` / ``top_k`` left at None take the model's recipe's (``sampling_defaults``)."""
     from unitoken.eval import generation as gen
     from unitoken.eval import understanding as und
-    from unitoken.model.io import load_model
+    from unitoken.model.io import load_model, local_dir
     from unitoken.model.sequence import SequenceBuilder
+    from unitoken.recipes import sampling_defaults
 
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -46,6 +48,10 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         raise ValueError("the shapes suites need --data (a directory made by `unitoken data synth`)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    model_path = local_dir(model_path)
+    sampling, _ = sampling_defaults(model_path)
+    cfg_scale = sampling.cfg if cfg_scale is None else cfg_scale
+    top_k = sampling.top_k if top_k is None else top_k
     model, tokenizer = load_model(model_path, device=device)
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
     if heldout_tokens is not None:  # a mismatched or empty dir fails before the suites run

@@ -2,7 +2,8 @@
 
 Hand-off format (what every ``unitoken`` command reads and writes)::
 
-    DIR/config.json        {"format": "unitoken", "format_version": 1, "model": ModelConfig}
+    DIR/config.json        {"format": "unitoken", "format_version": 1, "model": ModelConfig,
+                            "recipe": name (optional: the recipe it was built or trained with)}
     DIR/model.safetensors  every weight (llm.*, lm_head.*, vision.*, adapter.*, vq.*)
     DIR/tokenizer.json     + tokenizer_config.json: the Chameleon-layout tokenizer
 
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from unitoken.config import LLMConfig, ModelConfig, VisionConfig, from_dict, to_dict
 from unitoken.model.tokens import build_tokenizer
 from unitoken.model.unitoken import UniToken
-from unitoken.model.vq import load_taming_state_dict, vq_config_from_taming_yaml
+from unitoken.model.vq import at_resolution, load_taming_state_dict, vq_config_from_taming_yaml
 
 log = logging.getLogger(__name__)
 FORMAT = "unitoken"
@@ -38,10 +39,12 @@ WEIGHTS = "model.safetensors"
 LEGACY_ROW_END = "adapter.row_end"  # a learned AnyRes marker, replaced by the newline embedding
 
 
-def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, torch.Tensor] | None = None,
+               recipe: str | None = None) -> Path:
     """Write ``model`` in the hand-off format (temporary dir, then rename: never half-written).
 
-    ``state`` replaces ``model.state_dict()`` (weights gathered from a ZeRO-3 engine).
+    ``state`` replaces ``model.state_dict()`` (weights gathered from a ZeRO-3 engine); ``recipe``
+    is recorded so that commands can use its settings (image sampling) with the model.
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -51,6 +54,8 @@ def save_model(model: UniToken, tokenizer, out: str | Path, state: dict[str, tor
     state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
+    if recipe:
+        doc["recipe"] = recipe
     (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     tokenizer.save_pretrained(str(tmp))
     if out.exists():
@@ -78,6 +83,16 @@ def load_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def local_dir(path: str | Path) -> Path:
+    """A model directory, or the local copy of a registry URI (models:/NAME/V, models:/NAME@ALIAS),
+    fetched and verified."""
+    if str(path).startswith("models:/"):
+        from unitoken.registry import load_uri
+
+        return load_uri(str(path))
+    return Path(path)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[UniToken, object]:
     """Load a hand-off directory or a registry URI (models:/NAME/V, models:/NAME@ALIAS) -> (model, tokenizer).
@@ -86,11 +101,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         FileNotFoundError / ValueError: not a hand-off dir, wrong format version, missing or
             unexpected weights (names listed).
     """
-    if str(path).startswith("models:/"):
-        from unitoken.registry import load_uri
-
-        path = load_uri(str(path))
-    path = Path(path)
+    path = local_dir(path)
     if not is_handoff_dir(path):
         raise FileNotFoundError(f"{path}: not a unitoken model directory (no config.json with "
                                 f"format={FORMAT!r}); create one with `unitoken model init`")
@@ -172,7 +183,17 @@ def init_model(cfg: ModelConfig, pretrained: list[str | Path] = (), seed: int = 
 
     tokenizer = None
     if "vqgan" in found:
-        new = vq_config_from_taming_yaml(found["vqgan"] / "vqgan.yaml", cfg.vq.grid_unit_px)
+        released = vq_config_from_taming_yaml(found["vqgan"] / "vqgan.yaml", cfg.vq.grid_unit_px)
+        # The image size is the recipe's (the paper: 512 px, 32 x 32 codes): the yaml's resolution
+        # only places the attention blocks (``at_resolution``).
+        new = at_resolution(released, cfg.vq.resolution)
+        if released.resolution != cfg.vq.resolution:
+            log.warning("%s: ddconfig.resolution is %d, the recipe's vq.resolution %d; images are encoded "
+                        "and generated at %d px (%d x %d codes), the yaml's value only places attention "
+                        "(attn_resolutions %s -> %s). Set model.vq.resolution to change the image size",
+                        found["vqgan"] / "vqgan.yaml", released.resolution, cfg.vq.resolution,
+                        new.resolution, new.codes_per_side, new.codes_per_side,
+                        list(released.attn_resolutions), list(new.attn_resolutions))
         _changed("vq", cfg.vq, new)
         cfg = dataclasses.replace(cfg, vq=new)
     if "chameleon" in found:

@@ -13,7 +13,16 @@ initialisation of UniToken) adds structure tokens, all named here and nowhere as
     <reserved{8800+n}> grid size in units of 32 px (height token, then width token)
 
 The continuous embeddings have no vocabulary entry; their positions hold a placeholder token
-(``<reserved08707>``) whose embedding is overwritten by the adapter output.
+(``<reserved08707>``) whose embedding is overwritten by the adapter output. transformers'
+Chameleon converter renames that token to ``<image>`` (same id), so an HF-converted vocabulary
+(facebook/chameleon-7b, Lumina-mGPT) is accepted under either name.
+
+In Chameleon's 65,536-entry vocabulary ``<reserved{n:05d}>`` has id ``n + 4`` (ids 0-3 are
+specials such as ``<s>``; ids 4-8195 are the 8,192 IMGIMG codes): EOT 8710, placeholder 8711,
+NL 8803, grid token n 8804 + n (the reference's literals). The reserved block runs at
+least to ``<reserved09001>`` (id 9005, used by Lumina-mGPT-derived video models), so every grid
+token up to ``max_grid_tokens=64`` (``<reserved08864>``, 2,048 px) exists; ``from_vocab``
+refuses a vocabulary that lacks one.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ TOKEN_NAMES = {
     "end_of_turn": "<reserved08706>",
     "continuous": "<reserved08707>",
 }
+# Other names a token goes by in released vocabularies: transformers' convert_chameleon_weights_to_hf
+# renames <reserved08707> to <image> ("use a reserved token instead of adding a new one").
+TOKEN_ALIASES = {"continuous": ("<image>",)}
 IMAGE_PLACEHOLDER = "<|image|>"  # marks an image inside conversation text (reference format)
 
 
@@ -67,12 +79,22 @@ class SpecialTokens:
 
     @classmethod
     def from_vocab(cls, vocab: dict[str, int], max_grid: int) -> SpecialTokens:
-        """Look every token up by name.
+        """Look every token up by name (or by its alias in ``TOKEN_ALIASES``).
 
         Raises:
-            ValueError: a required token is missing from the vocabulary.
+            ValueError: a required token is missing from the vocabulary, or a token and its
+                alias are both present with different ids.
         """
-        missing = [name for name in TOKEN_NAMES.values() if name not in vocab]
+        ids, missing = {}, []
+        for key, name in TOKEN_NAMES.items():
+            found = {vocab[n] for n in (name, *TOKEN_ALIASES.get(key, ())) if n in vocab}
+            if len(found) > 1:
+                raise ValueError(f"vocabulary has both {name} and {' / '.join(TOKEN_ALIASES[key])} with different ids "
+                                 f"{sorted(found)}; they must be one token")
+            if found:
+                ids[key] = found.pop()
+            else:
+                missing.append(name)
         missing += [grid_token_name(n) for n in range(1, max_grid + 1) if grid_token_name(n) not in vocab]
         if missing:
             raise ValueError(f"vocabulary lacks {len(missing)} required tokens, e.g. {missing[:5]}; "
@@ -80,7 +102,6 @@ class SpecialTokens:
         mapping = ChameleonImageVocabularyMapping(vocab)
         if not mapping.image_tokens:
             raise ValueError("vocabulary has no IMGIMG* image tokens; it is not a Chameleon vocabulary")
-        ids = {key: vocab[name] for key, name in TOKEN_NAMES.items()}
         grid = (-1,) + tuple(vocab[grid_token_name(n)] for n in range(1, max_grid + 1))
         return cls(**ids, grid=grid, vocab_size=max(vocab.values()) + 1, mapping=mapping)
 

@@ -118,12 +118,14 @@ class UniToken(nn.Module):
         # defaults are the stock paths that inference uses.
         self.attention = "sdpa"
         self.ce_chunk = 0
+        self.residual_dropout = 0.0
+        self._dropout_hooks: list = []
 
     # ----------------------------------------------------------------------- speed settings
 
     def configure_training(self, attention: str = "sdpa", ce_chunk: int = 0, checkpoint_layers: int = 0,
-                           compile_layers: bool = False) -> None:
-        """Speed settings of the training path (see docs/performance.md).
+                           compile_layers: bool = False, dropout: float = 0.0) -> None:
+        """Training-path settings: residual dropout and the speed settings (docs/performance.md).
 
         Args:
             attention: "sdpa" (stock; packed rows get a dense block-diagonal mask) or "varlen"
@@ -134,9 +136,11 @@ class UniToken(nn.Module):
                 backward pass (-1 = all: the reference's setting); 0 = none.
             compile_layers: torch.compile every decoder layer (in place; fuses the norms, rotary
                 and activation around the matrix products).
+            dropout: residual dropout (``set_residual_dropout``), set before any compilation.
         """
         if attention not in ("sdpa", "varlen"):
             raise ValueError(f"attention={attention!r}: use sdpa or varlen")
+        self.set_residual_dropout(dropout)
         self.attention = attention
         self.ce_chunk = int(ce_chunk)
         layers = self.llm.layers
@@ -151,10 +155,37 @@ class UniToken(nn.Module):
             if compile_layers:
                 layer.compile()
 
+    def set_residual_dropout(self, p: float) -> None:
+        """Drop a share ``p`` of every decoder layer's attention and MLP output where it joins the
+        residual stream, in train mode only: the reference's layer computes
+        ``residual + dropout(attn(x))`` and ``residual + dropout(mlp(x))`` (its ``--dropout
+        0.05``). Attention probabilities are not dropped (HF's ``attention_dropout`` stays 0),
+        so every attention kernel, the dropout-free varlen one included, serves training.
+        """
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout={p}: must be in [0, 1)")
+        self.residual_dropout = float(p)
+        if p and not self._dropout_hooks:
+            for layer in self.llm.layers:
+                # A Swin-norm layer (Chameleon-30B) normalises each branch before the residual
+                # add; the reference drops the normalised output there.
+                ends = ((layer.input_layernorm, layer.post_attention_layernorm) if self.config.llm.swin_norm
+                        else (layer.self_attn.o_proj, layer.mlp.down_proj))
+                self._dropout_hooks += [m.register_forward_hook(self._drop_residual) for m in ends]
+
+    def _drop_residual(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, self.residual_dropout, module.training)
+
     # ----------------------------------------------------------------------- freezing
 
-    def freeze_except(self, trainable: tuple[str, ...] | list[str]) -> dict[str, int]:
+    def freeze_except(self, trainable: tuple[str, ...] | list[str],
+                      freeze_vision_embeddings: bool = False) -> dict[str, int]:
         """Train exactly the modules named by prefix; everything else is frozen.
+
+        Args:
+            trainable: module prefixes (``FREEZE_PREFIXES``) that train.
+            freeze_vision_embeddings: keep SigLIP's patch and position embeddings frozen even
+                when ``vision`` trains (the reference's setting for a pretrained tower).
 
         Returns:
             parameter counts {"trainable": n, "frozen": m}.
@@ -170,6 +201,13 @@ class UniToken(nn.Module):
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(name in trainable)
+        if freeze_vision_embeddings and self.vision is not None:
+            for suffix in ("embeddings.patch_embedding", "embeddings.position_embedding"):
+                # the tower's module path differs across transformers versions; the suffix does not
+                found = [m for n, m in self.vision.named_modules() if n == suffix or n.endswith("." + suffix)]
+                if len(found) != 1:
+                    raise ValueError(f"vision tower has {len(found)} modules named *{suffix}; expected 1")
+                found[0].requires_grad_(False)
         self.vq.requires_grad_(False)
         counts = {"trainable": 0, "frozen": 0}
         for _, p in self.named_parameters():

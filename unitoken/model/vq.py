@@ -14,6 +14,7 @@ pre-tokenised shard.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -214,6 +215,23 @@ def vq_config_from_taming_yaml(path: Path, grid_unit_px: int = 32) -> VQConfig:
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a taming VQ-GAN config (missing {err}); expected "
                          "model.params.{embed_dim, n_embed, ddconfig.{z_channels, ch, ch_mult, ...}}") from None
+
+
+def at_resolution(cfg: VQConfig, resolution: int) -> VQConfig:
+    """``cfg`` encoding images of ``resolution`` px, with its attention blocks at the same levels.
+
+    taming's ``ddconfig.resolution`` is not an input size: the VQ-GAN is convolutional, and the
+    value only says at which levels ``attn_resolutions`` puts attention (level i works at
+    resolution / 2**i). Chameleon's vqgan.yaml, for one, carries taming's default while the model
+    encodes 512-px images; taking the yaml's value as the image size would shrink every image.
+    """
+    levels, res = [], cfg.resolution
+    for i in range(len(cfg.channel_multiplier)):
+        if res in cfg.attn_resolutions:
+            levels.append(i)
+        res //= 2
+    return dataclasses.replace(cfg, resolution=resolution,
+                               attn_resolutions=tuple(resolution // 2**i for i in levels))
 
 
 def load_taming_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -277,7 +277,7 @@ def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, ba
 
     cfg = get_recipe(recipe, overrides).model
     model, tok = build(cfg, [tokenizer_dir] if tokenizer_dir else [], seed=seed)
-    save_model(model, tok, out)
+    save_model(model, tok, out, recipe=recipe)
     return {"source": f"recipe {recipe}", "parameters": model.num_parameters()["total"]}
 
 
@@ -413,14 +413,18 @@ def publish_handoff(handoff: Path, out: Path) -> dict:
 
 
 def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str, label: str,
-             cfg_scale: float = 3.0, top_k: int = 0, seed: int = 0, cache: StepCache | None = None,
+             cfg_scale: float | None = None, top_k: int | None = None, seed: int = 0, cache: StepCache | None = None,
              tokens: Path | None = None, heldout_limit: int = 500) -> dict:
     """Run the evaluation suites, and with ``tokens`` (the pre-tokenised data) the held-out loss
     per task on its test split; metrics go to a nested run named ``eval-<label>``, the losses as
     ``heldout_loss/<task>`` (cached: ``cached_step``; a hit logs the cached metrics on its run, so
-    scores read the same)."""
+    scores read the same). ``cfg_scale`` / ``top_k`` left at None take the model's recipe's."""
     from unitoken.eval.runner import evaluate as run_eval
+    from unitoken.recipes import sampling_defaults
 
+    sampling, _ = sampling_defaults(model_dir)
+    cfg_scale = sampling.cfg if cfg_scale is None else cfg_scale
+    top_k = sampling.top_k if top_k is None else top_k
     device = _device()
     names = [s.strip() for s in suites.split(",") if s.strip()]
     def inputs():

@@ -328,9 +328,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
         raise ValueError(f"--init {init} was built with a different model config than recipe {recipe.name!r}; "
                          "use the recipe it was created with (or --set the same overrides)")
     torch.manual_seed(recipe.train.seed + stage_n)
-    counts = model.freeze_except(stage.trainable)
-    for layer in model.llm.layers:  # dropout 0.05 (tech report scripts), a training-time setting
-        layer.self_attn.attention_dropout = recipe.train.dropout
+    counts = model.freeze_except(stage.trainable, recipe.train.freeze_vision_embeddings)
     train_cfg = recipe.train
     ckpt_layers = train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0
     if train_cfg.activation_checkpointing and train_cfg.activation_budget_gib > 0:
@@ -340,8 +338,9 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
                                                    train_cfg.activation_budget_gib * 2**30)
         log.warning("activation checkpointing on %d of %d layers (budget %.1f GiB, <= %d tokens per micro-batch)",
                     ckpt_layers, recipe.model.llm.num_layers, train_cfg.activation_budget_gib, tokens)
+    # residual dropout 0.05 (tech report scripts): a training-time setting, not part of the weights
     model.configure_training(train_cfg.attention, train_cfg.ce_chunk, ckpt_layers,
-                             compile_layers=train_cfg.compile and device.type == "cuda")
+                             compile_layers=train_cfg.compile and device.type == "cuda", dropout=train_cfg.dropout)
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
     model.to(device)
@@ -412,7 +411,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
     state = parallel.full_state_dict(engine, trainable_names, frozen_start)
     handoff = out / "handoff"
     if rank == 0:
-        save_model(model, tokenizer, handoff, state=state)
+        save_model(model, tokenizer, handoff, state=state, recipe=recipe.name)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         doc = ckpt.write_handoff(handoff, {
             "stage": stage_n, "step": stage.max_steps, "recipe": recipe.name,

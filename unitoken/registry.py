@@ -38,7 +38,7 @@ import uuid
 from pathlib import Path
 
 from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
-from unitoken.train.tracking import (ArtifactLogError, default_tracking_uri, experiment_for,
+from unitoken.train.tracking import (ArtifactLogError, _fail_fast_http, default_tracking_uri, experiment_for,
                                      with_artifact_retries)
 
 ZERO = "0" * 64
@@ -203,6 +203,20 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
                                 f"registration run {run_id} is marked FAILED{_abandon(client, run_id, lm, err)}. "
                                 f"Check the tracking server's artifact store (S3) and run the registration again "
                                 f"once it answers.") from err
+    try:
+        mv = _publish(client, name, run_id, exp_id, lm, passport, passport_sha, eval_dir, decision,
+                      reason if force else "")
+    except Exception as err:  # noqa: BLE001 - whatever failed, the run and the model say so
+        _abandon(client, run_id, lm, err)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
+            "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
+
+
+def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dict], passport_sha: str,
+             eval_dir: Path, decision: dict, forced: str):
+    """Once every artifact is stored: the UI links, the LoggedModel READY, the version, its aliases."""
     report = json.loads((eval_dir / "report.json").read_text())
     stage_runs = _link_model(client, run_id, lm.model_id, passport, eval_dir, report)
     client.finalize_logged_model(lm.model_id, "READY")
@@ -216,14 +230,12 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
         description=lineage_markdown(passport, report, decision, {**stage_runs, run_id: exp_id}, run_id, lm),
         tags={"unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
               "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
-              "unitoken.forced_reason": reason if force else ""})
+              "unitoken.forced_reason": forced})
     # What MLflow's own register_model writes: the model page lists its versions; the note is its description.
     client.set_logged_model_tags(lm.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(mv.version)}]),
                                                "mlflow.note.content": mv.description})
     client.set_registered_model_alias(name, "challenger", mv.version)
-    client.set_terminated(run_id, "FINISHED")
-    return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
-            "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
+    return mv
 
 
 def _mlflow_model(lm, run_id: str):
@@ -373,14 +385,18 @@ def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
             raise RegistryError(f"{err}. Check the tracking server's artifact store (S3) and run the command "
                                 "again; nothing was changed in the registry") from None
 
-    model = download(f"model files of {mv.name} version {mv.version}", artifact_uri=mv.source,
-                     dst_path=str(dest / "model"))
-    run_id = mv.tags.get("unitoken.registration_run", mv.run_id)
-    evidence = download(f"evidence (passport, evaluation, gate) of run {run_id}", run_id=run_id, artifact_path="",
-                        dst_path=str(dest / "run"))
-    handoff = packaged_artifact(model, "handoff") if (model / "MLmodel").is_file() else model
-    return {"root": dest, "model": handoff, "mlflow_model": model, "passport": evidence / "passport.json",
-            "eval": evidence / "eval", "gate": next((evidence / "gate").glob("*.json"))}
+    try:
+        model = download(f"model files of {mv.name} version {mv.version}", artifact_uri=mv.source,
+                         dst_path=str(dest / "model"))
+        run_id = mv.tags.get("unitoken.registration_run", mv.run_id)
+        evidence = download(f"evidence (passport, evaluation, gate) of run {run_id}", run_id=run_id,
+                            artifact_path="", dst_path=str(dest / "run"))
+        handoff = packaged_artifact(model, "handoff") if (model / "MLmodel").is_file() else model
+        return {"root": dest, "model": handoff, "mlflow_model": model, "passport": evidence / "passport.json",
+                "eval": evidence / "eval", "gate": next((evidence / "gate").glob("*.json"))}
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # nothing half-downloaded stays behind
+        raise
 
 
 def packaged_artifact(mlflow_model: Path, key: str) -> Path:
@@ -440,6 +456,12 @@ def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
     if packaged is not None and (packaged / "MLmodel").is_file():
         from unitoken.serving import verify_packaged
 
+        import yaml
+
+        config = yaml.safe_load((packaged / "MLmodel").read_text()).get("flavors", {}).get(
+            "python_function", {}).get("config") or {}
+        if config.get("passport_sha256") != mv.tags.get("unitoken.passport_sha256"):
+            problems.append("MLflow model: its MLmodel does not carry the version's passport digest")
         problems += [f"MLflow model: {p}" for p in verify_packaged(
             paths["model"], packaged_artifact(packaged, "evidence"), mv.tags.get("unitoken.passport_sha256"))
             if p not in problems]
@@ -477,7 +499,9 @@ def _record(client, name: str, alias: str, entry: dict) -> None:
 def history(name: str, alias: str = "champion", client=None) -> list[dict]:
     """The moves of ``alias`` that happened, oldest first. Moves the CLI did not make (the MLflow
     UI, another client) show as rows with action "outside the CLI" wherever one move does not
-    start where the previous one ended, or the alias is not where the last one left it."""
+    start where the previous one ended, or the alias is not where the last one left it. (A move
+    whose promoter was killed after moving the alias shows that way too, until the next
+    ``promote`` settles its claim as completed.)"""
     client = client or _client()
     moves = [e for _, e in sorted(_records(client, name, alias).items()) if e.get("status", "done") in MOVED]
     out, at = [], None
@@ -500,6 +524,9 @@ def _outside(alias: str, frm, to) -> dict:
 def _ledger(client, name: str) -> str:
     """The run whose immutable params are ``name``'s alias claims (created on first use, race-free:
     the pointer to it is itself an immutable param of version 1's registration run)."""
+    pinned = client.get_registered_model(name).tags.get(LEDGER_PARAM)
+    if pinned:  # resolved before: stays put even if the version it was anchored on is deleted
+        return pinned
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
         raise RegistryError(f"{name}: no registered versions")
@@ -511,10 +538,13 @@ def _ledger(client, name: str) -> str:
         ledger = client.create_run(exp, run_name=f"registry-ledger-{name}", tags={
             "unitoken.kind": "registry-ledger", "unitoken.registered_model": name}).info.run_id
         client.set_terminated(ledger, "FINISHED")
-        _claim_param(client, anchor, LEDGER_PARAM, ledger)
-        params = client.get_run(anchor).data.params
+        if _claim_param(client, anchor, LEDGER_PARAM, ledger):
+            params = {**params, LEDGER_PARAM: ledger}
+        else:
+            params = client.get_run(anchor).data.params
         if params.get(LEDGER_PARAM) != ledger:  # another promoter's ledger was stored first
             client.delete_run(ledger)
+    client.set_registered_model_tag(name, LEDGER_PARAM, params[LEDGER_PARAM])
     return params[LEDGER_PARAM]
 
 
@@ -607,13 +637,21 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
              "who": os.environ.get("UNITOKEN_ACTOR") or getpass.getuser(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason[:1000],
              "t": time.time(), "token": uuid.uuid4().hex}
-    if not _claim_param(client, ledger, f"{alias}.{seq:06d}", json.dumps(entry)):
-        raise ConflictError(f"another promotion of {name}@{alias} moved first (move #{seq}); re-read and retry")
-    if _holder(client, name, alias) != current:  # moved outside the CLI since we read it
-        _record(client, name, alias, {**entry, "status": "abandoned", "note": "the alias moved during the promotion"})
-        raise ConflictError(f"alias {alias!r} of {name} changed during the promotion")
-    client.set_registered_model_alias(name, alias, mv.version)
-    _record(client, name, alias, {**entry, "status": "done"})
+    # Claim -> move -> record with one HTTP attempt per call (MLflow's own retries can stall a
+    # call for minutes): the window another promoter could take for a killed one stays far
+    # inside the lease.
+    with _fail_fast_http():
+        if not _claim_param(client, ledger, f"{alias}.{seq:06d}", json.dumps(entry, ensure_ascii=False)):
+            raise ConflictError(f"another promotion of {name}@{alias} moved first (move #{seq}); re-read and retry")
+        if _holder(client, name, alias) != current:  # moved outside the CLI since we read it
+            _record(client, name, alias, {**entry, "status": "abandoned",
+                                          "note": "the alias moved during the promotion"})
+            raise ConflictError(f"alias {alias!r} of {name} changed during the promotion")
+        client.set_registered_model_alias(name, alias, mv.version)
+        if seq in _records(client, name, alias):  # settled by another promoter while this one stalled
+            raise ConflictError(f"promotion #{seq} of {name}@{alias} took longer than the lease and was settled by "
+                                "another promotion; read `unitoken registry history` before retrying")
+        _record(client, name, alias, {**entry, "status": "done"})
     return entry
 
 
@@ -623,7 +661,7 @@ def rollback(name: str, alias: str = "champion", reason: str = "rollback") -> di
     current = _holder(client, name, alias)
     if not moves or moves[-1]["from"] is None:
         raise RegistryError(f"{name}@{alias} has no previous holder to roll back to")
-    return promote(name, moves[-1]["from"], alias, expect_current=current, reason=reason, action="rollback")
+    return promote(name, moves[-1]["from"], alias, expect_current=current or "none", reason=reason, action="rollback")
 
 
 # --------------------------------------------------------------------------- lineage

@@ -14,17 +14,20 @@ local`` and KServe's MLflow runtime can use it. No pickle: the model is code plu
 **Contract.** Input: a DataFrame with ``task`` (``understand`` | ``generate``), ``prompt`` (str),
 ``image`` (base64 PNG or JPEG; empty for ``generate``). Output: one row per input row with
 ``text`` (the answer, for ``understand``) and ``image`` (base64 PNG, for ``generate``), the
-other column empty. Params (all optional): ``cfg``, ``top_k``, ``temperature`` (image
-sampling), ``text_temperature`` (answers; 0 = greedy, the paper's setting), ``seed``,
-``max_new_tokens``. Every row is sampled with ``seed``, so a row's output does not depend on
-what else is in the request.
+other column empty. Params (all optional): ``cfg``, ``top_k`` (defaults: the model recipe's,
+as for ``unitoken generate``), ``temperature`` (image sampling), ``text_temperature`` (answers;
+0 = greedy, the paper's setting), ``seed``, ``max_new_tokens``. Every row is sampled with
+``seed``, so a row gets what it gets alone, up to the float rounding of a padded batch
+(``bench/skew_check.py`` measures answers batched vs alone on a trained model).
 
-**Loading refuses a tampered model.** ``load_context`` re-verifies what ``models:/`` loads in the
-CLI verify from the packaged copy: the passport's hash chain, its digest against the one written
-into the MLmodel (``model_config.passport_sha256``), every weight file against handoff.json, the
-hand-off digest against the passport's last stage, and the evaluation and gate files against
-their passport entries. (The registry-side check of the version tag and the stage runs needs
-the tracking server; ``unitoken lineage`` does that.)
+**Loading refuses a model whose files are not the ones its passport names.** ``load_context``
+re-verifies, from the packaged copy: the passport's hash chain, its digest against the one
+written into the MLmodel (``model_config.passport_sha256``; a missing one is refused), every
+weight file against handoff.json, the hand-off digest against the passport's last stage, and
+the evaluation and gate files against their passport entries. The MLmodel travels with the files
+it vouches for, so someone who rewrites all of them consistently passes this check; the
+registry-side checks (the passport digest on the version tag, the stage runs' recorded
+hand-offs) catch that, and ``unitoken lineage`` / every CLI ``models:/`` load run them.
 
 **Bad input** (unknown task, empty prompt, an image that does not decode) raises an
 ``MlflowException`` naming the row: the scoring server answers that request with HTTP 400 and
@@ -76,7 +79,9 @@ def verify_packaged(handoff: Path, evidence: Path, passport_sha256: str | None) 
         return [f"{passport_file} is missing"]
     passport = json.loads(passport_file.read_text())
     problems = []
-    if passport_sha256 and canonical_sha({"passport": passport}) != passport_sha256:
+    if not passport_sha256:
+        problems.append("the MLmodel records no passport digest (model_config.passport_sha256)")
+    elif canonical_sha({"passport": passport}) != passport_sha256:
         problems.append("passport.json differs from the digest recorded in the MLmodel")
     gates = sorted((evidence / "gate").glob("*.json"))
     if not gates:
@@ -87,7 +92,18 @@ def verify_packaged(handoff: Path, evidence: Path, passport_sha256: str | None) 
 # --------------------------------------------------------------------------- the signature
 
 
-def signature():
+def defaults(handoff: Path | None = None) -> dict:
+    """The params' defaults: ``PARAMS`` with the model recipe's image sampling (CFG, top-k), as
+    ``unitoken generate`` and evaluation use them (``unitoken.recipes.sampling_defaults``)."""
+    if handoff is None:
+        return dict(PARAMS)
+    from unitoken.recipes import sampling_defaults
+
+    sampling, _ = sampling_defaults(handoff)
+    return {**PARAMS, "cfg": float(sampling.cfg), "top_k": int(sampling.top_k)}
+
+
+def signature(handoff: Path | None = None):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -96,7 +112,7 @@ def signature():
         inputs=Schema([ColSpec("string", "task"), ColSpec("string", "prompt"),
                        ColSpec("string", "image", required=False)]),
         outputs=Schema([ColSpec("string", "text"), ColSpec("string", "image")]),
-        params=ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAMS.items()]))
+        params=ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in defaults(handoff).items()]))
 
 
 def png_base64(image) -> str:
@@ -134,7 +150,8 @@ def package(dest: Path, handoff: Path, evidence: Path, passport_sha256: str, mlf
     size = json.loads((handoff / "config.json").read_text())["model"]["vq"]["resolution"]
     mlflow.pyfunc.save_model(
         path=str(dest), python_model=str(ENTRY), artifacts={"handoff": str(handoff), "evidence": str(evidence)},
-        signature=signature(), input_example=(input_example(size), dict(PARAMS)), pip_requirements=requirements(),
+        signature=signature(handoff), input_example=(input_example(size), defaults(handoff)),
+        pip_requirements=requirements(),
         model_config={"passport_sha256": passport_sha256}, metadata=metadata, mlflow_model=mlflow_model)
     return dest
 

@@ -55,14 +55,12 @@ def test_pretokenized_codes_equal_the_codes_inference_computes(tmp_path):
     from unitoken.data.dataset import ShardDataset
     from unitoken.data.pretokenize import pretokenize
     from unitoken.data.synth import synthesize
-    from unitoken.data.validate import validate_manifest
 
-    synthesize(tmp_path / "data", 16, seed=3)
-    validate_manifest(tmp_path / "data" / "manifest.jsonl", tmp_path / "v")
+    synthesize(tmp_path / "data", 90, seed=3)  # synthetic data is valid by construction: no validation step
     model, _, builder = build_tiny()
     cpu_model, _, _ = build_tiny()
     model.to("cuda")
-    pretokenize(tmp_path / "v" / "clean.jsonl", model, tmp_path / "p", device="cuda")
+    pretokenize(tmp_path / "data" / "manifest.jsonl", model, tmp_path / "p", device="cuda", batch_size=256)
     ds = ShardDataset(tmp_path / "p", builder, splits=None)
     stored, images = {}, {}
     for s_, j, rec in ds.records:  # the codes as the shards hold them, per distinct image

@@ -60,9 +60,9 @@ def test_encode_runs_in_the_configured_precision_whatever_the_callers_autocast()
     exact = vq.encode(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(vq.encode(x), exact)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # what an unpinned encode computes under autocast
-        z = vq.quant_conv(vq.encoder(x))
-        loose = vq.quantize(z.float())[2].view(exact.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the encoder in bf16 ...
+        z = vq.quant_conv(vq.encoder(x.to(torch.bfloat16)))
+    loose = vq.quantize(z.float())[2].view(exact.shape)  # ... the nearest code in fp32
     vq.cfg = dataclasses.replace(cfg, encode_dtype="bfloat16")
     assert torch.equal(vq.encode(x), loose)
     assert not torch.equal(loose, exact)  # the precisions disagree on some codes: the skew this pins down

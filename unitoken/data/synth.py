@@ -115,12 +115,8 @@ def questions(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
         qa.append({"type": "position", "question": f"Where is the {o.color} {o.shape}?", "answer": o.position})
     attr, universe = rng.choice([("color", list(COLORS)), ("shape", list(SHAPES))])
     truth = getattr(target, attr)
-    options = [truth] + rng.sample([v for v in universe if v != truth], min(3, len(universe) - 1))
-    rng.shuffle(options)
-    letters = "ABCD"[: len(options)]
-    body = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options))
-    qa.append({"type": f"mc_{attr}", "question": f"What {attr} is the object in the {target.position}?\n{body}\n"
-               f"{MC_SUFFIX}", "answer": letters[options.index(truth)], "options": options})
+    qa.append(_mc(rng, f"mc_{attr}", f"What {attr} is the object in the {target.position}?", truth,
+                  [v for v in universe if v != truth]))
     return qa
 
 
@@ -129,12 +125,11 @@ def mc_drill(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
     the count, each with four shuffled options. One MC question per scene (1/15 of
     the samples) was never learned (held-out loss ln 4); the letter is only learnable once the
     model has seen many questions whose options it can match against what it recognises."""
-    qa = []
-    for target in [rng.choice(objects)]:
-        for attr, universe in (("color", list(COLORS)), ("shape", list(SHAPES))):
-            truth = getattr(target, attr)
-            qa.append(_mc(rng, f"mc_{attr}", f"What {attr} is the object in the {target.position}?", truth,
-                          [v for v in universe if v != truth]))
+    qa, target = [], rng.choice(objects)
+    for attr, universe in (("color", list(COLORS)), ("shape", list(SHAPES))):
+        truth = getattr(target, attr)
+        qa.append(_mc(rng, f"mc_{attr}", f"What {attr} is the object in the {target.position}?", truth,
+                      [v for v in universe if v != truth]))
     qa.append(_mc(rng, "mc_count", "How many objects are in the image?", str(len(objects)),
                   [str(k) for k in range(1, 5) if k != len(objects)]))
     return qa

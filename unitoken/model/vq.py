@@ -111,6 +111,9 @@ class VQDecoder(nn.Module):
         return self.conv_out(h)
 
 
+ENCODE_CHUNK = 32  # images per VQ-encoder call on the GPU, always (see VQTokenizer.encode)
+
+
 @contextlib.contextmanager
 def encode_precision(dtype: str, device_type: str):
     """``bfloat16``: autocast to bf16. ``float32``: autocast off and, on CUDA, IEEE fp32 for
@@ -172,12 +175,28 @@ class VQTokenizer(nn.Module):
         """pixels: [b, 3, H, W] in [-1, 1] -> codes: [b, H/f, W/f] (long).
 
         The only way images become codes (pre-tokenisation, evaluation, chat, serving), always in
-        ``cfg.encode_dtype`` whatever autocast or TF32 setting the caller runs under: the codes
-        of an image must not depend on which command computed them."""
+        ``cfg.encode_dtype`` whatever autocast or TF32 setting the caller runs under, and on the
+        GPU in micro-batches of exactly ``ENCODE_CHUNK`` images (the last one zero-padded): cuDNN
+        picks its convolution algorithm by shape, and fp32 rounding that differs with the batch
+        size flipped 0.2 % of codes between pre-tokenisation (256 per batch) and evaluation (seen
+        on an H200). The codes of an image must not depend on which command computed them."""
+        if pixels.device.type != "cuda" or len(pixels) == ENCODE_CHUNK:
+            return self._encode(pixels)
+        chunks = []
+        for i in range(0, len(pixels), ENCODE_CHUNK):
+            part = pixels[i : i + ENCODE_CHUNK]
+            pad = ENCODE_CHUNK - len(part)
+            if pad:
+                part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
+            chunks.append(self._encode(part)[: ENCODE_CHUNK - pad])
+        return torch.cat(chunks)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with encode_precision(self.cfg.encode_dtype, pixels.device.type):
             dtype = torch.bfloat16 if self.cfg.encode_dtype == "bfloat16" else self.quant_conv.weight.dtype
             z = self.quant_conv(self.encoder(pixels.to(dtype)))
-            _, _, indices = self.quantize(z.float())
+        with torch.autocast(pixels.device.type, enabled=False), _ieee_fp32(pixels.device.type == "cuda"):
+            _, _, indices = self.quantize(z.float())  # nearest code in fp32 in both modes
         return indices.view(z.shape[0], z.shape[2], z.shape[3])
 
     @torch.no_grad()

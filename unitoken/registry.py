@@ -422,17 +422,20 @@ def load_uri(uri: str) -> Path:
     return paths["model"]
 
 
-def verify_evidence(passport: list[dict], model_dir: Path, eval_dir: Path, gate_file: Path) -> list[str]:
-    """The passport's chain, the model files and the evaluation and gate files against it; [] when all hold."""
+def verify_evidence(passport: list[dict], model_dir: Path, eval_dir: Path, gate_file: Path,
+                    check_model: bool = True) -> list[str]:
+    """The passport's chain, the model files (unless ``check_model`` is False: the caller hashed
+    them already) and the evaluation and gate files against it; [] when all hold."""
     problems = verify_chain(passport)
     by_kind: dict[str, list[dict]] = {}
     for e in passport:
         by_kind.setdefault(e["kind"], []).append(e)
     try:
-        verify_handoff(model_dir)
-        digest = handoff_digest(model_dir)
-        if by_kind.get("stage") and by_kind["stage"][-1]["handoff_sha256"] != digest:
-            problems.append("stored model is not the hand-off the passport names")
+        if check_model:
+            verify_handoff(model_dir)
+            digest = handoff_digest(model_dir)
+            if by_kind.get("stage") and by_kind["stage"][-1]["handoff_sha256"] != digest:
+                problems.append("stored model is not the hand-off the passport names")
     except ValueError as err:
         problems.append(f"stored model: {err}")
     ev = by_kind.get("eval", [{}])[0]
@@ -462,9 +465,9 @@ def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
             "python_function", {}).get("config") or {}
         if config.get("passport_sha256") != mv.tags.get("unitoken.passport_sha256"):
             problems.append("MLflow model: its MLmodel does not carry the version's passport digest")
-        problems += [f"MLflow model: {p}" for p in verify_packaged(
-            paths["model"], packaged_artifact(packaged, "evidence"), mv.tags.get("unitoken.passport_sha256"))
-            if p not in problems]
+        problems += [f"MLflow model: {p}" for p in verify_packaged(  # its weights were hashed just above
+            paths["model"], packaged_artifact(packaged, "evidence"), mv.tags.get("unitoken.passport_sha256"),
+            check_model=False) if p not in problems]
     for st in (e for e in passport if e["kind"] == "stage"):
         if not st.get("mlflow_run_id"):
             continue

@@ -70,7 +70,7 @@ def write_evidence(dest: Path, passport: list[dict], eval_dir: Path, gate_file: 
     return dest
 
 
-def verify_packaged(handoff: Path, evidence: Path, passport_sha256: str | None) -> list[str]:
+def verify_packaged(handoff: Path, evidence: Path, passport_sha256: str | None, check_model: bool = True) -> list[str]:
     """Every check ``load_context`` makes; [] when the packaged model is the one the passport describes."""
     from unitoken.registry import canonical_sha, verify_evidence
 
@@ -86,7 +86,7 @@ def verify_packaged(handoff: Path, evidence: Path, passport_sha256: str | None) 
     gates = sorted((evidence / "gate").glob("*.json"))
     if not gates:
         return problems + [f"{evidence / 'gate'} has no gate decision"]
-    return problems + verify_evidence(passport, handoff, evidence / "eval", gates[0])
+    return problems + verify_evidence(passport, handoff, evidence / "eval", gates[0], check_model)
 
 
 # --------------------------------------------------------------------------- the signature

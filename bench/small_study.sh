@@ -14,6 +14,9 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Several torch processes share the host: without a cap each spins an OpenMP thread per core.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# Run 8 ran out of memory on an 80 GB H100 at stage 2's start (65 GiB allocated, 12 GiB reserved but
+# fragmented); expandable segments let the same batch fit.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 KEEP=${KEEP:-runs/small_study}
 mkdir -p "$OUT" "$KEEP"

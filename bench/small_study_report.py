@@ -2,6 +2,7 @@
 
     python bench/small_study_report.py DIR      # DIR: results*.json and raw_main.tar.gz from the run
     python bench/small_study_report.py --compare OUT.png RUN_DIR RUN_DIR ...   # runs side by side
+    python bench/small_study_report.py --target OUT.json RUN_DIR COMMIT GPU_SECONDS   # the target run's summary
 
 Writes ``scores_per_stage.png`` and ``stage3_generations.png`` into DIR and prints the Markdown
 tables that docs/results.md quotes (every number comes from the JSON files).
@@ -368,7 +369,22 @@ def compare(folders: list[Path], png: Path) -> None:
             fontsize=6.5, loc="center left")
 
 
+def target(folder: Path, out: Path, commit: str, gpu_seconds: float) -> dict:
+    """The issue's summary of a target run: stage 3's scores from the raw files, with the commit the
+    run was made at and the device time it held (machine start included; the raw files cannot know
+    either, so both are given)."""
+    stage3 = load(folder)["evals"]["stage3"]
+    pick = {"vqa": "shapes-vqa", "geneval": "shapes-geneval"}
+    summary = {"run": folder.name, "commit": commit, "gpu_seconds": gpu_seconds,
+               **{key: {f: stage3[suite][f] for f in ("overall", "ci95", "n")} for key, suite in pick.items()}}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def main() -> None:
+    if sys.argv[1] == "--target":  # --target OUT.json DIR COMMIT GPU_SECONDS
+        print(target(Path(sys.argv[3]), Path(sys.argv[2]), sys.argv[4], float(sys.argv[5])))
+        return
     if sys.argv[1] == "--compare":  # --compare OUT.png DIR DIR ...
         compare([Path(p) for p in sys.argv[3:]], Path(sys.argv[2]))
         return

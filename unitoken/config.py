@@ -254,6 +254,9 @@ class TrainConfig:
     dropout: float = 0.05  # residual dropout on each decoder layer's attention and MLP outputs (the reference's)
     seed: int = 0
     save_every: int = 1000
+    # periodic checkpoints: training waits only for the copy to host memory, a thread writes the
+    # files (unitoken.train.staged_checkpoint); false: it waits for DeepSpeed's torch.save
+    async_checkpoint: bool = True
     activation_checkpointing: bool = True
     # Decoder layers whose activations are recomputed when activation_checkpointing is on: -1 =
     # every layer (the reference), n = the first n (selective: as few as the memory needs).

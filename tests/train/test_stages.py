@@ -61,6 +61,13 @@ def test_every_stage_hands_off_and_loss_falls(work):
     a = load_file(str(work / "s1" / "handoff" / "model.safetensors"))
     b = load_file(str(work / "s2" / "handoff" / "model.safetensors"))
     assert not torch.equal(a["llm.embed_tokens.weight"], b["llm.embed_tokens.weight"])
+    # periodic checkpoints went through the staged writer and each was published once written
+    saves = [json.loads(x) for x in (work / "s2" / "checkpoints.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in saves]
+    assert steps and steps == sorted(steps) and all(r["staged"] for r in saves)
+    assert all(0 <= r["blocking_s"] <= r["published_after_s"] for r in saves)
+    kept = sorted(p.name for p in (work / "s2" / "checkpoints").iterdir())
+    assert kept == [f"step_{n:06d}" for n in steps[-2:]]  # no debris, the last two kept
 
 
 def test_corrupted_or_wrong_stage_handoff_is_refused(stack, work, tmp_path):

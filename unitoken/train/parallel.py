@@ -77,11 +77,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def wrap(model: torch.nn.Module, optimizer, scheduler, config: dict):
-    """deepspeed.initialize with our optimizer and schedule -> engine."""
+def wrap(model: torch.nn.Module, optimizer, scheduler, config: dict, staged_checkpoints: bool = False):
+    """deepspeed.initialize with our optimizer and schedule -> engine. ``staged_checkpoints``:
+    periodic checkpoints are copied to host memory and written in the background
+    (``unitoken.train.staged_checkpoint``)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if staged_checkpoints:
+        from unitoken.train.staged_checkpoint import StagedCheckpointEngine
+
+        engine.checkpoint_engine = StagedCheckpointEngine(engine._config)
     return engine
 
 

@@ -358,7 +358,7 @@ def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, 
 
     opt, sched = build_optimizer(model, stage)
     ds_cfg = parallel.ds_config(recipe.train, stage, world)
-    engine = parallel.wrap(model, opt, sched, ds_cfg)
+    engine = parallel.wrap(model, opt, sched, ds_cfg, staged_checkpoints=recipe.train.async_checkpoint)
 
     # --- resume
     ckpt_root = out / "checkpoints"
@@ -462,25 +462,54 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
         batch = collate(samples, stage, train.packing, pad, "cpu", train.loss_reduction, train.attention)
         return Drawn(samples, batch, cursor["draws"], sampler.state_dict())
 
-    def save(step_done: int) -> Path:
+    writer = engine.checkpoint_engine if train.async_checkpoint else None
+    pending: dict = {}  # the periodic checkpoint being written in the background: step, timings
+    saves_path = metrics_path.parent / "checkpoints.jsonl"
+
+    def save(step_done: int, wait: bool = False) -> Path:
+        """Write the checkpoint of ``step_done``; with the staged writer, training waits only for
+        the copy to host memory and the checkpoint is published once written (``publish``)."""
+        publish()  # the previous one first: one checkpoint in flight at a time
         client = {"step": step_done, "draws": consumed["draws"], "sampler": consumed["sampler"],
                   "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                   "mlflow_run_id": run_getter()}
         tmp = ckpt.prepare_tmp(ckpt_root, step_done) if rank == 0 else ckpt.tmp_dir(ckpt_root, step_done)
         parallel.barrier()
-        parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes its part
+        t0 = time.perf_counter()
+        parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes (or stages) its part
+        pending.update(step=step_done, t0=t0, blocking_s=time.perf_counter() - t0)
+        if writer is None or wait:
+            publish()
+        return ckpt.step_dir(ckpt_root, step_done)
+
+    def publish() -> None:
+        """Make the pending checkpoint visible once every rank has it on disk."""
+        if not pending:
+            return
+        if writer is not None:
+            writer.wait()
         parallel.barrier()
         if rank == 0:
-            ckpt.publish(ckpt_root, step_done, {"step": step_done, "stage": stage_n, "recipe": recipe.name})
+            ckpt.publish(ckpt_root, pending["step"], {"step": pending["step"], "stage": stage_n, "recipe": recipe.name})
+            record = {"step": pending["step"], "blocking_s": round(pending["blocking_s"], 4),
+                      "published_after_s": round(time.perf_counter() - pending["t0"], 4), "staged": writer is not None}
+            with open(saves_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tracker.log_metrics({"checkpoint_blocking_s": record["blocking_s"]}, step=pending["step"])
         parallel.barrier()
-        return ckpt.step_dir(ckpt_root, step_done)
+        pending.clear()
+
+    def written() -> bool:
+        """Whether the pending checkpoint is on disk on every rank (a collective while one is pending)."""
+        return bool(pending) and not parallel.any_rank(not writer.done())
 
     engine.train()
     grad_divisor = parallel.gradient_average_divisor(engine)
     engine_norms = False  # whether the engine reports the gradient norm (learnt at the first step)
     prefetch = Prefetch(make, stage.max_steps - start_step, depth=train.prefetch)
-    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch):
+    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch), \
+            _draining(writer):
         task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
         for step in range(start_step, stage.max_steps):
             t0 = time.perf_counter()
@@ -529,13 +558,26 @@ def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, dra
             last = step + 1 == stage.max_steps
             stop = parallel.any_rank(sigterm["set"]) and not last  # the last step writes the hand-off anyway
             if stop:
-                raise Stopped(stage_n, step + 1, save(step + 1))
+                raise Stopped(stage_n, step + 1, save(step + 1, wait=True))
             if (step + 1) % train.save_every == 0 and not last:
                 save(step + 1)
+            elif writer is not None and pending and written():
+                publish()
+        publish()
     return losses
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _draining(writer) -> Iterator[None]:
+    """No checkpoint write outlives the loop, whichever way it ends (a failed loop publishes nothing)."""
+    try:
+        yield
+    finally:
+        if writer is not None:
+            writer.drain()
 
 
 @contextmanager

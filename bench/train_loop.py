@@ -1,7 +1,7 @@
 """The whole `unitoken train` loop (data drawing, collation, step) with and without prefetching,
 side by side in one run, on the small recipe's synthetic data.
 
-    python bench/train_loop.py --out runs/train_loop                  # GPU machine (wheels as in small_study.sh)
+    python bench/train_loop.py --out runs/train_loop                  # GPU machine (wheels as in studies/small_study/run.sh)
     python bench/train_loop.py --out /tmp/tl --recipe tiny --scenes 60 --steps 6   # CPU smoke test
 
 Each variant is a stage-2 run of --steps steps from the same stage-1 hand-off; the table gives the

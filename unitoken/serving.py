@@ -18,7 +18,7 @@ other column empty. Params (all optional): ``cfg``, ``top_k`` (defaults: the mod
 as for ``unitoken generate``), ``temperature`` (image sampling), ``text_temperature`` (answers;
 0 = greedy, the paper's setting), ``seed``, ``max_new_tokens``. Every row is sampled with
 ``seed``, so a row gets what it gets alone, up to the float rounding of a padded batch
-(``bench/skew_check.py`` measures answers batched vs alone on a trained model).
+(``studies/small_study/skew_check.py`` measures answers batched vs alone on a trained model).
 
 **Loading refuses a model whose files are not the ones its passport names.** ``load_context``
 re-verifies, from the packaged copy: the passport's hash chain, its digest against the one

@@ -28,3 +28,15 @@ def test_training_improves_reconstruction_and_loads_as_released_vqgan(tmp_path):
     # the output is Chameleon's layout: `model init --tokenizer` takes it
     model, _ = init_model(get_recipe("tiny").model, [tmp_path / "vq"])
     assert evaluate_vq(model.vq, test_x)["psnr_db"] == report["psnr_db"]
+
+
+def test_a_validated_manifest_still_finds_its_scenes(tmp_path):
+    """The pipeline trains on a validated clean.jsonl (beside dataset.json, away from the images):
+    the recognition rate still reads the scenes of the data root it points at."""
+    from unitoken.data.validate import validate_manifest
+
+    synthesize(tmp_path / "d", 30, seed=3)
+    validate_manifest(tmp_path / "d" / "manifest.jsonl", tmp_path / "v")
+    report = train_tokenizer(tmp_path / "v" / "clean.jsonl", tmp_path / "vq", get_recipe("tiny").model.vq, steps=5,
+                             batch_size=4)
+    assert report["objects_total"] > 0 and 0 <= report["recognition_rate"] <= 1

@@ -63,4 +63,4 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, code, ne
 def test_help_has_examples(tmp_path):
     for cmd in (["model", "init"], ["generate"], ["chat"]):
         out = run(*cmd, "--help", cwd=tmp_path)
-        assert "example" in out.stdout and "unitoken" in out.stdout
+        assert "Example" in out.stdout and "unitoken" in out.stdout

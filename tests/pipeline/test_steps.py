@@ -118,3 +118,15 @@ def test_kfp_mlflow_integration_parent_run_is_reused(s3_env, monkeypatch):
     monkeypatch.setenv("KFP_MLFLOW_CONFIG", json.dumps({"parentRunId": "0" * 32}))
     own = steps.open_pipeline_run("uuid-2", "other run", {})
     assert own != kfp_run and client.get_run(own).data.tags[steps.PIPELINE_TAG] == "uuid-2"
+
+
+def test_a_step_with_no_parent_run_id_touches_no_mlflow(monkeypatch):
+    """parent_run_id None (the small study on a machine without MLflow): the step's run records
+    nothing and no MLflow client is made."""
+    monkeypatch.setattr(steps, "_client", lambda: pytest.fail("an MLflow client was made"))
+    with steps.step_run("validate", None, {"x": 1}) as run:
+        run.params({"y": 2})
+        run.metrics({"a/b": 1.0})
+        run.tags({"t": "v"})
+        run.artifact(__file__)
+    assert run.run_id is None

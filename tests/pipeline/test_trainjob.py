@@ -221,7 +221,7 @@ def test_deleted_job_fails_the_step(stub_factory):
 def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
     """The multi-node step copies its inputs to the shared volume and launches `unitoken train` with
     arguments the CLI accepts; without a hand-off on the volume afterwards it fails, never publishes."""
-    from unitoken.cli import _parser
+    from unitoken.cli import build_parser
     from unitoken.pipeline import steps
     from unitoken.train.checkpoint import HandoffError
 
@@ -243,7 +243,7 @@ def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
                                      launcher=FakeLauncher())
     cmd = seen["body"]["spec"]["trainer"]["command"]
     assert cmd[:3] == ["torchrun", "-m", "unitoken.cli"]
-    args = _parser().parse_args(cmd[3:])
+    args = build_parser().parse_args(cmd[3:])
     assert (args.stage, args.recipe, args.max_steps, args.overrides) == (2, "tiny", 5, ["train.seed=3"])
     assert (tmp_path / "pvc/job/stage2/inputs/tokens/index.json").is_file()
     assert (tmp_path / "pvc/job/stage2/inputs/init/config.json").is_file()

@@ -209,7 +209,7 @@ def test_cli_lists_and_prunes(tmp_path, monkeypatch):
     from rich.console import Console
 
     from unitoken.cli import main
-    from unitoken.pipeline import command
+    from unitoken.cli import pipeline as command
 
     buf = io.StringIO()
     monkeypatch.setattr(command, "console", Console(file=buf, width=200))

@@ -1,14 +1,11 @@
-"""The small study's decisions (bench/small_study.py): which VQ-GAN it trains with, and its intervals."""
+"""The small study's decisions (studies/small_study/): which VQ-GAN it trains with, its intervals,
+its deadlines, and the pipeline steps it runs."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-_path = Path(__file__).resolve().parents[2] / "bench" / "small_study.py"
-_spec = importlib.util.spec_from_file_location("small_study", _path)
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+from studies.small_study import report, stats, study
 
 
 @pytest.mark.parametrize("coarse, fine, want", [
@@ -32,16 +29,16 @@ def test_run_4_would_have_kept_the_fine_grid_at_its_old_minimum():
 
 
 def test_bootstrap_interval_and_paired_difference():
-    lo, hi = study.bootstrap_ci([1.0] * 30 + [0.0] * 70)
+    lo, hi = stats.bootstrap_ci([1.0] * 30 + [0.0] * 70)
     assert lo < 0.3 < hi and hi - lo < 0.25
-    assert study.bootstrap_ci([]) == [0.0, 0.0]
-    d = study.paired_diff({"a": 0.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 0.0})
+    assert stats.bootstrap_ci([]) == [0.0, 0.0]
+    d = stats.paired_diff({"a": 0.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 0.0})
     assert d["n"] == 3 and d["diff"] == pytest.approx(2 / 3, abs=1e-4) and d["ci95"][0] >= 0
 
 
 @pytest.mark.extended
 def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resumes(tmp_path, monkeypatch):
-    """The study SIGTERMs `unitoken train` before a device call's deadline; the run checkpoints at
+    """The study SIGTERMs its training step before a device call's deadline; the run checkpoints at
     its step (exit 143), and the same command in the next call goes on from that step."""
     import json
     import subprocess
@@ -81,10 +78,6 @@ def test_a_call_deadline_stops_training_with_a_checkpoint_and_the_next_call_resu
 def test_table_5_shows_the_held_out_loss_change_of_joint_training():
     """The report's Table 5: a joint run's held-out loss is set against the single-task run of
     the same encoding (+ = worse when the tasks share training)."""
-    spec = importlib.util.spec_from_file_location("small_study_report", _path.with_name("small_study_report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-
     def ev(und, gen):
         return {"heldout": {"understanding": {"mean": und, "ci95": [und - 0.1, und + 0.1], "n": 500},
                             "generation": {"mean": gen, "ci95": [gen - 0.1, gen + 0.1], "n": 500}}}
@@ -160,7 +153,7 @@ def test_an_evaluation_beside_training_hands_its_failure_to_the_chain(tmp_path, 
 
 
 FAKE_CHAIN = """#!/usr/bin/env bash
-# stands in for `python small_study.py chain ...`: logs its GPU, role and share, then exits
+# stands in for `python -m studies.small_study.study chain ...`: logs its GPU, role and share, then exits
 which=""; share=""
 while [ $# -gt 0 ]; do
   case "$1" in --which) which=$2;; --ablation-share) share=$2;; esac; shift
@@ -264,17 +257,13 @@ def test_held_out_loss_counts_only_stage_2_sources_and_pairs_the_records(tmp_pat
     import json
     import tarfile
 
-    spec = importlib.util.spec_from_file_location("small_study_report", _path.with_name("small_study_report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-
     def records(vqa, caption, t2i):  # one loss per record of each source
         return ([{"id": f"v{i}", "task": "understanding", "category": "synth-vqa", "score": x} for i, x in enumerate(vqa)]
                 + [{"id": f"c{i}", "task": "understanding", "category": "synth-caption", "score": x}
                    for i, x in enumerate(caption)]
                 + [{"id": f"t{i}", "task": "generation", "category": "synth-t2i", "score": x} for i, x in enumerate(t2i)])
 
-    summary = study.heldout_summary(records([0.2, 0.4], [9.0], [3.0]))
+    summary = stats.heldout_summary(records([0.2, 0.4], [9.0], [3.0]))
     assert summary["understanding"]["mean"] == pytest.approx(0.3) and summary["understanding"]["n"] == 2
     assert summary["understanding"]["by_source"] == {"synth-caption": 9.0, "synth-vqa": 0.3}
     assert summary["generation"]["sources"] == ["synth-t2i"]
@@ -325,9 +314,9 @@ def test_a_run_that_finishes_as_the_deadline_comes_counts_as_done(tmp_path, monk
     (w / "logs").mkdir(parents=True)
 
     def fake_train(rc: int, handoff: bool):
-        class Train:  # `unitoken train` that gets the SIGTERM: exits rc, with or without a hand-off
+        class Train:  # the train_stage step that gets the SIGTERM: exits rc, with or without a hand-off
             def __init__(self, cmd, **kw):
-                self.out, self.done = Path(cmd[cmd.index("--out") + 1]), False
+                self.out, self.done = Path(json.loads(cmd[-1])["work"]), False
 
             def wait(self, timeout=None):
                 if not self.done:
@@ -361,3 +350,58 @@ def test_a_run_that_finishes_as_the_deadline_comes_counts_as_done(tmp_path, monk
         with pytest.raises(study.OutOfTime):
             chain.train(2, f"abl/y{n}", w / "m", 5, [])
         assert chain.res.doc["partial_steps"][f"abl_y{n}"] == [3, 5] and f"abl_y{n}" not in chain.res.doc["runs"]
+
+
+def test_without_great_expectations_the_synthetic_manifest_is_taken_as_clean(tmp_path, monkeypatch):
+    """The GPU machine has no great-expectations: the study then takes the synthetic manifest as
+    the clean set, points dataset.json at its images (the steps after read it the same), and
+    says validation was skipped."""
+    import importlib.util
+
+    from unitoken.data.manifest import data_root
+    from unitoken.data.synth import synthesize
+
+    synthesize(tmp_path / "d", 4)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "great_expectations" else real(name))
+    summary = study.validated(tmp_path / "d", tmp_path / "v")
+    assert "great_expectations not installed" in summary["skipped"]
+    assert (tmp_path / "v" / "clean.jsonl").read_bytes() == (tmp_path / "d" / "manifest.jsonl").read_bytes()
+    assert data_root(tmp_path / "v" / "clean.jsonl") == (tmp_path / "d").resolve()
+
+
+def test_a_training_step_stopped_by_sigterm_exits_143(monkeypatch, capsys):
+    """The child that runs a step maps the loop's Stopped (SIGTERM, checkpointed at the step) to
+    exit 143, which the chain reads as cut off and resumes in the next call."""
+    from unitoken.pipeline import steps
+    from unitoken.train.train import Stopped
+
+    def stopped(**kwargs):
+        raise Stopped(2, 7, Path("ckpt"))
+
+    monkeypatch.setattr(steps, "train_stage", stopped)
+    assert study.run_step("train_stage", {"stage": 2}) == 143
+    assert "stopped by SIGTERM after step 7" in capsys.readouterr().err
+    monkeypatch.setattr(steps, "train_stage", lambda **kwargs: {"steps": kwargs["stage"]})
+    assert study.run_step("train_stage", {"stage": 2}) == 0
+
+
+@pytest.mark.extended
+def test_setup_runs_the_pipelines_steps_on_the_cpu(tmp_path):
+    """The study's setup on the tiny recipe: synthetic data, validation, both VQ-GANs side by side,
+    the two inits and pre-tokenisation, each the pipeline's step, untracked (no MLflow here)."""
+    import json
+    from types import SimpleNamespace
+
+    w, out = tmp_path / "w", tmp_path / "out"
+    (w / "logs").mkdir(parents=True)
+    out.mkdir()
+    args = SimpleNamespace(recipe="tiny", vq_scenes=16, scenes=16, vq_steps=5, vq_set=[],
+                           vq_fallback=["model.vq.channel_multiplier=[1,1,2,2]"], min_recognition=0.9, main_only=False)
+    res = study.Results(out)
+    study.setup(args, w, out, res)
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["vq_candidates"]) == {"vq", "vq_fallback"} and doc["vq"]["recognition_rate"] is not None
+    assert doc["validation"]["d"]["rejected_rows"] == 0
+    assert (w / "m" / "model.safetensors").is_file() and (w / "m_disc" / "model.safetensors").is_file()
+    assert json.loads((w / "p" / "index.json").read_text())["shards"]

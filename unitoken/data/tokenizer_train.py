@@ -135,7 +135,8 @@ def train_tokenizer(data: str | Path, out: str | Path, cfg: VQConfig, steps: int
     vq = vq.cpu()
     metrics = evaluate_vq(vq, test_x)
     recon = metrics.pop("recon")
-    recognised = _recognition(data if data.is_dir() else manifest.parent, test_paths, recon)
+    # the scenes lie in the data root: a validated clean.jsonl's dataset.json points there
+    recognised = _recognition(data_root(manifest), test_paths, recon)
     save_vqgan(vq, out)
     _grid(test_x[:16], recon[:16]).save(out / "reconstructions.png")
     report = {"config": taming_yaml(cfg), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,

@@ -10,7 +10,6 @@ expectation's unexpected rows get that expectation's reason.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 from collections import Counter
@@ -255,20 +254,6 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
 
 
 def _html(report: dict, rejected: list) -> str:
-    esc = html.escape
-    reason_rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report["reasons"].items())
-    exp_rows = "".join(
-        f"<tr class={'ok' if e['success'] else 'bad'}><td>{esc(e['expectation'])}</td><td>{esc(e['reason'])}</td>"
-        f"<td>{e['unexpected_count']}</td></tr>" for e in report["expectations"])
-    sample = "".join(f"<tr><td>{r.line}</td><td>{esc(', '.join(why))}</td><td><code>{esc(r.raw[:300])}</code></td></tr>"
-                     for r, why in rejected)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Validation report</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-table{{border-collapse:collapse;margin-bottom:1.5em}}.bad{{background:#fdd}}.ok{{background:#dfd}}</style></head><body>
-<h1>Manifest validation</h1><p><code>{esc(report['manifest'])}</code></p>
-<p><b>{report['input_rows']}</b> rows: <b>{report['clean_rows']}</b> clean, <b>{report['rejected_rows']}</b> rejected
-({100 * report['reject_fraction']:.2f} %).</p>
-<h2>Rejections by reason</h2><table><tr><th>reason</th><th>rows</th></tr>{reason_rows}</table>
-<h2>Expectations</h2><table><tr><th>expectation</th><th>reason</th><th>unexpected</th></tr>{exp_rows}</table>
-<h2>Rejected rows (first 200)</h2><table><tr><th>line</th><th>reasons</th><th>row</th></tr>{sample}</table>
-</body></html>"""
+    from unitoken.reports import render
+
+    return render("validation.html.j2", report=report, rejected=rejected)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from unitoken.data.dataset import ShardDataset, pad_samples
+from unitoken.eval.summary import summarize
 from unitoken.model.sequence import IGNORE
 
 
@@ -89,8 +90,6 @@ def heldout_loss(model, builder, tokens: str | Path | ShardDataset, split: str =
 
 def summarize_loss(results: list[dict]) -> dict:
     """{task: {"mean", "n", "categories": {source: mean}}} of per-record losses."""
-    from unitoken.eval.runner import summarize
-
     out = {}
     for task in sorted({r["task"] for r in results}):
         s = summarize([r for r in results if r["task"] == task], task, 0.0)

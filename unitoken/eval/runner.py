@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 from contextlib import nullcontext
-import html
 import io
 import json
 from pathlib import Path
 
+from unitoken.eval.summary import summarize
 from unitoken.files import sha256_file
 
 SUITES = {
@@ -105,15 +105,6 @@ def _need(value, flag):
     return value
 
 
-def summarize(results: list[dict], task: str, chance: float) -> dict:
-    cats: dict[str, list[float]] = {}
-    for r in results:
-        cats.setdefault(r["category"], []).append(r["score"])
-    per_cat = {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())}
-    overall = round(sum(r["score"] for r in results) / len(results), 4) if results else 0.0
-    return {"task": task, "overall": overall, "categories": per_cat, "n": len(results), "chance": round(chance, 4)}
-
-
 def evaluate_like(candidate_eval: str | Path, model_path: str | Path, out: str | Path, data: Path | None = None,
                   device: str = "cpu") -> dict:
     """Evaluate ``model_path`` (the champion) exactly as ``candidate_eval`` was evaluated: the same
@@ -159,31 +150,9 @@ def _chart(summary: dict) -> str:
 
 
 def render_html(report: dict, items: list[dict], out: Path) -> str:
-    esc = html.escape
-    rows = "".join(f"<tr><td>{esc(s)}</td><td>{v['task']}</td><td>{v['overall']:.4f}</td><td>{v['chance']:.4f}</td>"
-                   f"<td>{v['n']}</td></tr>" for s, v in report["suites"].items())
-    grid = "".join(
-        f"<figure class={'ok' if i['score'] else 'bad'}><img src='{esc(i['image'])}' width=128>"
-        f"<figcaption>{esc(i['prompt'])}<br><b>{'pass' if i['score'] else 'fail'}</b>: {esc(i['reason'])}</figcaption></figure>"
-        for i in items if "image" in i)
-    answers = "".join(f"<tr class={'ok' if i['score'] else 'bad'}><td>{esc(i['id'])}</td><td>{esc(i['category'])}</td>"
-                      f"<td>{esc(str(i['answer']))}</td><td>{esc(str(i['prediction']))[:80]}</td></tr>"
-                      for i in items if "prediction" in i)
+    """report.html: scores per suite with a chart per category, the held-out losses, the
+    generated images with their verdicts and the answers (``templates/evaluation.html.j2``)."""
+    from unitoken.reports import render
+
     chart = _chart(report["suites"]) if report["suites"] else ""
-    held = report.get("heldout") or {}
-    losses = "".join(f"<tr><td>{esc(t)}</td><td>{v['mean']:.4f}</td><td>{v['n']}</td><td>"
-                     + esc(", ".join(f"{c} {x:.3f}" for c, x in v["categories"].items())) + "</td></tr>"
-                     for t, v in held.items() if isinstance(v, dict))
-    losses = (f"<h2>Held-out loss (test split of <code>{esc(held['tokens'])}</code>; mean NLL per supervised token, "
-              f"lower is better)</h2><table><tr><th>task</th><th>loss</th><th>records</th><th>by source</th></tr>"
-              f"{losses}</table>") if held else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation</title><style>
-body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}
-figure{{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}}
-.ok{{background:#e8f6e8}}.bad{{background:#fbe9e9}}</style></head><body>
-<h1>Evaluation of <code>{esc(report['model'])}</code></h1>
-<table><tr><th>suite</th><th>task</th><th>score</th><th>chance</th><th>items</th></tr>{rows}</table>
-<img src="data:image/png;base64,{chart}">{losses}
-<h2>Generated images</h2>{grid or '<p>none</p>'}
-<h2>Answers</h2><table><tr><th>id</th><th>category</th><th>answer</th><th>prediction</th></tr>{answers}</table>
-</body></html>"""
+    return render("evaluation.html.j2", report=report, items=items, chart=chart, heldout=report.get("heldout") or {})

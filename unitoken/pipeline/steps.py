@@ -7,6 +7,8 @@ in a pod on a cluster, and in tests without KFP. Nothing here imports ``kfp``.
 MLflow: the pipeline run is the parent run (``open_pipeline_run``), found again by the tag
 ``unitoken.pipeline_job``; every step is a nested run (``mlflow.parentRunId``). Training stages
 create their own nested run through ``MLflowTracker`` (which reads ``MLFLOW_PARENT_RUN_ID``).
+A ``parent_run_id`` of None runs a step with no MLflow at all: the small study
+(``studies/small_study/``) runs these steps on a GPU machine that has no MLflow.
 """
 
 from __future__ import annotations
@@ -153,10 +155,29 @@ class StepRun:
         log_batched(self.client, self.run_id, tags=tags)
 
 
+class NullStepRun:
+    """A step's run when nothing is tracked (``parent_run_id`` None): records nothing."""
+
+    run_id = None
+
+    def params(self, params: dict[str, Any]) -> None: ...
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def tags(self, tags: dict[str, str]) -> None: ...
+
+
 @contextlib.contextmanager
-def step_run(name: str, parent_run_id: str, params: dict[str, Any] | None = None) -> Iterator[StepRun]:
+def step_run(name: str, parent_run_id: str | None, params: dict[str, Any] | None = None
+             ) -> Iterator[StepRun | NullStepRun]:
+    """The step's nested MLflow run under ``parent_run_id`` ("": a top-level run; None: none)."""
     from unitoken.train.tracking import experiment_for
 
+    if parent_run_id is None:
+        yield NullStepRun()
+        return
     client = _client()
     tags = {"unitoken.kind": "pipeline-step", "unitoken.step": name}
     if parent_run_id:
@@ -319,7 +340,8 @@ def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, ini
             return info, info["mlflow_run_id"]
         with parent_env(parent_run_id):
             result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
-                                resume="auto", max_steps=max_steps or None, show_progress=False)
+                                resume="auto", max_steps=max_steps or None, track=parent_run_id is not None,
+                                show_progress=False)
         _tag_run(result.mlflow_run_id, tags)
         return publish_handoff(Path(work) / "handoff", Path(out)) | {
             "steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
@@ -357,6 +379,8 @@ def train_processes(stage: int, recipe: str, overrides: list[str], tokens: Path,
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = train_command(stage, recipe, overrides, tokens, init, work, max_steps, launcher)
+    if parent_run_id is None:
+        command.append("--no-track")
     env = dict(os.environ, MLFLOW_PARENT_RUN_ID=parent_run_id) if parent_run_id else dict(os.environ)
     Path(work).mkdir(parents=True, exist_ok=True)
     log_path = Path(work) / f"torchrun-{int(time.time())}.log"
@@ -400,11 +424,13 @@ def _stage_inputs(stage: int, recipe: str, overrides: list[str], tokens: Path, i
 
 
 def publish_handoff(handoff: Path, out: Path) -> dict:
-    """Copy a verified hand-off into an output artifact, and verify the copy."""
+    """Copy a verified hand-off into an output artifact, and verify the copy (``out`` the
+    hand-off itself: verified where it is, as the small study publishes its runs)."""
     from unitoken.train.checkpoint import handoff_digest, verify_handoff
 
     verify_handoff(handoff)
-    shutil.copytree(handoff, out, dirs_exist_ok=True)
+    if Path(out).resolve() != Path(handoff).resolve():
+        shutil.copytree(handoff, out, dirs_exist_ok=True)
     doc = verify_handoff(out)
     return {"stage": doc["stage"], "handoff_sha256": handoff_digest(out)}
 
@@ -412,13 +438,15 @@ def publish_handoff(handoff: Path, out: Path) -> dict:
 # --------------------------------------------------------------------------- evaluation, gate, registry
 
 
-def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str, label: str,
-             cfg_scale: float | None = None, top_k: int | None = None, seed: int = 0, cache: StepCache | None = None,
-             tokens: Path | None = None, heldout_limit: int = 500) -> dict:
+def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path, parent_run_id: str | None,
+             label: str, cfg_scale: float | None = None, top_k: int | None = None, seed: int = 0,
+             cache: StepCache | None = None, tokens: Path | None = None, heldout_limit: int = 500,
+             temperature: float = 1.0, batch_size: int = 64) -> dict:
     """Run the evaluation suites, and with ``tokens`` (the pre-tokenised data) the held-out loss
     per task on its test split; metrics go to a nested run named ``eval-<label>``, the losses as
     ``heldout_loss/<task>`` (cached: ``cached_step``; a hit logs the cached metrics on its run, so
-    scores read the same). ``cfg_scale`` / ``top_k`` left at None take the model's recipe's."""
+    scores read the same). ``cfg_scale`` / ``top_k`` left at None take the model's recipe's;
+    ``temperature`` is the image sampling temperature, ``batch_size`` items per forward pass."""
     from unitoken.eval.runner import evaluate as run_eval
     from unitoken.recipes import sampling_defaults
 
@@ -430,14 +458,15 @@ def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path,
     def inputs():
         held = {"tokens_sha256": tokens_digest(tokens), "heldout_limit": heldout_limit} if tokens else {}
         return {"model_sha256": model_digest(model_dir), "data_sha256": dataset_digest(dataset), "suites": names,
-                "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "seed": seed, "device": device, **held}
+                "limit": limit, "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
+                "batch_size": batch_size, "seed": seed, "device": device, **held}
 
     def compute(tags):
         with step_run(f"eval-{label}", parent_run_id, {"suites": suites, "limit": limit, "model": label}) as run:
             run.tags(tags)
             report = run_eval(model_dir, names, out, data=data_root(dataset), limit=limit or None,
-                              cfg_scale=cfg_scale, top_k=top_k, seed=seed, device=device, heldout_tokens=tokens,
-                              heldout_limit=heldout_limit)
+                              cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, seed=seed, device=device,
+                              batch_size=batch_size, heldout_tokens=tokens, heldout_limit=heldout_limit)
             run.metrics(eval_metrics(report))
             for name in ("report.json", "report.html"):
                 run.artifact(Path(out) / name, f"eval-{label}")

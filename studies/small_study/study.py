@@ -3,34 +3,42 @@ Table 5 ablation (dual vs discrete-only encoding; stage 2 on understanding only 
 only / both) and Table 6 (data ratios): on two GPUs one chain each, on one GPU the ablation
 after the main chain in ``--ablation-share`` of the time left after stage 1.
 
-    bash bench/small_study.sh OUT [run args]            # on the GPU machine (wheels, env, then this)
-    python bench/small_study.py run --out OUT --work W --deadline 560
-    python bench/small_study.py run --out OUT --work W --recipe tiny --scenes 140 --vq-scenes 140 \
+    bash studies/small_study/run.sh OUT [run args]     # on the GPU machine (wheels, env, then this)
+    python -m studies.small_study.study run --out OUT --work W --deadline 560
+    python -m studies.small_study.study run --out OUT --work W --recipe tiny --scenes 140 --vq-scenes 140 \
         --vq-steps 10 --s1-steps 2 --s2-steps 4 --s3-steps 2 --calib-steps 3 --abl-unit 2 \
         --limit 10 --limit-gen 7 --sweep-limit 5    # CPU smoke test of the whole path
 
+What it measures is what the pipeline runs: data validation, VQ tokenizer training, model
+initialisation, pre-tokenisation, every training stage and every evaluation are the pipeline's
+step functions (``unitoken.pipeline.steps``), called with no MLflow (``parent_run_id`` None:
+the GPU machine has none). Data synthesis is ``unitoken.data.synth.synthesize``, as in
+``unitoken pipeline run --local``. Steps that hold a GPU, or must run side by side or stop at a
+deadline, run in a child process each (``python -m studies.small_study.study step NAME
+KWARGS``), so ``CUDA_VISIBLE_DEVICES`` places them and SIGTERM stops a training run at a step.
+
 Setup (data, VQ-GAN, inits, pre-tokenisation) runs once; then two processes each run their
-plan of `unitoken train` runs and in-process evaluations (every evaluation also reports the
-held-out loss per task, which moves before the scores leave chance). The study outlasts one
-10-minute call of the device tool, so it is resumable: run the same command again with the
-same ``--work`` (on a machine that kept it) and every finished task is skipped, a cut-off
-training run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later``
-the seconds of later calls the plan may count on (their deadlines added up: less, and the
-last call ends early); stage 2 and 3 steps and the ablation's unit are sized from short
-calibration runs to fit both, and stages 2 and 3 are resized at stage 2's measured speed when
-a later call resumes it (``Chain.fit_stages``). The ablation evaluates each run
-while the next one trains. The ablation's joint runs take 2u steps and its single-task runs
-u steps, so each task sees as many samples alone as together (the paper's Table 5: 10M, 10M,
-10M + 10M); the Table 6 runs (und:gen 2:1 and 1:2) take 2u like the 1:1 run. ``OUT/results*.json``
-are rewritten after every task, so a timeout still leaves what was done.
+plan of training runs and in-process evaluations (every evaluation also reports the held-out
+loss per task, which moves before the scores leave chance). The study outlasts one 10-minute
+call of the device tool, so it is resumable: run the same command again with the same
+``--work`` (on a machine that kept it) and every finished task is skipped, a cut-off training
+run resumes from its last checkpoint. ``--deadline`` is this call's end, ``--later`` the
+seconds of later calls the plan may count on (their deadlines added up: less, and the last
+call ends early); stage 2 and 3 steps and the ablation's unit are sized from short calibration
+runs to fit both, and stages 2 and 3 are resized at stage 2's measured speed when a later call
+resumes it (``Chain.fit_stages``). The ablation evaluates each run while the next one trains.
+The ablation's joint runs take 2u steps and its single-task runs u steps, so each task sees as
+many samples alone as together (the paper's Table 5: 10M, 10M, 10M + 10M); the Table 6 runs
+(und:gen 2:1 and 1:2) take 2u like the 1:1 run. ``OUT/results*.json`` are rewritten after
+every task, so a timeout still leaves what was done.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -40,8 +48,11 @@ import threading
 import time
 from pathlib import Path
 
+from studies.small_study.stats import bootstrap_ci, heldout_summary, paired_diff
+
 PY = sys.executable
-U = [PY, "-m", "unitoken.cli"]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: children import studies/ and unitoken/ from it
+STEPS = ("tokenizer", "init_model", "pretokenize", "train_stage")  # what runs in a child process
 T0 = time.time()
 
 
@@ -71,13 +82,23 @@ class Results:
             tmp.replace(self.path)
 
 
-def sh(cmd: list[str], logfile: Path | None = None) -> None:
-    with open(logfile, "a") if logfile else open(os.devnull, "w") as fh:
-        subprocess.run([str(c) for c in cmd], check=True, stdout=fh, stderr=subprocess.STDOUT)
+# --------------------------------------------------------------------------- child processes
 
 
-def spawn(cmd: list[str], logfile: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(c) for c in cmd], stdout=open(logfile, "a"), stderr=subprocess.STDOUT)
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment with the checkout first on PYTHONPATH (``-m studies...`` from any cwd)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def step_command(name: str, **kwargs) -> list[str]:
+    """The command line of ``unitoken.pipeline.steps.<name>(**kwargs)`` in a child process."""
+    return [PY, "-m", "studies.small_study.study", "step", name, json.dumps(kwargs, default=str)]
+
+
+def spawn_step(name: str, logfile: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(step_command(name, **kwargs), stdout=open(logfile, "a"), stderr=subprocess.STDOUT,
+                            env=child_env())
 
 
 def wait_all(procs: dict[str, subprocess.Popen]) -> None:
@@ -87,72 +108,41 @@ def wait_all(procs: dict[str, subprocess.Popen]) -> None:
         raise RuntimeError(f"failed: {bad}")
 
 
-# --------------------------------------------------------------------------- statistics
+def run_step(name: str, kwargs: dict) -> int:
+    """``python -m studies.small_study.study step NAME KWARGS``: one pipeline step, untracked.
+    Exit 143 when SIGTERM stopped a training run at a step (it checkpointed there)."""
+    from unitoken.pipeline import steps
+    from unitoken.train.train import Stopped
 
-
-def bootstrap_ci(scores: list[float], n: int = 2000, seed: int = 0) -> list[float]:
-    """95 % percentile bootstrap interval of a mean."""
-    if not scores:
-        return [0.0, 0.0]
-    rng = random.Random(seed)
-    k = len(scores)
-    means = sorted(sum(scores[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return [round(means[int(0.025 * n)], 4), round(means[int(0.975 * n) - 1], 4)]
-
-
-def paired_diff(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: int = 0) -> dict:
-    """Mean of b - a over shared items with a paired-bootstrap 95 % interval."""
-    ids = sorted(set(a) & set(b))
-    d = [b[i] - a[i] for i in ids]
-    return {"diff": round(sum(d) / len(d), 4) if d else 0.0, "ci95": bootstrap_ci(d, n, seed), "n": len(d)}
-
-
-def stage2_records(records: list[dict], sources: tuple[str, ...] | None = None) -> list[dict]:
-    """The held-out records (per-record rows of unitoken.eval.heldout) of ``sources`` (default: the
-    synthetic set's stage-2 sources, which the ablation's runs and the main chain's stages 2 and 3
-    train on). Run 6's ablation (stage 2 on VQA and text-to-image only) first reported the mean
-    over all sources: its understanding loss was then mostly captions (stage 1) and dialogues
-    (stage 3), 6-14 nats per token against VQA's 0.13-0.18, i.e. text no ablation run trained on."""
-    if sources is None:
-        from unitoken.recipes import SYNTH_STAGE2 as sources
-    return [r for src in sources for r in records if r["category"] == src]  # grouped: a fixed bootstrap order
-
-
-def heldout_summary(records: list[dict], sources: tuple[str, ...] | None = None) -> dict:
-    """Held-out loss per task over ``stage2_records``: mean, 95 % interval, n, the sources counted,
-    and the mean of every source (``by_source``, all records)."""
-    from unitoken.eval.heldout import summarize_loss
-
-    kept = stage2_records(records, sources)
-    counted = summarize_loss(kept)
-    out = {}
-    for task, every in summarize_loss(records).items():
-        mine = counted.get(task, {"mean": None, "n": 0, "categories": {}})
-        out[task] = {"mean": mine["mean"], "ci95": bootstrap_ci([r["score"] for r in kept if r["task"] == task]),
-                     "n": mine["n"], "sources": list(mine["categories"]), "by_source": every["categories"]}
-    return out
+    try:
+        result = getattr(steps, name)(**kwargs)
+    except Stopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        return 143  # 128 + SIGTERM, as `unitoken train` exits
+    print(json.dumps(result, default=str), flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: Path, data: Path, out: Path, suites: list[str], limit_vqa: int, limit_gen: int,
-             cfg: float, top_k: int, temperature: float, device: str, tokens: Path | None = None,
-             heldout_limit: int = 0) -> dict:
-    """``unitoken eval`` in-process, with per-suite limits, and (``heldout_limit`` > 0) the
-    held-out loss per task on the pre-tokenised ``tokens``; returns a compact summary."""
-    from unitoken.eval.runner import evaluate as run_eval
+def evaluate(model: Path, dataset: Path, out: Path, suites: list[str], limit_vqa: int, limit_gen: int,
+             cfg: float, top_k: int, temperature: float, tokens: Path | None = None, heldout_limit: int = 0) -> dict:
+    """The pipeline's evaluation step once per suite (each with its limit) in this process; with
+    ``heldout_limit`` > 0 the first suite's also scores the held-out loss per task on the
+    pre-tokenised ``tokens``. Returns a compact summary with bootstrap intervals."""
+    from unitoken.pipeline import steps
 
     summary = {}
     for k, suite in enumerate(suites):
         limit = limit_vqa if suite == "shapes-vqa" else limit_gen
-        held = {"heldout_tokens": tokens, "heldout_limit": heldout_limit} if heldout_limit and k == 0 else {}
+        held = bool(heldout_limit) and k == 0
         t = time.time()
-        report = run_eval(model, [suite], out / suite, data=data, limit=limit, cfg_scale=cfg, top_k=top_k,
-                          temperature=temperature, device=device, batch_size=128, **held)
-        items = [json.loads(x) for x in (out / suite / "items.jsonl").read_text().splitlines()]
-        s = report["suites"][suite]
-        summary[suite] = {"overall": s["overall"], "ci95": bootstrap_ci([i["score"] for i in items]),
+        steps.evaluate(model, dataset, suite, limit, out / suite, None, f"{out.name}-{suite}", cfg_scale=cfg,
+                       top_k=top_k, tokens=tokens if held else None, heldout_limit=heldout_limit,
+                       temperature=temperature, batch_size=128)
+        s = json.loads((out / suite / "report.json").read_text())["suites"][suite]
+        summary[suite] = {"overall": s["overall"], "ci95": bootstrap_ci(list(item_scores(out, suite).values())),
                           "chance": s["chance"], "n": s["n"], "categories": s["categories"],
                           "seconds": round(time.time() - t, 1)}
         if held:  # the loss per task on the test split (unitoken.eval.heldout), with intervals
@@ -163,7 +153,7 @@ def evaluate(model: Path, data: Path, out: Path, suites: list[str], limit_vqa: i
 
 
 def _free_gpu() -> None:
-    """Give the evaluation's cached GPU memory back: the next `unitoken train` is another process."""
+    """Give the evaluation's cached GPU memory back: the next training run is another process."""
     import gc
 
     import torch
@@ -203,6 +193,9 @@ def sweep_sampling(model: Path, data: Path, out: Path, limit: int, device: str) 
     return {"val_scores": scores, "chosen": {"cfg": float(cfg), "top_k": int(top_k), "temperature": float(temp)}}
 
 
+# --------------------------------------------------------------------------- setup
+
+
 def choose_vq(reports: dict[str, dict], min_recognition: float) -> str:
     """"vq" (the recipe's VQ-GAN) unless it recognises fewer than ``min_recognition`` of the test
     objects after reconstruction and "vq_fallback" recognises more."""
@@ -212,50 +205,68 @@ def choose_vq(reports: dict[str, dict], min_recognition: float) -> str:
     return "vq"
 
 
+def validated(data: Path, out: Path) -> dict:
+    """``data`` (a synthetic set) validated into ``out`` by the pipeline's validation step.
+
+    The GPU machine has no great-expectations and no pandas (shared/PLATFORM-NOTES.md): there
+    the synthetic manifest is taken as the clean set, with the ``dataset.json`` that points at its
+    images, and the summary says so (the synthetic set validates with no rejected rows:
+    tests/integration/test_data_cli.py). Everything after reads ``out`` the same either way."""
+    missing = [m for m in ("great_expectations", "pandas") if importlib.util.find_spec(m) is None]
+    if not missing:
+        from unitoken.pipeline import steps
+
+        return steps.validate(str(data), out, None)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data / "manifest.jsonl", out / "clean.jsonl")
+    (out / "dataset.json").write_text(json.dumps({"data_root": str(data.resolve())}, indent=2))
+    return {"skipped": f"{', '.join(missing)} not installed here: the synthetic manifest taken as clean"}
+
+
 def setup(args, w: Path, out: Path, res: Results) -> None:
-    """Data, VQ-GAN, model inits and pre-tokenised data (CPU + GPU 0)."""
-    R, dev = args.recipe, args.device
+    """Data, VQ-GAN, model inits and pre-tokenised data (CPU + GPU 0), each by the pipeline's step."""
+    from unitoken.data.synth import synthesize
+
+    R = args.recipe
     size = 128 if R == "small" else 64
     logs = w / "logs"
 
     def timed(name, fn):
         t = time.time()
-        fn()
+        value = fn()
         res.set("timings", name, value=round(time.time() - t, 1))
         log(f"{name} done in {time.time() - t:.0f}s")
+        return value
 
     # Step 1: data. A small set for the VQ-GAN first, so its training overlaps the big synth. The
     # recipe's VQ-GAN and a finer fallback train side by side; the fallback is used only if the
     # recipe's one loses too many objects in reconstruction (the detector must find them).
-    timed("synth_vq", lambda: sh(U + ["data", "synth", "--out", w / "dvq", "--n", args.vq_scenes, "--size", size,
-                                      "--seed", 1]))
-    variants = {"vq": [x for s in args.vq_set for x in ("--set", s)]} | (
-        {"vq_fallback": [x for s in args.vq_fallback for x in ("--set", s)]} if args.vq_fallback else {})
-    vq_procs = {name: spawn(U + ["tokenizer", "train", "--data", w / "dvq", "--out", w / name, "--recipe", R,
-                                 "--steps", args.vq_steps, "--batch-size", 64, "--device", dev, *extra],
-                            logs / f"{name}.log") for name, extra in variants.items()}
-    timed("synth", lambda: sh(U + ["data", "synth", "--out", w / "d", "--n", args.scenes, "--size", size]))
+    timed("synth_vq", lambda: synthesize(w / "dvq", args.vq_scenes, size=size, seed=1))
+    res.set("validation", "dvq", value=timed("validate_vq", lambda: validated(w / "dvq", w / "vdvq")))
+    variants = {"vq": args.vq_set} | ({"vq_fallback": args.vq_fallback} if args.vq_fallback else {})
+    vq_procs = {name: spawn_step("tokenizer", logs / f"{name}.log", dataset=w / "vdvq", recipe=R, overrides=sets,
+                                 released="", steps=args.vq_steps, out=w / name, parent_run_id=None, batch_size=64)
+                for name, sets in variants.items()}
+    timed("synth", lambda: synthesize(w / "d", args.scenes, size=size))
+    res.set("validation", "d", value=timed("validate", lambda: validated(w / "d", w / "v")))
     timed("vq_wait", lambda: wait_all(vq_procs))
     keys = ("steps", "psnr_db", "codebook_usage", "recognition_rate", "train_seconds")
     reports = {name: json.loads((w / name / "report.json").read_text()) for name in variants}
-    res.set("vq_candidates", value={n: {k: r.get(k) for k in keys} | {"sets": args.vq_fallback if n != "vq" else args.vq_set}
-                                    for n, r in reports.items()})
+    res.set("vq_candidates", value={n: {k: r.get(k) for k in keys} | {"sets": variants[n]} for n, r in reports.items()})
     chosen = choose_vq(reports, args.min_recognition)
-    model_sets = args.vq_fallback if chosen == "vq_fallback" else args.vq_set
+    model_sets = variants[chosen]
     (w / "model_sets.json").write_text(json.dumps(model_sets))
     res.set("vq", value={k: reports[chosen].get(k) for k in keys} | {"chosen": chosen, "model_sets": model_sets})
     log(f"VQ-GAN: {chosen} (recognition {reports[chosen]['recognition_rate']}; min {args.min_recognition})")
     shutil.copy(w / chosen / "reconstructions.png", out / "vq_reconstructions.png")
 
     # Step 2: models (dual, and discrete-only for the ablation) and pre-tokenised data.
-    sets = [x for s in model_sets for x in ("--set", s)]
-    inits = [U + ["model", "init", "--recipe", R, "--tokenizer", w / chosen, "--out", w / "m", *sets]]
-    if not args.main_only:
-        inits.append(U + ["model", "init", "--recipe", R, "--tokenizer", w / chosen, "--out", w / "m_disc", *sets,
-                          "--set", "model.encoder_mode=discrete"])
-    timed("init", lambda: wait_all({str(i): spawn(c, logs / "init.log") for i, c in enumerate(inits)}))
-    timed("pretokenize", lambda: sh(U + ["data", "pretokenize", w / "d" / "manifest.jsonl", "--model", w / "m",
-                                         "--out", w / "p", "--batch-size", 256, "--device", dev], logs / "pretok.log"))
+    inits = {"m": model_sets} | ({} if args.main_only else {"m_disc": [*model_sets, "model.encoder_mode=discrete"]})
+    timed("init", lambda: wait_all({name: spawn_step("init_model", logs / "init.log", recipe=R, overrides=sets,
+                                                     tokenizer_dir=w / chosen, base_model="", out=w / name)
+                                    for name, sets in inits.items()}))
+    timed("pretokenize", lambda: wait_all({"p": spawn_step("pretokenize", logs / "pretok.log", dataset=w / "v",
+                                                           model_dir=w / "m", out=w / "p", parent_run_id=None)}))
 
 
 def run(args) -> None:
@@ -275,8 +286,8 @@ def run(args) -> None:
     gpus = args.gpus.split(",")
     one_gpu = gpus[0] == gpus[-1]
     share = args.ablation_share if one_gpu and not args.main_only else 0.0
-    chain = [PY, __file__, "chain", "--out", out, "--work", w, "--recipe", args.recipe, "--device", args.device,
-             "--later", args.later, "--ablation-share", share]
+    chain = [PY, "-m", "studies.small_study.study", "chain", "--out", out, "--work", w, "--recipe", args.recipe,
+             "--device", args.device, "--later", args.later, "--ablation-share", share]
     for k in ("s1_steps", "s2_steps", "s3_steps", "s3_fraction", "limit", "limit_gen", "sweep_limit", "step_factor",
               "reserve", "calib_steps", "abl_unit", "abl_batch", "save_every", "heldout_limit"):
         if getattr(args, k) is not None:
@@ -287,7 +298,9 @@ def run(args) -> None:
         chain += ["--main-set", x]
 
     def launch(which: str) -> subprocess.Popen:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[0] if which == "main" else gpus[-1])
+        # the chain's GPU: its training and setup steps are children of it and inherit the placement
+        env = child_env(CUDA_VISIBLE_DEVICES=gpus[0] if which == "main" else gpus[-1]) if args.device == "cuda" \
+            else child_env()
         cmd = chain + ["--which", which, "--deadline", args.deadline - (time.time() - T0)]
         return subprocess.Popen([str(c) for c in cmd], env=env)
 
@@ -358,8 +371,9 @@ class Chain:
 
     Every task leaves a marker (a hand-off, an evaluation's items, plan.json), so a later call with
     the same work dir skips what is done; a training run cut off by the deadline is killed and goes
-    on from its last checkpoint (``--resume auto``) in the next call. Training runs are
-    ``unitoken train`` subprocesses (the product's own path); evaluations run in this process.
+    on from its last checkpoint (resume "auto") in the next call. Training runs are the pipeline's
+    ``train_stage`` step in a child process (``run_step``); evaluations its ``evaluate`` step in
+    this process.
     """
 
     def __init__(self, args, which: str) -> None:
@@ -369,7 +383,7 @@ class Chain:
         self.deadline = T0 + args.deadline
         self.pending: threading.Thread | None = None  # the ablation's evaluation in flight (eval_beside)
         self.pending_error: BaseException | None = None
-        sets_file = self.w / "model_sets.json"  # the VQ-GAN chosen in setup (bench/small_study.py setup)
+        sets_file = self.w / "model_sets.json"  # the VQ-GAN chosen in ``setup``
         self.model_sets = json.loads(sets_file.read_text()) if sets_file.is_file() else []
 
     def left(self) -> float:
@@ -427,22 +441,22 @@ class Chain:
         if self.left() < STOP_GRACE_S + 30:  # start-up alone takes ~20 s
             raise OutOfTime(name)
         t = time.time()
-        cmd = U + ["train", "--stage", stage, "--recipe", self.args.recipe, "--data", self.w / "p", "--out", run_dir,
-                   "--init", init, "--max-steps", steps, "--no-track", "--resume", "auto",
-                   "--set", f"train.save_every={self.args.save_every}"]
         fast = self.args.fast and not (self.w / "fast_failed").exists()
         extra = FAST_SETS if fast else []
-        for x in self.model_sets + sets + extra:
-            cmd += ["--set", x]
+        overrides = [f"train.save_every={self.args.save_every}", *self.model_sets, *sets, *extra]
+        # the run dir is the stage's work dir (checkpoints/, metrics.jsonl) and its hand-off, published in place
+        cmd = step_command("train_stage", stage=stage, recipe=self.args.recipe, overrides=overrides,
+                           tokens=self.w / "p", init=init, out=run_dir / "handoff", work=run_dir,
+                           parent_run_id=None, max_steps=steps)
         log(f"{self.which}: training {name} ({steps} steps{', varlen' if fast else ''}, "
             f"{self.left():.0f}s left in this call)")
         with open(self.w / "logs" / f"{key}.log", "a") as fh:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env())
             cut = False
             try:
                 rc = proc.wait(timeout=max(1.0, self.left() - STOP_GRACE_S))
             except subprocess.TimeoutExpired:
-                # SIGTERM: `unitoken train` finishes its step and checkpoints there (exit 143)
+                # SIGTERM: the training loop finishes its step and checkpoints there (exit 143)
                 proc.terminate()
                 try:
                     rc = proc.wait(timeout=STOP_GRACE_S)
@@ -470,7 +484,7 @@ class Chain:
             shutil.rmtree(run_dir, ignore_errors=True)
             return self.train(stage, name, init, steps, sets)
         if rc:
-            raise RuntimeError(f"{name}: unitoken train exited {rc}; see {self.w / 'logs' / (key + '.log')}")
+            raise RuntimeError(f"{name}: the train_stage step exited {rc}; see {self.w / 'logs' / (key + '.log')}")
         rows = metric_rows(run_dir / "metrics.jsonl")
         prev = self.res.doc.get("partial_seconds", {}).get(key, 0.0)  # earlier calls' share of this run
         info = {"stage": stage, "steps": steps, "sets": sets + extra,
@@ -488,8 +502,8 @@ class Chain:
         if self.left() < need:
             raise OutOfTime(f"eval {name}")
         sampling = sampling or {"cfg": 3.0, "top_k": 0, "temperature": 1.0}
-        summary = evaluate(model, self.w / "d", self.w / "evals" / name, suites, limit, limit_gen, sampling["cfg"],
-                           sampling["top_k"], sampling["temperature"], self.args.device, self.w / "p",
+        summary = evaluate(model, self.w / "v", self.w / "evals" / name, suites, limit, limit_gen, sampling["cfg"],
+                           sampling["top_k"], sampling["temperature"], self.w / "p",
                            0 if name.endswith("_tuned") else self.args.heldout_limit)
         summary["sampling"] = sampling
         self.res.set("evals", name, value=summary)
@@ -665,11 +679,14 @@ def chain_main(args) -> None:
         sys.exit(75)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="the whole study")
     c = sub.add_parser("chain", help="one chain (main | ablation), started by run")
+    s = sub.add_parser("step", help="one pipeline step (unitoken.pipeline.steps), started by run and chain")
+    s.add_argument("name", choices=STEPS)
+    s.add_argument("kwargs", type=json.loads, help="its keyword arguments, a JSON object")
     for p in (r, c):
         p.add_argument("--out", required=True)
         p.add_argument("--work", required=True)
@@ -721,11 +738,19 @@ def main() -> None:
     c.add_argument("--which", choices=("main", "ablation"), required=True)
     c.add_argument("--ablation-share", type=float, default=0.0, help="main: leave this share of the time to the "
                    "ablation (run after it on the same GPU)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.cmd == "step":
+        sys.exit(run_step(args.name, args.kwargs))
     if args.cmd == "run" and args.vq_fallback is None:
         args.vq_fallback = ["model.vq.channel_multiplier=[1,2,2,4]"] if args.recipe == "small" else []
     if args.cmd == "run" and args.vq_fallback == ["none"]:  # one VQ-GAN, trained alone
         args.vq_fallback = []
+    if args.device == "cpu":  # the pipeline's steps take CUDA where they see it: hide it from them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.device == "auto":
         import torch
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The `small` recipe study (bench/small_study.py): data -> VQ-GAN -> init -> pre-tokenise, then on
-# GPU 0 stage 1 -> 2 -> 3 with evaluation after each, on GPU 1 the Table 5/6 ablation (--main-only: one GPU).
-#   bash bench/small_study.sh OUT [extra small_study.py run args...]
+# The `small` recipe study (studies/small_study/study.py): data -> VQ-GAN -> init -> pre-tokenise, then
+# on GPU 0 stage 1 -> 2 -> 3 with evaluation after each, on GPU 1 the Table 5/6 ablation (--main-only:
+# one GPU). Every step is the pipeline's own (unitoken.pipeline.steps), run with no MLflow.
+#   bash studies/small_study/run.sh OUT [extra `study.py run` args...]     (from the checkout's root)
 # Resumable: the work dir (WORK, default runs/small_study_work) and the results (runs/small_study)
 # persist on the machine between calls; each call copies the results into OUT.
 # On the device machine, with the wheels of PLATFORM-NOTES carried in .whl (deepspeed & co).
@@ -21,4 +22,5 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 KEEP=${KEEP:-runs/small_study}
 mkdir -p "$OUT" "$KEEP"
 trap 'cp -f "$KEEP"/*.json "$KEEP"/*.tar.gz "$KEEP"/*.png "$KEEP"/log.txt "$OUT"/ 2>/dev/null || true' EXIT
-python3 bench/small_study.py run --out "$KEEP" --work "${WORK:-runs/small_study_work}" "$@" 2>&1 | tee -a "$KEEP/log.txt"
+python3 -m studies.small_study.study run --out "$KEEP" --work "${WORK:-runs/small_study_work}" "$@" 2>&1 \
+  | tee -a "$KEEP/log.txt"

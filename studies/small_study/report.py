@@ -1,8 +1,8 @@
-"""Tables, the per-stage plot and a grid of generated images of a `bench/small_study.sh` run.
+"""Tables, the per-stage plot and a grid of generated images of a `studies/small_study/run.sh` run.
 
-    python bench/small_study_report.py DIR      # DIR: results*.json and raw_main.tar.gz from the run
-    python bench/small_study_report.py --compare OUT.png RUN_DIR RUN_DIR ...   # runs side by side
-    python bench/small_study_report.py --target OUT.json RUN_DIR COMMIT GPU_SECONDS   # the target run's summary
+    python -m studies.small_study.report DIR      # DIR: results*.json and raw_main.tar.gz from the run
+    python -m studies.small_study.report --compare OUT.png RUN_DIR RUN_DIR ...   # runs side by side
+    python -m studies.small_study.report --target OUT.json RUN_DIR COMMIT GPU_SECONDS   # the target run's summary
 
 Writes ``scores_per_stage.png`` and ``stage3_generations.png`` into DIR and prints the Markdown
 tables that docs/results.md quotes (every number comes from the JSON files).
@@ -15,8 +15,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import small_study as study  # noqa: E402 - the study's statistics (bench/ is not a package)
+from studies.small_study import stats
 
 
 def fmt(e: dict | None, suite: str) -> str:
@@ -27,7 +26,7 @@ def fmt(e: dict | None, suite: str) -> str:
 
 
 def loss(e: dict | None, task: str) -> float | None:
-    """Held-out loss of a task (bench/small_study.py heldout_summary); None where not measured."""
+    """Held-out loss of a task (``stats.heldout_summary``); None where not measured."""
     return e["heldout"][task]["mean"] if e and task in e.get("heldout", {}) else None
 
 
@@ -56,7 +55,7 @@ def paired_change(doc: dict, joint: str, single: str, measure: str) -> dict | No
     by_item = {i: b[i] - a[i] for i in set(a) & set(b)}
     if not by_item:
         return None
-    return study.paired_diff({i: 0.0 for i in by_item}, by_item) | {"by_item": by_item}
+    return stats.paired_diff({i: 0.0 for i in by_item}, by_item) | {"by_item": by_item}
 
 
 def fmt_loss(e: dict | None, task: str) -> str:
@@ -217,7 +216,7 @@ def tables(doc: dict) -> str:
             done, planned = doc["partial_steps"].get(key, ("-", "-"))
             out.append(f"| {key} (unfinished) | {done} of {planned} | {seconds} | - | - |")
     stages = doc.get("results_main.json", {}).get("plan", {}).get("stages", {})
-    if "replanned" in stages:  # bench/small_study.py Chain.fit_stages
+    if "replanned" in stages:  # study.py Chain.fit_stages
         r = stages["replanned"]
         longer = stages["s2_steps"] > r["from"]["s2_steps"]
         out += ["", f"Stages 2 + 3 were {'lengthened' if longer else 'shortened'} from {r['from']['s2_steps']} + "
@@ -232,7 +231,7 @@ def per_item(doc: dict, name: str, measure: str) -> dict[str, float]:
     2's sources (empty without the raw per-item files)."""
     if measure.startswith("shapes-"):
         return doc.get("items", {}).get(name, {}).get(measure, {})
-    return {r["id"]: r["score"] for r in study.stage2_records(doc.get("heldout_records", {}).get(name, []))
+    return {r["id"]: r["score"] for r in stats.stage2_records(doc.get("heldout_records", {}).get(name, []))
             if r["task"] == measure}
 
 
@@ -248,7 +247,7 @@ def joint_changes(doc: dict) -> list[tuple[str, dict, dict, dict]]:
         d, u = (paired_change(doc, f"abl_{enc}_both", single_run(doc, enc, measure), measure)
                 for enc in ("disc", "dual"))
         if d is not None and u is not None:
-            out.append((label, d, u, study.paired_diff(d["by_item"], u["by_item"])))
+            out.append((label, d, u, stats.paired_diff(d["by_item"], u["by_item"])))
     return out
 
 
@@ -298,7 +297,7 @@ def load(folder: Path) -> dict:
                 rows = [json.loads(x) for x in tar.extractfile(member).read().decode().splitlines() if x.strip()]
                 if parts[3] == "heldout.jsonl":
                     doc["heldout_records"][parts[1]] = rows
-                    doc["evals"][parts[1]]["heldout"] = study.heldout_summary(rows)
+                    doc["evals"][parts[1]]["heldout"] = stats.heldout_summary(rows)
                 else:
                     doc["items"].setdefault(parts[1], {})[parts[2]] = {r["id"]: r["score"] for r in rows}
     return doc

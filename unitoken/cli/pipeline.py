@@ -7,7 +7,6 @@ sqlite-backed MLflow under ``./.unitoken/``, then a summary read back from MLflo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from unitoken.cli.common import Group
+
 console = Console()
 
 LOCAL_ROOT = Path(".unitoken/pipeline")
@@ -27,15 +28,8 @@ DEFAULT_OVERLAY = Path("k8s/overlays/prod")
 LOCAL_DEFAULTS = {"tokenizer_steps": 300, "tokenizer_batch_size": 16, "tokenizer_lr": 2e-3, "eval_limit": 12}
 
 
-def add_parser(sub) -> None:
-    pl = sub.add_parser("pipeline", help="the Kubeflow pipeline: run locally, compile, submit, schedule",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="examples:\n  unitoken pipeline run --local --recipe tiny\n"
-                               "  unitoken pipeline compile --out p.yaml --cluster examples/cluster.yaml\n"
-                               "  unitoken pipeline submit --host http://kfp:8888 --param data_uri=s3://b/d\n"
-                               "  unitoken pipeline schedule --host http://kfp:8888 --cron '0 0 3 * * 0' "
-                               "--stages 3 --param base_model=models:/unitoken@champion --param data_uri=s3://b/new")
-    psub = pl.add_subparsers(dest="pipeline_command", required=True)
+def register(sub) -> None:
+    pl = Group(sub, "pipeline", "the Kubeflow pipeline: run locally, compile, submit, schedule")
 
     def common(p, params=True):
         p.add_argument("--stages", default="1,2,3", help="stages this pipeline runs: 1,2,3 | 2,3 | 3 (from --base-model)")
@@ -46,7 +40,10 @@ def add_parser(sub) -> None:
             p.add_argument("--no-cache", action="store_true",
                            help="recompute every step (use_cache=false); outputs are still stored for later runs")
 
-    run = psub.add_parser("run", help="run the pipeline (--local: here, through kfp.local)")
+    run = pl.command("run", "run the pipeline (--local: here, through kfp.local)",
+                     ["unitoken pipeline run --local --recipe tiny",
+                      "unitoken pipeline run --local --stages 3 --base-model models:/unitoken@champion --data d "
+                      "--promote"], cmd_pipeline, notes="exit 3: the pipeline ran and its gate said no")
     run.add_argument("--local", action="store_true", required=True, help="run here (kfp.local); a cluster: `submit`")
     run.add_argument("--recipe", default="tiny")
     run.add_argument("--data", help="data directory, manifest or s3:// URI (default: synthesise --scenes scenes)")
@@ -56,26 +53,31 @@ def add_parser(sub) -> None:
     run.add_argument("--promote", action="store_true", help="move the champion alias to the model if the gate passes")
     run.add_argument("--root", type=Path, default=LOCAL_ROOT, help="artifacts, checkpoints and logs")
     common(run)
-    comp = psub.add_parser("compile", help="write the pipeline YAML for a KFP server")
+    comp = pl.command("compile", "write the pipeline YAML for a KFP server",
+                      ["unitoken pipeline compile --out p.yaml --cluster examples/cluster.yaml"], cmd_pipeline)
     comp.add_argument("--out", required=True, type=Path)
     common(comp, params=False)
-    reh = psub.add_parser("rehearse", help="render every pod and object one cluster run creates and check them offline",
-                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="example:\n  unitoken pipeline rehearse --cluster examples/cluster.yaml "
-                                 "--k8s k8s/overlays/prod\n\nrules: schema, restricted (Pod Security), fit (node "
-                                 "pools), launcher, rbac, run-key, mlflow-host; exit 1 names each failure")
+    reh = pl.command("rehearse", "render every pod and object one cluster run creates and check them offline",
+                     ["unitoken pipeline rehearse --cluster examples/cluster.yaml --k8s k8s/overlays/prod"],
+                     cmd_pipeline, notes="rules: schema, restricted (Pod Security), fit (node pools), launcher, rbac, "
+                                         "run-key, mlflow-host; exit 1 names each failure")
     reh.add_argument("--k8s", type=Path, default=DEFAULT_OVERLAY if DEFAULT_OVERLAY.is_dir() else None,
                      help=f"the kustomize overlay the cluster runs (default {DEFAULT_OVERLAY} when present)")
     reh.add_argument("--package", type=Path, help="rehearse this compiled pipeline YAML instead of compiling one")
     common(reh, params=False)
-    cache = psub.add_parser("cache", help="list the step cache's entries; --prune-gib: evict the least recently used")
+    cache = pl.command("cache", "list the step cache's entries; --prune-gib: evict the least recently used",
+                       ["unitoken pipeline cache", "unitoken pipeline cache --prune-gib 50"], cmd_pipeline)
     cache.add_argument("--root", type=Path, default=LOCAL_ROOT / "checkpoints" / "cache",
                        help="the cache directory (a cluster: <checkpoint volume>/cache, e.g. from a pod mounting it)")
     cache.add_argument("--prune-gib", type=float, metavar="GIB",
                        help="delete entries, least recently used first, until the rest total at most GIB")
-    for name, text in (("submit", "start one run on a KFP server"),
-                       ("schedule", "a recurring run on a KFP server (scheduled retraining)")):
-        p = psub.add_parser(name, help=text)
+    for name, text, example in (
+            ("submit", "start one run on a KFP server",
+             "unitoken pipeline submit --host http://kfp:8888 --cluster examples/cluster.yaml --param data_uri=s3://b/d"),
+            ("schedule", "a recurring run on a KFP server (scheduled retraining)",
+             "unitoken pipeline schedule --host http://kfp:8888 --cron '0 0 3 * * 0' --stages 3 "
+             "--param base_model=models:/unitoken@champion --param data_uri=s3://b/new")):
+        p = pl.command(name, text, [example], cmd_pipeline)
         p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
         p.add_argument("--experiment", default="unitoken")
         common(p)

@@ -2,7 +2,9 @@
 shards) the codes inference computes for the same images, and does batched decoding answer
 what one-at-a-time decoding answers?
 
-    python bench/skew_check.py --model W/s3/handoff --data W/d --tokens W/p --out OUT/skew.json
+    python -m studies.small_study.skew_check --model W/s3/handoff --data W/d --tokens W/p --out OUT/skew.json
+
+(W: the study's work dir, runs/small_study_work by default.)
 
 Prints a table and writes JSON: the share of identical codes over the test split's images, and
 over ``--items`` shapes-VQA items the share of identical answers and the accuracy both ways.

@@ -1,0 +1,79 @@
+"""``unitoken train``: one training stage on DeepSpeed (or ``--dry-run``: the plan without data or GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from unitoken.cli.common import UsageError, add_overrides, command, console, err_console
+
+
+def register(sub) -> None:
+    tr = command(sub, "train", "run one training stage on DeepSpeed",
+                 ["unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m",
+                  "unitoken train --stage 2 --recipe tiny --data p --out runs/stage2 --init runs/stage1/handoff",
+                  "unitoken train --dry-run --stage 2 --recipe unitoken-7b"], cmd_train,
+                 notes="several GPUs: torchrun --nproc_per_node 8 -m unitoken.cli train ... (the same arguments)")
+    tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    tr.add_argument("--recipe", required=True)
+    tr.add_argument("--data", type=Path, help="pre-tokenised directory (unitoken data pretokenize)")
+    tr.add_argument("--out", type=Path, help="stage output: checkpoints/, handoff/, metrics.jsonl, loss.png")
+    tr.add_argument("--init", help="model to start from: `model init` dir (stage 1) or the previous stage's handoff")
+    tr.add_argument("--resume", choices=("auto", "never"), default="auto")
+    tr.add_argument("--max-steps", type=int)
+    add_overrides(tr)
+    tr.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="build the model on the meta device and the DeepSpeed config, then stop")
+
+
+def cmd_train(args) -> int:
+    from unitoken.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return _train_dry_run(recipe, args.stage)
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out), ("--init", args.init)) if not value]
+    if missing:
+        raise UsageError(f"train needs {', '.join(missing)} (or --dry-run)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
+    from unitoken.train.train import Stopped
+    from unitoken.train.train import main as train_stage
+
+    try:
+        result = train_stage(args.stage, recipe, args.data, args.out, args.init, resume=args.resume,
+                             max_steps=args.max_steps, track=not args.no_track)
+    except Stopped as stop:
+        err_console.print(f"[yellow]stopped:[/yellow] {stop}", highlight=False, soft_wrap=True)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
+    table = Table(title=f"stage {result.stage} ({recipe.name})")
+    for col in ("steps", "first loss", "final loss", "seconds", "hand-off", "MLflow run"):
+        table.add_column(col)
+    table.add_row(str(result.steps), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", f"{result.seconds:.1f}",
+                  str(result.handoff), str(result.mlflow_run_id))
+    console.print(table)
+    return 0
+
+
+def _train_dry_run(recipe, stage_n: int) -> int:
+    """Model on the meta device + the DeepSpeed config, validated by DeepSpeed; no data, no GPU."""
+    import torch
+
+    from unitoken.model.tokens import build_tokenizer
+    from unitoken.model.unitoken import UniToken
+    from unitoken.train.parallel import ds_config, validate_ds_config
+
+    cfg = recipe.model
+    stage = recipe.train.stage(stage_n)
+    tok = build_tokenizer(cfg.llm.vocab_size, cfg.vq.num_codes, cfg.max_grid_tokens)
+    with torch.device("meta"):
+        model = UniToken(cfg, tok.get_vocab())
+    counts = model.freeze_except(stage.trainable, recipe.train.freeze_vision_embeddings)
+    ds = ds_config(recipe.train, stage)
+    validate_ds_config(ds)
+    print(json.dumps({"recipe": recipe.name, "stage": stage_n, "parameters": model.num_parameters(),
+                      "trainable": counts["trainable"], "frozen": counts["frozen"], "deepspeed": ds}, indent=2))
+    return 0

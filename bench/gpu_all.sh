@@ -27,6 +27,9 @@ run throughput-7b 150 bench/train_throughput.py --shape 7b --layers 8 --steps 3 
 # compiled decoder layers (in place, so a process of its own), 32k-token micro-batches
 run throughput-7b-compile 120 bench/train_throughput.py --shape 7b --layers 8 --row-len 32768 --steps 3 --warmup 2 \
     --variants ours-compile --out "$OUT/throughput_7b_compile_32k.json"
+# issue 23: the commands users run (pretokenize on mixed-size JPEGs, unitoken train with the 7B
+# layer shape x 8 and compile on, the blocking time per save in the loop), beside the benchmark above
+run product-path 240 bench/product_path.py --out "$OUT"
 run vq-encode 60 bench/vq_encode.py --variants fp32-single,bf16-autocast,bf16-cl --out "$OUT/vq_encode.json"
 optional vq-compile 60 bench/vq_encode.py --cudnn-benchmark --variants bf16-autocast,bf16-cl-compile \
     --out "$OUT/vq_encode_cudnn.json"

@@ -117,11 +117,18 @@ def main() -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
-    table = Table(title="issue 8: targets vs measured")
+    table = Table(title="targets vs measured (issue 8: benchmarks; issue 23: the product path, last)")
     for c in ("what", "target", "measured", "verdict"):
         table.add_column(c)
     for row in headline(args.dir):
         table.add_row(*row)
+    product = _load(args.dir, "product_path.json")
+    if product:  # issue 23: the commands users run, beside the benchmarks above
+        from product_path import rows as product_rows  # bench/ is the script's directory
+
+        table.add_section()
+        for row in product_rows(product):
+            table.add_row(*row)
     Console(width=200).print(table)
     if args.plot:
         plot(args.dir, args.plot)

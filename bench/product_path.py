@@ -1,0 +1,224 @@
+"""The commands users run, timed: `unitoken data pretokenize` on real JPEGs of mixed sizes, and
+`unitoken train` (data loading, prefetch, logging, periodic checkpoints) with the 7B layer shape.
+
+    python bench/product_path.py --out runs/bench/product        # one GPU (make bench-gpu runs it)
+    python bench/product_path.py --out /tmp/pp --recipe tiny --layers 2 --scenes 40 --steps 6 \\
+        --ckpt-layers 1 --save-every 2 --device cpu                  # CPU smoke test of the whole path
+
+Three parts, each through the CLI in its own process, exactly as a user runs it:
+
+1. **Pre-tokenisation**: the synthetic scenes re-encoded as JPEGs of mixed sizes (a third each
+   smaller than, equal to and larger than the VQ resolution, non-square), then
+   `unitoken data pretokenize` on them. The rate is distinct images per second of the command's
+   wall time, start-up included.
+2. **Training loop**: `unitoken train --stage 2` of ``--recipe`` with ``--layers`` decoder layers,
+   no periodic checkpoint. The rate is the median of ``metrics.jsonl``'s tokens/s and MFU over
+   the second half of the steps (the first pay for compilation). Beside it is the benchmark
+   (``throughput_7b_compile_32k.json`` from ``bench/train_throughput.py``, same call of
+   ``make bench-gpu``) where that file is in ``--out``.
+3. **Checkpoints in the loop**: the same stage with ``--ckpt-layers`` layers (what fits the disk
+   twice), saving every ``--save-every`` steps, once with the staged writer (the default) and
+   once with ``train.async_checkpoint=false``. The blocking time per save comes from
+   ``checkpoints.jsonl``, and it is scaled to the full 7B by parameter count: extrapolated,
+   and labelled so.
+
+Writes ``product_path.json`` into ``--out`` and prints a table against the targets of issue 23.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+U = [sys.executable, "-m", "unitoken.cli"]
+FULL_7B = 7.01e9  # LLM + head parameters of unitoken-7b (bench/checkpoint_io.py)
+TARGETS = {"tokens_vs_bench": 0.90, "mfu": 0.55, "blocking_s_7b": 10.0, "pretokenize_images_per_s": 1000.0}
+
+
+def sh(*args, log: Path) -> float:
+    """Run a CLI command, its output appended to ``log``; the wall seconds."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(map(str, args))}\n")
+        f.flush()
+        subprocess.run([str(a) for a in args], check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
+def as_mixed_jpegs(data: Path, out: Path, resolution: int, seed: int = 0) -> tuple[Path, int]:
+    """Every distinct image of ``data``'s manifest as a JPEG of a random size around
+    ``resolution`` (0.6x to 2.5x, aspect 3:4 to 4:3), with a manifest pointing at them."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    renamed: dict[str, str] = {}
+    rows = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        for rel in row.get("image", []):
+            if rel in renamed:
+                continue
+            w = int(resolution * rng.choice((0.6, 1.0, 2.5)))
+            h = int(w * rng.uniform(0.75, 1.33))
+            target = Path(rel).with_suffix(".jpg")
+            (out / target).parent.mkdir(parents=True, exist_ok=True)
+            Image.open(data / rel).convert("RGB").resize((w, h), Image.BICUBIC).save(out / target, quality=90)
+            renamed[rel] = str(target)
+    with open(out / "manifest.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "image": [renamed[r] for r in row.get("image", [])]}) + "\n")
+    return out / "manifest.jsonl", len(renamed)
+
+
+def loop_numbers(run: Path) -> dict:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tail = rows[len(rows) // 2:]
+    out = {"steps": len(rows), "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in tail),
+           "median_step_s": statistics.median(r["step_s"] for r in tail)}
+    if all("mfu" in r for r in tail):
+        out["median_mfu"] = statistics.median(r["mfu"] for r in tail)
+    return out
+
+
+def save_numbers(run: Path, params: int) -> dict:
+    saves = [json.loads(x) for x in (run / "checkpoints.jsonl").read_text().splitlines()]
+    blocking = [s["blocking_s"] for s in saves]
+    worst = max(blocking)
+    return {"saves": len(saves), "blocking_s": blocking, "published_after_s": [s["published_after_s"] for s in saves],
+            "max_blocking_s": worst, "parameters": params, "max_blocking_s_7b_extrapolated": round(worst * FULL_7B / params, 2)}
+
+
+def parameters(model: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def bench_tokens_per_s(out: Path) -> float | None:
+    """The benchmark's compiled 7B-shape tokens/s, where make bench-gpu wrote it into ``out``."""
+    p = out / "throughput_7b_compile_32k.json"
+    if not p.is_file():
+        return None
+    rows = [v for v in json.loads(p.read_text())["variants"] if "tokens_per_s" in v]
+    return max(v["tokens_per_s"] for v in rows) if rows else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--recipe", default="unitoken-7b-fast")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the training-loop run")
+    ap.add_argument("--ckpt-layers", type=int, default=1, help="decoder layers of the checkpoint runs (disk)")
+    ap.add_argument("--scenes", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--save-every", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32, help="stage 2's samples per step")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unitoken-product-path"))
+    args = ap.parse_args()
+    out, w = args.out, args.work
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(w, ignore_errors=True)
+    w.mkdir(parents=True)
+    log = out / "product_path.log"
+    from unitoken.recipes import get_recipe
+
+    resolution = get_recipe(args.recipe).model.vq.resolution
+    stage2 = ["--set", f"train.stage2.batch_size={args.batch_size}", "--no-track", "--resume", "never"]
+    doc: dict = {"recipe": args.recipe, "device": args.device, "targets": TARGETS}
+    console = Console()
+
+    with console.status("synthetic scenes, mixed-size JPEGs") as status:
+        sh(*U, "data", "synth", "--out", w / "d", "--n", args.scenes, "--size", resolution, log=log)
+        manifest, images = as_mixed_jpegs(w / "d", w / "j", resolution)
+        models = {}
+        for n in sorted({args.layers, args.ckpt_layers}):
+            status.update(f"model init, {n} layers")
+            models[n] = w / f"m{n}"
+            sh(*U, "model", "init", "--recipe", args.recipe, "--out", models[n], "--set", f"model.llm.num_layers={n}", log=log)
+        status.update("pretokenize (timed)")
+        seconds = sh(*U, "data", "pretokenize", manifest, "--model", models[args.layers], "--out", w / "p",
+                     "--device", args.device, log=log)
+        doc["pretokenize"] = {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
+                              "source": "JPEG, 0.6x/1x/2.5x the VQ resolution, aspect 3:4 to 4:3"}
+        for n, m in models.items():  # stage 2 starts from a stage-1 hand-off: one step makes one
+            status.update(f"stage 1 hand-off, {n} layers")
+            sh(*U, "train", "--stage", 1, "--recipe", args.recipe, "--data", w / "p", "--out", w / f"s1_{n}", "--init", m,
+               "--max-steps", 1, "--no-track", "--set", f"model.llm.num_layers={n}", log=log)
+        runs = {"loop": (args.layers, args.steps + 1, []),
+                "ckpt_staged": (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=true"]),
+                "ckpt_blocking": (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=false"])}
+        for name, (n, steps, sets) in runs.items():
+            status.update(f"stage 2: {name} ({n} layers, {steps} steps)")
+            every = steps + 1 if name == "loop" else args.save_every
+            sh(*U, "train", "--stage", 2, "--recipe", args.recipe, "--data", w / "p", "--out", w / name,
+               "--init", w / f"s1_{n}" / "handoff", "--max-steps", steps, *stage2,
+               "--set", f"model.llm.num_layers={n}", "--set", f"train.save_every={every}",
+               *[x for s in sets for x in ("--set", s)], log=log)
+            if name == "loop":
+                doc["loop"] = loop_numbers(w / name)
+            else:
+                doc[name] = save_numbers(w / name, parameters(models[n]))
+    bench = bench_tokens_per_s(out)
+    if bench:
+        doc["loop"]["bench_tokens_per_s"] = bench
+        doc["loop"]["vs_bench"] = round(doc["loop"]["median_tokens_per_s"] / bench, 3)
+    (out / "product_path.json").write_text(json.dumps(doc, indent=1))
+    console.print(table(doc))
+
+
+def rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(what, target, measured, verdict) rows; bench/perf_summary.py prints them too."""
+    loop, pre = doc["loop"], doc["pretokenize"]
+    out = []
+    if "vs_bench" in loop:
+        out.append(("unitoken train tokens/s vs the benchmark's", ">= 0.90x",
+                    f"{loop['vs_bench']:.2f}x ({loop['median_tokens_per_s']:,.0f} vs {loop['bench_tokens_per_s']:,.0f})",
+                    "met" if loop["vs_bench"] >= TARGETS["tokens_vs_bench"] else "missed"))
+    else:
+        out.append(("unitoken train tokens/s", "-", f"{loop['median_tokens_per_s']:,.0f} (no benchmark file beside)", ""))
+    if "median_mfu" in loop:
+        out.append(("unitoken train MFU (useful FLOPs)", ">= 55 %", f"{loop['median_mfu']:.1%}",
+                    "met" if loop["median_mfu"] >= TARGETS["mfu"] else "missed"))
+    for name in ("ckpt_staged", "ckpt_blocking"):
+        c = doc[name]
+        staged = name == "ckpt_staged"
+        verdict = ("met" if c["max_blocking_s_7b_extrapolated"] <= TARGETS["blocking_s_7b"] else "missed") if staged else ""
+        out.append((f"blocking per save in unitoken train, {'staged writer' if staged else 'DeepSpeed torch.save'}",
+                    "<= 10 s (7B)" if staged else "-",
+                    f"{c['max_blocking_s']:.2f} s measured ({c['parameters']:,} params); "
+                    f"{c['max_blocking_s_7b_extrapolated']} s extrapolated to 7B", verdict))
+    out.append(("unitoken data pretokenize, mixed-size JPEGs", ">= 1,000 images/s",
+                f"{pre['images_per_s']:,.0f} images/s ({pre['images']} images, {pre['seconds']} s with start-up)",
+                "met" if pre["images_per_s"] >= TARGETS["pretokenize_images_per_s"] else "missed"))
+    return out
+
+
+def table(doc: dict) -> Table:
+    t = Table(title=f"issue 23: the product path ({doc['recipe']}, {doc['device']})")
+    for c in ("what", "target", "measured", "verdict"):
+        t.add_column(c)
+    for row in rows(doc):
+        t.add_row(*row)
+    return t
+
+
+if __name__ == "__main__":
+    main()

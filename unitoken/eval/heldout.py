@@ -93,6 +93,6 @@ def summarize_loss(results: list[dict]) -> dict:
 
     out = {}
     for task in sorted({r["task"] for r in results}):
-        s = summarize([r for r in results if r["task"] == task], task, 0.0)
+        s = summarize([r for r in results if r["task"] == task], task, 0.0, proportion=False)
         out[task] = {"mean": s["overall"], "n": s["n"], "categories": s["categories"]}
     return out

@@ -1,6 +1,6 @@
 """``unitoken eval``: run suites, keep per-item results, write JSON + HTML reports.
 
-``OUT/report.json``   {"model", "suites": {name: {"task", "overall", "categories", "n", "chance"}},
+``OUT/report.json``   {"model", "suites": {name: {"task", "overall", "ci95", "categories", "n", "chance"}},
                        "metrics": {"shapes-vqa/overall": ..., "shapes-vqa/color": ...}}
 ``OUT/items.jsonl``   one line per item: {suite, task, id, category, score, ...} (paired statistics)
 ``OUT/report.html``   per-category bar charts and a grid of generated images with prompts and verdicts
@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 from unitoken.files import sha256_file
@@ -105,13 +106,32 @@ def _need(value, flag):
     return value
 
 
-def summarize(results: list[dict], task: str, chance: float) -> dict:
+def summarize(results: list[dict], task: str, chance: float, proportion: bool = True) -> dict:
+    """A suite's mean score, its 95 % interval (``ci95``; ``proportion`` False: scores are not
+    0/1, e.g. losses, and there is none), per-category means and chance level."""
     cats: dict[str, list[float]] = {}
     for r in results:
         cats.setdefault(r["category"], []).append(r["score"])
     per_cat = {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())}
-    overall = round(sum(r["score"] for r in results) / len(results), 4) if results else 0.0
-    return {"task": task, "overall": overall, "categories": per_cat, "n": len(results), "chance": round(chance, 4)}
+    mean = sum(r["score"] for r in results) / len(results) if results else 0.0
+    ci = {"ci95": [round(x, 4) for x in wilson_interval(mean, len(results))]} if proportion else {}
+    return {"task": task, "overall": round(mean, 4), **ci, "categories": per_cat, "n": len(results),
+            "chance": round(chance, 4)}
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (``z`` 1.96: 95 %). Every suite scores items 0/1, so
+    a suite's score is the proportion of ``n`` items passed. Unlike the normal approximation it
+    stays inside [0, 1] and is not empty at 0 or 1 (0 of 12 right: [0, 0.24], not [0, 0]).
+
+    Returns:
+        (low, high); (0, 1) for no items.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate_like(candidate_eval: str | Path, model_path: str | Path, out: str | Path, data: Path | None = None,
@@ -158,9 +178,15 @@ def _chart(summary: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _ci(suite: dict) -> str:
+    lo, hi = suite.get("ci95") or (None, None)  # reports written before the interval existed have none
+    return "-" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
+
+
 def render_html(report: dict, items: list[dict], out: Path) -> str:
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(s)}</td><td>{v['task']}</td><td>{v['overall']:.4f}</td><td>{v['chance']:.4f}</td>"
+    rows = "".join(f"<tr><td>{esc(s)}</td><td>{v['task']}</td><td>{v['overall']:.4f}</td>"
+                   f"<td>{_ci(v)}</td><td>{v['chance']:.4f}</td>"
                    f"<td>{v['n']}</td></tr>" for s, v in report["suites"].items())
     grid = "".join(
         f"<figure class={'ok' if i['score'] else 'bad'}><img src='{esc(i['image'])}' width=128>"
@@ -182,7 +208,7 @@ body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3p
 figure{{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}}
 .ok{{background:#e8f6e8}}.bad{{background:#fbe9e9}}</style></head><body>
 <h1>Evaluation of <code>{esc(report['model'])}</code></h1>
-<table><tr><th>suite</th><th>task</th><th>score</th><th>chance</th><th>items</th></tr>{rows}</table>
+<table><tr><th>suite</th><th>task</th><th>score</th><th>95 % interval</th><th>chance</th><th>items</th></tr>{rows}</table>
 <img src="data:image/png;base64,{chart}">{losses}
 <h2>Generated images</h2>{grid or '<p>none</p>'}
 <h2>Answers</h2><table><tr><th>id</th><th>category</th><th>answer</th><th>prediction</th></tr>{answers}</table>

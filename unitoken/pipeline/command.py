@@ -196,6 +196,32 @@ def _run_local(args, stages: tuple[int, ...]) -> int:
     return 0 if result["gate"] and result["gate"]["passed"] else 3
 
 
+def score_table(scores: dict, heldout: dict) -> Table:
+    """Per evaluated stage: each suite's score with its 95 % interval and chance level, and the
+    held-out loss per task (lower is better)."""
+    table = Table(title="scores per stage (95 % interval; chance) and held-out loss")
+    suites = sorted({k for v in scores.values() for k in v})
+    tasks = sorted({t for v in heldout.values() for t in v})
+    table.add_column("after")
+    for s in suites:
+        table.add_column(s, justify="right")
+    for t in tasks:
+        table.add_column(f"held-out loss, {t}", justify="right")
+    for label in sorted(set(scores) | set(heldout)):
+        cells = []
+        for s in suites:
+            v = (scores.get(label) or {}).get(s)
+            if v is None:
+                cells.append("-")
+                continue
+            ci = f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v.get("ci95") else ""
+            chance = f"; chance {v['chance']:.3f}" if v.get("chance") is not None else ""
+            cells.append(f"{v['score']:.3f}{ci}{chance}")
+        cells += [f"{heldout[label][t]:.3f}" if t in heldout.get(label, {}) else "-" for t in tasks]
+        table.add_row(label, *cells)
+    return table
+
+
 @contextlib.contextmanager
 def _kfp_logs_to(path: Path):
     """kfp.local logs every step (and its executor input) to stdout: into a file instead."""
@@ -237,20 +263,19 @@ def _print_summary(result: dict, name: str) -> None:
         steps.add_row(s["name"], s["status"], f"{s['seconds']:.1f}", s.get("cache") or "")
     console.print(steps)
     if result["scores"]:
-        scores = Table(title="scores per stage")
-        suites = sorted({k for v in result["scores"].values() for k in v})
-        scores.add_column("after")
-        for s in suites:
-            scores.add_column(s)
-        for label, v in sorted(result["scores"].items()):
-            scores.add_row(label, *[f"{v[s]:.3f}" if s in v else "-" for s in suites])
-        console.print(scores)
+        console.print(score_table(result["scores"], result.get("heldout") or {}))
     gate = result["gate"]
     if gate is not None:
         verdict = "[green]PASSED" if gate["passed"] else "[red]FAILED"
         console.print(f"gate: {verdict}[/] (champion compared: {gate['champion_version']}); "
-                      f"decision.json under the gate step's artifacts")
-    console.print(f"model: {result['model_uri'] or 'not registered'}")
+                      f"decision.json under the gate step's artifacts", highlight=False)
+        for line in (gate.get("checks") or "").splitlines():
+            console.print(f"  {line}", highlight=False, markup=False)
+    if result.get("duplicate_of"):
+        console.print(f"model: {result['model_uri']}: this run's model is already version {result['duplicate_of']}; "
+                      "registered nothing new, aliases left as they are", highlight=False)
+    else:
+        console.print(f"model: {result['model_uri'] or 'not registered'}")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     console.print(f"\nbrowse runs and lineage:  .venv/bin/mlflow ui --backend-store-uri {uri}")
     if result["model_uri"]:

@@ -196,7 +196,8 @@ def demo() -> Recipe:
     """What `make demo` trains: the tiny model, long enough on 2 CPU cores to answer shapes-VQA
     above chance and to lower the held-out loss at every stage (docs/results.md, "Issue 26").
 
-    Stage 2 carries the learning; stage 3 tunes at a lower rate on its replayed mix. Samples are
+    Stage 1 only aligns the (random) vision path, so it is short; stage 2 carries the learning;
+    stage 3's dialogues and replayed questions add ~0.05 VQA accuracy in 100 steps. Samples are
     padded, not packed (0.35 against 0.50 s per step here: packed rows attend 512 x 512), each
     sample weighs the same in the loss (short VQA answers would otherwise drown in image
     tokens) and there is no dropout (the model underfits). The gate's floors are the point of
@@ -204,7 +205,7 @@ def demo() -> Recipe:
     """
     base = tiny()
     stages = {}
-    for n, steps, lr in ((1, 5, 2e-3), (2, 250, 2e-3), (3, 60, 1e-3)):
+    for n, steps, lr in ((1, 5, 2e-3), (2, 300, 2e-3), (3, 100, 2e-3)):
         stage = base.train.stage(n)
         stages[f"stage{n}"] = dataclasses.replace(stage, max_steps=steps, batch_size=16,
                                                   optim=dataclasses.replace(stage.optim, lr=lr, vision_lr=lr / 2))

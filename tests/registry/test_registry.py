@@ -121,6 +121,29 @@ def test_a_registered_handoff_registers_nothing_new_and_says_which_version_it_is
                                   "attributes.run_name = 'register-shapes'")) == len(runs)
 
 
+def test_a_pipeline_rerun_of_a_registered_model_reports_its_version_and_moves_no_alias(servers, registered, monkeypatch):
+    """The pipeline's register step on a hand-off already registered (every step a cache hit):
+    even with --promote no alias moves; its run and the run's summary name the existing version."""
+    from mlflow import MlflowClient
+
+    from pipelines.launch import summarize
+    from tests.conftest import _env
+    from unitoken.pipeline import steps
+
+    for k, v in _env(servers).items():
+        monkeypatch.setenv(k, v)
+    client = MlflowClient(tracking_uri=servers["uri"])
+    aliases = client.get_registered_model("shapes").aliases
+    parent = steps.open_pipeline_run("rerun-job", "rerun-job", {"recipe": "tiny"})
+    tmp = servers["tmp"]
+    info = steps.register(tmp / "s3" / "handoff", tmp / "e", tmp / "gate.json", "shapes", parent, promote=True)
+    assert info["duplicate"] and info["version"] == registered["version"] and info["alias"] is None
+    assert client.get_registered_model("shapes").aliases == aliases
+    summary = summarize("rerun-job", "shapes")
+    assert summary["duplicate_of"] == registered["version"]
+    assert summary["model_uri"] == f"models:/shapes/{registered['version']}"
+
+
 def test_register_refuses_failed_gate_without_force(servers, registered, tmp_path):
     decision = json.loads((servers["tmp"] / "gate.json").read_text())
     failed = servers["tmp"] / "gate_failed.json"

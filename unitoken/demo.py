@@ -103,8 +103,9 @@ def _registered(name: str) -> bool:
 
 
 def _newest(root: Path, rel: str) -> Path | None:
-    found = sorted(root.glob(f"*/{rel}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    """``rel`` inside the newest pipeline job's artifacts (a cache hit keeps its files' old times)."""
+    jobs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return jobs[-1] / rel if jobs and (jobs[-1] / rel).is_file() else None
 
 
 def _quote(arg: str) -> str:

@@ -200,28 +200,24 @@ def _run_local(args, stages: tuple[int, ...]) -> int:
 
 
 def score_table(scores: dict, heldout: dict) -> Table:
-    """Per evaluated stage: each suite's score with its 95 % interval and chance level, and the
-    held-out loss per task (lower is better)."""
-    table = Table(title="scores per stage (95 % interval; chance) and held-out loss")
-    suites = sorted({k for v in scores.values() for k in v})
-    tasks = sorted({t for v in heldout.values() for t in v})
-    table.add_column("after")
-    for s in suites:
-        table.add_column(s, justify="right")
-    for t in tasks:
-        table.add_column(f"held-out loss, {t}", justify="right")
+    """One row per evaluated stage and suite: the score, its 95 % interval, the chance level and
+    the held-out loss of the suite's task (lower is better)."""
+    from unitoken.eval.runner import SUITES
+
+    table = Table(title="scores per stage; held-out loss of the suite's task")
+    for col in ("after", "suite", "score", "95 % interval", "chance", "held-out loss"):
+        table.add_column(col, justify="left" if col in ("after", "suite") else "right")
+    order = {s: i for i, s in enumerate(SUITES)}  # understanding first
     for label in sorted(set(scores) | set(heldout)):
-        cells = []
-        for s in suites:
-            v = (scores.get(label) or {}).get(s)
-            if v is None:
-                cells.append("-")
-                continue
-            ci = f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v.get("ci95") else ""
-            chance = f"; chance {v['chance']:.3f}" if v.get("chance") is not None else ""
-            cells.append(f"{v['score']:.3f}{ci}{chance}")
-        cells += [f"{heldout[label][t]:.3f}" if t in heldout.get(label, {}) else "-" for t in tasks]
-        table.add_row(label, *cells)
+        for i, suite in enumerate(sorted(scores.get(label) or {}, key=lambda s: (order.get(s, len(order)), s))):
+            v = scores[label][suite]
+            task = SUITES.get(suite)
+            loss = (heldout.get(label) or {}).get(task)
+            table.add_row(label if i == 0 else "", suite, f"{v['score']:.3f}",
+                          f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" if v.get("ci95") else "-",
+                          f"{v['chance']:.3f}" if v.get("chance") is not None else "-",
+                          f"{loss:.3f}" if loss is not None else "-")
+        table.add_section()
     return table
 
 

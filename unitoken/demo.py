@@ -55,7 +55,7 @@ def main() -> int:
         console.print("[red]no model is registered: nothing to ask")
         return code or 1
     uri = f"models:/{NAME}@{'champion' if 'champion' in aliases else 'challenger'}"
-    question, image = test_question(STATE / "pipeline" / "data")
+    question, image = first_test_question(STATE / "pipeline" / "data")
     generated = STATE / "demo" / "generated.png"
     steps = (["lineage", uri],
              ["chat", "--model", uri, "--image", str(image), "--prompt", question["question"], "--max-new-tokens", "8"],
@@ -85,8 +85,9 @@ def main() -> int:
     return 0
 
 
-def test_question(data: Path) -> tuple[dict, Path]:
-    """The first question of the synthetic test split (never trained on), with its image."""
+def first_test_question(data: Path) -> tuple[dict, Path]:
+    """The first open (not multiple-choice) question of the synthetic test split, never trained
+    on, with its answer and image."""
     with open(data / "manifest.jsonl") as fh:
         for line in fh:
             rec = json.loads(line)

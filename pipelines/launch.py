@@ -21,8 +21,9 @@ def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] =
     """Run the whole pipeline in subprocesses of this Python (``kfp.local``), then read back
     what it recorded in MLflow: the parent run, every step's nested run, the registered model.
 
-    Returns: {"job", "state", "seconds", "parent_run_id", "steps": [...], "scores": {label: {...}},
-    "gate": {...}, "model_uri"}.
+    Returns: {"job", "state", "seconds", "parent_run_id", "steps": [...], "scores": {label: {suite:
+    {"score", "chance", "ci95"}}}, "heldout": {label: {task: loss}}, "gate": {"passed",
+    "champion_version", "checks"}, "model_uri", "duplicate_of"}.
     """
     from kfp import local
 
@@ -54,11 +55,12 @@ def summarize(job: str, model_name: str) -> dict:
     exp = ensure_experiment(client)
     parents = client.search_runs([exp], filter_string=f"tags.`{PIPELINE_NAME_TAG}` = '{job}'", max_results=1)
     if not parents:
-        return {"job": job, "state": "NOT STARTED", "steps": [], "scores": {}, "gate": None, "model_uri": None}
+        return {"job": job, "state": "NOT STARTED", "steps": [], "scores": {}, "heldout": {}, "gate": None,
+                "model_uri": None, "duplicate_of": None}
     parent = parents[0]
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"], max_results=200)
-    steps, scores, gate, model_uri = [], {}, None, None
+    steps, scores, heldout, gate, model_uri, duplicate_of = [], {}, {}, None, None, None
     for run in children:
         name = run.info.run_name
         secs = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
@@ -66,17 +68,32 @@ def summarize(job: str, model_name: str) -> dict:
                       "cache": run.data.tags.get("unitoken.cache", "")})
         m = run.data.metrics
         if name.startswith("eval-"):
-            scores[name[5:]] = {k.removesuffix(".overall"): v for k, v in m.items() if k.endswith(".overall")}
+            scores[name[5:]] = {k.removesuffix(".overall"): _score(m, k.removesuffix(".overall"))
+                                for k in m if k.endswith(".overall")}
+            heldout[name[5:]] = {k.split(".")[1]: v for k, v in m.items()
+                                 if k.startswith("heldout_loss.") and k.count(".") == 1}
         if name == "gate":
-            gate = {"passed": bool(m.get("passed")), "champion_version": run.data.params.get("champion_version")}
+            gate = {"passed": bool(m.get("passed")), "champion_version": run.data.params.get("champion_version"),
+                    "checks": run.data.tags.get("unitoken.gate_checks", "")}
         if name.startswith("register-"):
+            duplicate_of = run.data.tags.get("unitoken.duplicate_of")
             mv = [v for v in client.search_model_versions(f"name='{model_name}'")
                   if v.tags.get("unitoken.registration_run") == run.info.run_id]
-            if mv:
+            if duplicate_of:
+                model_uri = f"models:/{model_name}/{duplicate_of}"
+            elif mv:
                 model_uri = f"models:/{model_name}/{mv[0].version}"
     return {"job": job, "state": parent.data.tags.get("unitoken.pipeline_state", parent.info.status),
             "error": parent.data.tags.get("unitoken.pipeline_error"), "parent_run_id": parent.info.run_id,
-            "steps": steps, "scores": scores, "gate": gate, "model_uri": model_uri}
+            "steps": steps, "scores": scores, "heldout": heldout, "gate": gate, "model_uri": model_uri,
+            "duplicate_of": duplicate_of}
+
+
+def _score(metrics: dict, suite: str) -> dict:
+    """A suite's score with its chance level and 95 % interval (None where not logged)."""
+    low, high = metrics.get(f"{suite}.ci95_low"), metrics.get(f"{suite}.ci95_high")
+    return {"score": metrics[f"{suite}.overall"], "chance": metrics.get(f"{suite}.chance"),
+            "ci95": None if low is None else (low, high)}
 
 
 # --------------------------------------------------------------------------- a KFP server

@@ -158,7 +158,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                 scored.set_display_name(f"evaluate-stage{n}")
             # Step 6: the two-track gate against the champion, then registration
             verdict = place(gate(candidate=scored.outputs["evaluation"], dataset=data.outputs["dataset"],
-                                 model_name=model_name, policy_yaml=gate_policy, parent_run_id=parent), "gate", cluster)
+                                 model_name=model_name, policy_yaml=gate_policy, recipe=recipe,
+                                 overrides_json=overrides_json, parent_run_id=parent), "gate", cluster)
             with dsl.If(verdict.outputs["Output"] == True, name="if-gate-passed"):  # noqa: E712 - a KFP condition
                 place(register_model(model=model, evaluation=scored.outputs["evaluation"],
                                      decision=verdict.outputs["decision"], model_name=model_name, parent_run_id=parent,

@@ -322,6 +322,24 @@ class SamplingConfig:
 
 
 @dataclass
+class GateConfig:
+    """What a model of this recipe must reach to be registered, champion or not: the gate's
+    floors (``unitoken.eval.gate``). A pipeline's ``gate_policy`` parameter replaces them."""
+
+    # metric -> lowest acceptable score, e.g. {"shapes-vqa/overall": 0.3}
+    floors: dict[str, float] = field(default_factory=dict)
+    # suites whose 95 % interval (Wilson) must lie wholly above the suite's chance level
+    above_chance: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for metric, floor in self.floors.items():
+            _require("/" in str(metric), f"gate.floors.{metric}", "not a metric name",
+                     "use SUITE/METRIC, e.g. shapes-vqa/overall")
+            _require(isinstance(floor, int | float) and not isinstance(floor, bool) and 0 <= floor <= 1,
+                     f"gate.floors.{metric}", f"{floor!r} is not a score in [0, 1]", "use e.g. 0.3")
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelConfig
@@ -329,6 +347,7 @@ class Recipe:
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. paper targets)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         # Imported here: the token arithmetic lives beside the sequence builder (model code).

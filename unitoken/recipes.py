@@ -4,7 +4,8 @@ YAML registries). ``get_recipe("tiny", ["train.seed=1"])`` applies ``--set`` ove
     unitoken-7b          the paper: Chameleon-7B + SigLIP-so400m-patch14-384 + VQ-GAN at 512 px
     unitoken-7b-anyres   the same with AnyRes tiling on the continuous path
     small                one GPU, ~130M parameters, trains through three stages in minutes
-    tiny                 CPU, a few hundred thousand parameters, trains in seconds
+    demo                 `make demo`: the tiny model trained until it answers above chance (CPU, minutes)
+    tiny                 CPU, a few hundred thousand parameters, trains in seconds (tests)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from unitoken.config import (
+    GateConfig,
     LLMConfig,
     ModelConfig,
     OptimConfig,
@@ -184,11 +186,38 @@ def tiny() -> Recipe:
         zero_stage=0, precision="fp32", save_every=10, activation_checkpointing=False, dropout=0.05, packing=True,
         loss_reduction="token",
     )
-    return Recipe(name="tiny", model=model, train=train, description="CPU, trains in seconds")
+    # No floors: tiny trains for seconds (tests, smoke runs of the platform) and answers at or
+    # below chance, so a first tiny model passes the gate on no evidence; `demo` has real floors.
+    return Recipe(name="tiny", model=model, train=train, description="CPU, trains in seconds",
+                  gate=GateConfig(floors={}, above_chance=()))
+
+
+def demo() -> Recipe:
+    """What `make demo` trains: the tiny model, long enough on 2 CPU cores to answer shapes-VQA
+    above chance and to lower the held-out loss at every stage (docs/results.md, "Issue 26").
+
+    Stage 1 only aligns the (random) vision path, so it is short; stage 2 carries the learning;
+    stage 3's dialogues and replayed questions add ~0.05 VQA accuracy in 100 steps. Samples are
+    padded, not packed (0.35 against 0.50 s per step here: packed rows attend 512 x 512), each
+    sample weighs the same in the loss (short VQA answers would otherwise drown in image
+    tokens) and there is no dropout (the model underfits). The gate's floors are the point of
+    the demo: a first model registers only if its shapes-VQA 95 % interval lies above chance.
+    """
+    base = tiny()
+    stages = {}
+    for n, steps, lr in ((1, 5, 2e-3), (2, 300, 2e-3), (3, 100, 2e-3)):
+        stage = base.train.stage(n)
+        stages[f"stage{n}"] = dataclasses.replace(stage, max_steps=steps, batch_size=16,
+                                                  optim=dataclasses.replace(stage.optim, lr=lr, vision_lr=lr / 2))
+    train = dataclasses.replace(base.train, **stages, packing=False, dropout=0.0, loss_reduction="sample")
+    gate = GateConfig(floors={"shapes-vqa/overall": 0.3}, above_chance=("shapes-vqa",))
+    return dataclasses.replace(base, name="demo", train=train, gate=gate,
+                               description="`make demo`: tiny, trained until it answers above chance on 2 CPU cores")
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
     "tiny": tiny,
+    "demo": demo,
     "small": small,
     "unitoken-7b": unitoken_7b,
     "unitoken-7b-anyres": unitoken_7b_anyres,

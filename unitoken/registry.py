@@ -43,6 +43,7 @@ from unitoken.train.tracking import (ArtifactLogError, _fail_fast_http, default_
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
+HANDOFF_TAG = "unitoken.handoff_sha256"  # a version's hand-off digest: one version per hand-off
 LEDGER_PARAM = "unitoken.ledger_run"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS (import-free)
 LEDGER_EXPERIMENT = "unitoken-registry"  # ledger runs live here, out of the training runs' table
@@ -162,7 +163,13 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
 
 def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force: bool = False,
              reason: str | None = None) -> dict:
-    """Log the model (pyfunc LoggedModel + registered version), its evidence and passport; alias challenger."""
+    """Log the model (pyfunc LoggedModel + registered version), its evidence and passport; alias challenger.
+
+    A hand-off that ``name`` already has as a version (the same hand-off digest: the same
+    weights from the same stage chain, e.g. a re-run whose steps were all cache hits) registers
+    nothing: the result names that version, with ``duplicate`` True, and no run, model or alias
+    changes. (Two registrations of one hand-off racing each other can still both register.)
+    """
     model_dir, eval_dir, gate_file = Path(model_dir), Path(eval_dir), Path(gate_file)
     decision = json.loads(gate_file.read_text())
     if not decision.get("passed"):
@@ -171,6 +178,14 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
                                 "register anyway only with --force --reason TEXT")
     verify_handoff(model_dir)
     client = _client()
+    digest = handoff_digest(model_dir)
+    existing = version_of_handoff(client, name, digest)
+    if existing is not None:
+        return {"name": name, "version": str(existing.version), "uri": f"models:/{name}/{existing.version}",
+                "run_id": existing.tags.get("unitoken.registration_run", existing.run_id),
+                "model_id": existing.tags.get("unitoken.logged_model"),
+                "passport_sha256": existing.tags.get("unitoken.passport_sha256"), "handoff_sha256": digest,
+                "duplicate": True}
     passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client)
     passport_sha = canonical_sha({"passport": passport})
     tags = {"unitoken.kind": "registration"}
@@ -191,7 +206,7 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
                 with_artifact_retries(f"{label} of run {run_id}",
                                       lambda f=f, sub=sub: client.log_artifact(run_id, str(f), sub))
             lm = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="unitoken",
-                                            params={"handoff_sha256": handoff_digest(model_dir)},
+                                            params={"handoff_sha256": digest},
                                             tags={"unitoken.passport_sha256": passport_sha})
             packaged = serving.package(Path(tmp) / "model", model_dir, evidence, passport_sha,
                                        mlflow_model=_mlflow_model(lm, run_id),
@@ -205,17 +220,33 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
                                 f"once it answers.") from err
     try:
         mv = _publish(client, name, run_id, exp_id, lm, passport, passport_sha, eval_dir, decision,
-                      reason if force else "")
+                      reason if force else "", digest)
     except Exception as err:  # noqa: BLE001 - whatever failed, the run and the model say so
         _abandon(client, run_id, lm, err)
         raise
     client.set_terminated(run_id, "FINISHED")
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
-            "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha}
+            "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha, "handoff_sha256": digest,
+            "duplicate": False}
+
+
+def version_of_handoff(client, name: str, digest: str):
+    """The version of ``name`` registered from hand-off ``digest`` (its ``unitoken.handoff_sha256``
+    tag), or None. Versions registered before that tag existed are not found."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{HANDOFF_TAG}` = '{digest}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def registration_note(info: dict) -> str:
+    """One line on what ``register`` did, for the command line and the pipeline's log."""
+    if info.get("duplicate"):
+        return (f"registered nothing: hand-off {info['handoff_sha256'][:12]} is already {info['uri']} "
+                f"(aliases left as they are)")
+    return f"registered {info['uri']} (alias challenger), passport {info['passport_sha256'][:16]}..."
 
 
 def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dict], passport_sha: str,
-             eval_dir: Path, decision: dict, forced: str):
+             eval_dir: Path, decision: dict, forced: str, handoff_sha256: str):
     """Once every artifact is stored: the UI links, the LoggedModel READY, the version, its aliases."""
     report = json.loads((eval_dir / "report.json").read_text())
     stage_runs = _link_model(client, run_id, lm.model_id, passport, eval_dir, report)
@@ -230,7 +261,7 @@ def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dic
         description=lineage_markdown(passport, report, decision, {**stage_runs, run_id: exp_id}, run_id, lm),
         tags={"unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
               "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
-              "unitoken.forced_reason": forced})
+              "unitoken.forced_reason": forced, HANDOFF_TAG: handoff_sha256})
     # What MLflow's own register_model writes: the model page lists its versions; the note is its description.
     client.set_logged_model_tags(lm.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(mv.version)}]),
                                                "mlflow.note.content": mv.description})

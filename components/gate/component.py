@@ -7,17 +7,19 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def gate(candidate: Input[Artifact], dataset: Input[Dataset], model_name: str, policy_yaml: str, parent_run_id: str,
-         decision: Output[Artifact]) -> bool:
+def gate(candidate: Input[Artifact], dataset: Input[Dataset], model_name: str, policy_yaml: str, recipe: str,
+         overrides_json: str, parent_run_id: str, decision: Output[Artifact]) -> bool:
     """Returns ``passed`` (it drives the pipeline's dsl.If); decision.json explains every check and
-    names the champion version compared against. (A single output: kfp.local cannot resolve a
-    NamedTuple field in a condition inside an ExitHandler.)"""
+    names the champion version compared against. An empty ``policy_yaml`` gates with the
+    recipe's floors. (A single output: kfp.local cannot resolve a NamedTuple field in a
+    condition inside an ExitHandler.)"""
+    import json
     from pathlib import Path
 
     from unitoken.pipeline import steps
 
     result = steps.gate(Path(candidate.path), Path(dataset.path), model_name, policy_yaml, Path(decision.path),
-                        parent_run_id)
+                        parent_run_id, recipe, json.loads(overrides_json))
     decision.metadata.update({"passed": result["passed"], "champion_version": result["champion_version"],
                               "reasons": "; ".join(result["reasons"])})
     return result["passed"]

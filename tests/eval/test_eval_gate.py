@@ -141,6 +141,48 @@ def test_gate_floors_alone_without_champion(tmp_path):
     assert decision["reasons"] == ["shapes-geneval/overall = 0.25 < floor 0.3"]
 
 
+def _vqa_eval(root, answers: list[str], truth: str = "red"):
+    """An evaluation of 0/1-scored shapes-vqa answers with its report (interval, chance 1/4)."""
+    from unitoken.eval.summary import summarize
+
+    root.mkdir(parents=True, exist_ok=True)
+    items = [{"suite": "shapes-vqa", "task": "understanding", "id": f"q{i}", "category": "color", "answer": truth,
+              "prediction": a, "score": float(a == truth)} for i, a in enumerate(answers)]
+    suite = summarize(items, "understanding", 0.25)
+    (root / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (root / "report.json").write_text(json.dumps({"metrics": {"shapes-vqa/overall": suite["overall"]},
+                                                  "suites": {"shapes-vqa": suite}, "settings": {}}))
+    return root
+
+
+def test_a_first_model_is_judged_by_its_floors_and_one_that_answers_nothing_fails_saying_so(tmp_path):
+    """No champion: the recipe's floors decide. 45 right of 100 clears chance (0.25) with its
+    95 % interval; empty answers fail both checks, and the reasons say the model answered nothing."""
+    from unitoken.config import GateConfig
+
+    policy = GatePolicy.from_recipe(GateConfig(floors={"shapes-vqa/overall": 0.3}, above_chance=("shapes-vqa",)))
+    good = decide(_vqa_eval(tmp_path / "good", ["red"] * 45 + ["blue"] * 55), None, policy)
+    assert good["passed"] and {c["check"] for c in good["checks"]} == {"floor", "above_chance"}
+    above = next(c for c in good["checks"] if c["check"] == "above_chance")
+    assert above["ci"][0] > 0.25 and "above chance 0.250" in above["reason"]
+    silent = decide(_vqa_eval(tmp_path / "silent", [""] * 100), None, policy)
+    assert not silent["passed"] and len(silent["reasons"]) == 2
+    assert all("the candidate answered nothing (all 100 answers empty)" in r for r in silent["reasons"])
+    lucky = decide(_vqa_eval(tmp_path / "lucky", ["red"] * 4 + ["blue"] * 8), None, policy)  # 0.33 of 12: too few
+    assert [c["check"] for c in lucky["checks"] if not c["passed"]] == ["above_chance"]
+
+
+def test_wilson_interval_covers_the_edges():
+    """0 of 12 right is not certainty of 0; the interval stays in [0, 1] and narrows with n."""
+    from unitoken.eval.summary import wilson_interval
+
+    lo, hi = wilson_interval(0.0, 12)
+    assert lo == 0.0 and 0.2 < hi < 0.3
+    assert wilson_interval(1.0, 12)[1] == 1.0
+    narrow, wide = wilson_interval(0.4, 400), wilson_interval(0.4, 100)
+    assert wide[0] < narrow[0] < 0.4 < narrow[1] < wide[1]
+
+
 def test_gate_policy_errors_name_the_field(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("margin: {generation: 0.1}\n")

@@ -1,6 +1,7 @@
 """The registry tests share one trained, evaluated and gated candidate (registered as "shapes")."""
 
 import json
+import shutil
 
 import pytest
 
@@ -28,3 +29,20 @@ def champion(servers, registered):
     from mlflow import MlflowClient
 
     return str(MlflowClient(tracking_uri=servers["uri"]).get_registered_model(NAME).aliases["champion"])
+
+
+def distinct_handoff(servers, label: str) -> str:
+    """A second hand-off to register beside s3/handoff (the registry keeps one version per
+    hand-off): the same files, with a handoff.json of its own that says it is a copy. The copy
+    names no training run (stage 3's run records the original's digest), so its lineage shows
+    stage 3 without a run. Returns its path relative to the servers' directory."""
+    from unitoken.files import write_json
+    from unitoken.train.checkpoint import HANDOFF, handoff_digest
+
+    src, rel = servers["tmp"] / "s3" / "handoff", f"copies/{label}"
+    dst = servers["tmp"] / rel
+    if not dst.is_dir():
+        shutil.copytree(src, dst)
+        doc = json.loads((src / HANDOFF).read_text())
+        write_json(dst / HANDOFF, {**doc, "mlflow_run_id": None, "copy_of": handoff_digest(src), "copy_label": label})
+    return rel

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import _env, run
+from tests.registry.conftest import distinct_handoff
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +43,15 @@ CASES = {  # where the promoter dies -> what the next promotion records for the 
 }
 
 
-def _register(servers, name: str) -> str:
-    out = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
+def _register(servers, name: str, model: str = "s3/handoff") -> str:
+    out = run(servers, "registry", "register", "--model", model, "--eval", "e", "--gate", "gate.json",
               "--name", name, inprocess=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["version"]
+
+
+def _two_versions(servers, name: str) -> tuple[str, str]:
+    """Versions 1 and 2 of ``name``: two distinct hand-offs (one version per hand-off)."""
+    return _register(servers, name), _register(servers, name, distinct_handoff(servers, "second"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -60,7 +66,7 @@ def test_a_promoter_killed_at_any_step_leaves_a_state_the_next_promote_settles(s
     client = MlflowClient(tracking_uri=servers["uri"])
     method, prefix, when, status = CASES[case]
     name = f"killed-{case}"
-    v1, v2 = _register(servers, name), _register(servers, name)
+    v1, v2 = _two_versions(servers, name)
     registry.promote(name, v1, expect_current="none")
     killed = subprocess.run([sys.executable, "-c", KILLER, method, prefix, when, name, v2], cwd=servers["tmp"],
                             env=_env(servers), capture_output=True, text=True, timeout=300)
@@ -95,7 +101,7 @@ def test_the_registry_lists_only_real_models_and_outside_moves_show_in_history(s
     monkeypatch.chdir(servers["tmp"])
     client = MlflowClient(tracking_uri=servers["uri"])
     name = "outside"
-    v1, v2 = _register(servers, name), _register(servers, name)
+    v1, v2 = _two_versions(servers, name)
     registry.promote(name, v1, expect_current="none")
     client.set_registered_model_alias(name, "champion", v2)  # as the MLflow UI does
     moves = registry.history(name)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.conftest import run
+from tests.registry.conftest import distinct_handoff
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +26,8 @@ def test_register_promote_history_rollback_lineage_chat(servers, registered):
     objects = [o["Key"] for o in servers["s3"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
     assert any(k.endswith("model.safetensors") for k in objects), "model weights are not on S3"
     run(servers, "registry", "promote", "shapes", "--version", "1", "--expect-current", "none", inprocess=True)
-    v2 = json.loads(run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
-                        "--name", "shapes", inprocess=True).stdout.strip().splitlines()[-1])
+    v2 = json.loads(run(servers, "registry", "register", "--model", distinct_handoff(servers, "v2"), "--eval", "e",
+                        "--gate", "gate.json", "--name", "shapes", inprocess=True).stdout.strip().splitlines()[-1])
     run(servers, "registry", "promote", "shapes", "--version", v2["version"], "--expect-current", "1",
         "--reason", "better", inprocess=True)
     assert client.get_registered_model("shapes").aliases["champion"] == "2"
@@ -54,8 +55,8 @@ def test_racing_promotions_exactly_one_wins(servers, registered):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=servers["uri"])
-    v3 = json.loads(run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
-                        "--name", "shapes", inprocess=True).stdout.strip().splitlines()[-1])["version"]
+    v3 = json.loads(run(servers, "registry", "register", "--model", distinct_handoff(servers, "racing"), "--eval", "e",
+                        "--gate", "gate.json", "--name", "shapes", inprocess=True).stdout.strip().splitlines()[-1])["version"]
     current = client.get_registered_model("shapes").aliases.get("champion")
     before = len(_history(servers))
     procs = [run(servers, "registry", "promote", "shapes", "--version", v3, "--expect-current", str(current),
@@ -99,6 +100,50 @@ def test_tampered_artifact_breaks_lineage_and_promotion(servers, registered):
         s3.put_object(Bucket="mlflow", Key=weights, Body=bytes(blob))
 
 
+def test_a_registered_handoff_registers_nothing_new_and_says_which_version_it_is(servers, registered):
+    """Registering s3/handoff again (a re-run whose steps were all cache hits): no new version,
+    no registration run, no alias moved; the command names the version it already is."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=servers["uri"])
+    before = client.search_model_versions("name='shapes'")
+    aliases = client.get_registered_model("shapes").aliases
+    runs = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
+                              "attributes.run_name = 'register-shapes'")
+    again = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate.json",
+                "--name", "shapes", inprocess=True)
+    info = json.loads(again.stdout.strip().splitlines()[-1])
+    assert info["duplicate"] and info["version"] == registered["version"] and info["run_id"] == registered["run_id"]
+    assert f"already models:/shapes/{registered['version']}" in " ".join(again.stdout.split())
+    assert len(client.search_model_versions("name='shapes'")) == len(before)
+    assert client.get_registered_model("shapes").aliases == aliases
+    assert len(client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
+                                  "attributes.run_name = 'register-shapes'")) == len(runs)
+
+
+def test_a_pipeline_rerun_of_a_registered_model_reports_its_version_and_moves_no_alias(servers, registered, monkeypatch):
+    """The pipeline's register step on a hand-off already registered (every step a cache hit):
+    even with --promote no alias moves; its run and the run's summary name the existing version."""
+    from mlflow import MlflowClient
+
+    from pipelines.launch import summarize
+    from tests.conftest import _env
+    from unitoken.pipeline import steps
+
+    for k, v in _env(servers).items():
+        monkeypatch.setenv(k, v)
+    client = MlflowClient(tracking_uri=servers["uri"])
+    aliases = client.get_registered_model("shapes").aliases
+    parent = steps.open_pipeline_run("rerun-job", "rerun-job", {"recipe": "tiny"})
+    tmp = servers["tmp"]
+    info = steps.register(tmp / "s3" / "handoff", tmp / "e", tmp / "gate.json", "shapes", parent, promote=True)
+    assert info["duplicate"] and info["version"] == registered["version"] and info["alias"] is None
+    assert client.get_registered_model("shapes").aliases == aliases
+    summary = summarize("rerun-job", "shapes")
+    assert summary["duplicate_of"] == registered["version"]
+    assert summary["model_uri"] == f"models:/shapes/{registered['version']}"
+
+
 def test_register_refuses_failed_gate_without_force(servers, registered, tmp_path):
     decision = json.loads((servers["tmp"] / "gate.json").read_text())
     failed = servers["tmp"] / "gate_failed.json"
@@ -106,8 +151,9 @@ def test_register_refuses_failed_gate_without_force(servers, registered, tmp_pat
     proc = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate_failed.json",
                "--name", "shapes", check=False, inprocess=True)
     assert proc.returncode == 1 and "the gate did not pass (generation below margin)" in proc.stderr
-    forced = run(servers, "registry", "register", "--model", "s3/handoff", "--eval", "e", "--gate", "gate_failed.json",
-                 "--name", "shapes", "--force", "--reason", "hotfix approved by on-call", inprocess=True)
+    forced = run(servers, "registry", "register", "--model", distinct_handoff(servers, "forced"), "--eval", "e",
+                 "--gate", "gate_failed.json", "--name", "shapes", "--force", "--reason", "hotfix approved by on-call",
+                 inprocess=True)
     version = json.loads(forced.stdout.strip().splitlines()[-1])["version"]
     lin = json.loads(run(servers, "lineage", f"models:/shapes/{version}", "--json", inprocess=True).stdout)
     gate = next(e for e in lin["passport"] if e["kind"] == "gate")

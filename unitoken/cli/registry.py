@@ -58,7 +58,7 @@ def cmd_registry(args) -> int:
         if args.force and not args.reason:
             raise UsageError("--force needs --reason TEXT (it is recorded in the passport)")
         info = registry.register(args.model, args.eval, args.gate, args.name, force=args.force, reason=args.reason)
-        console.print(f"registered {info['uri']} (alias challenger), passport {info['passport_sha256'][:16]}...")
+        console.print(registry.registration_note(info))
         print(json.dumps(info))
         return 0
     if args.registry_command == "promote":

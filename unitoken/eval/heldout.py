@@ -92,6 +92,6 @@ def summarize_loss(results: list[dict]) -> dict:
     """{task: {"mean", "n", "categories": {source: mean}}} of per-record losses."""
     out = {}
     for task in sorted({r["task"] for r in results}):
-        s = summarize([r for r in results if r["task"] == task], task, 0.0)
+        s = summarize([r for r in results if r["task"] == task], task, 0.0, proportion=False)
         out[task] = {"mean": s["overall"], "n": s["n"], "categories": s["categories"]}
     return out

@@ -1,6 +1,6 @@
 """``unitoken eval``: run suites, keep per-item results, write JSON + HTML reports.
 
-``OUT/report.json``   {"model", "suites": {name: {"task", "overall", "categories", "n", "chance"}},
+``OUT/report.json``   {"model", "suites": {name: {"task", "overall", "ci95", "categories", "n", "chance"}},
                        "metrics": {"shapes-vqa/overall": ..., "shapes-vqa/color": ...}}
 ``OUT/items.jsonl``   one line per item: {suite, task, id, category, score, ...} (paired statistics)
 ``OUT/report.html``   per-category bar charts and a grid of generated images with prompts and verdicts
@@ -149,10 +149,16 @@ def _chart(summary: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _ci(suite: dict) -> str:
+    lo, hi = suite.get("ci95") or (None, None)  # reports written before the interval existed have none
+    return "-" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
+
+
 def render_html(report: dict, items: list[dict], out: Path) -> str:
     """report.html: scores per suite with a chart per category, the held-out losses, the
     generated images with their verdicts and the answers (``templates/evaluation.html.j2``)."""
     from unitoken.reports import render
 
     chart = _chart(report["suites"]) if report["suites"] else ""
-    return render("evaluation.html.j2", report=report, items=items, chart=chart, heldout=report.get("heldout") or {})
+    return render("evaluation.html.j2", report=report, items=items, chart=chart, heldout=report.get("heldout") or {},
+                  ci=_ci)

@@ -480,17 +480,23 @@ def evaluate(model_dir: Path, dataset: Path, suites: str, limit: int, out: Path,
 
 
 def eval_metrics(report: dict) -> dict:
-    """An evaluation's scores plus its held-out losses (``heldout_loss/<task>`` and per source
-    ``heldout_loss/<task>/<source>``; lower is better, so they stay out of ``report["metrics"]``,
-    which the gate reads). A task's mean mixes its sources: understanding's is mostly captions
-    and dialogues, whose answers are long and free, over short VQA answers (the small study's
-    run 6: 6-14 nats per token against 0.13-0.18), so each source is logged on its own too."""
-    losses = {}
+    """An evaluation's scores, each suite's chance level and 95 % interval (``<suite>/chance``,
+    ``<suite>/ci95_low``, ``<suite>/ci95_high``), plus its held-out losses (``heldout_loss/<task>``
+    and per source ``heldout_loss/<task>/<source>``; lower is better). Only the scores are in
+    ``report["metrics"]``, which the gate reads. A task's mean loss mixes its sources:
+    understanding's is mostly captions and dialogues, whose answers are long and free, over
+    short VQA answers (the small study's run 6: 6-14 nats per token against 0.13-0.18), so each
+    source is logged on its own too."""
+    extra = {}
+    for suite, v in (report.get("suites") or {}).items():
+        extra[f"{suite}/chance"] = v["chance"]
+        if v.get("ci95"):
+            extra[f"{suite}/ci95_low"], extra[f"{suite}/ci95_high"] = v["ci95"]
     for task, v in (report.get("heldout") or {}).items():
         if isinstance(v, dict):
-            losses[f"heldout_loss/{task}"] = v["mean"]
-            losses |= {f"heldout_loss/{task}/{src}": x for src, x in v.get("categories", {}).items()}
-    return report["metrics"] | losses
+            extra[f"heldout_loss/{task}"] = v["mean"]
+            extra |= {f"heldout_loss/{task}/{src}": x for src, x in v.get("categories", {}).items()}
+    return report["metrics"] | extra
 
 
 def _cuda() -> bool:
@@ -559,20 +565,27 @@ def _tag_run(run_id: str | None, tags: dict[str, str]) -> None:
         log.warning("could not tag MLflow run %s with %s (%s)", run_id, tags, err)
 
 
-def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str) -> dict:
+def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str, out: Path, parent_run_id: str,
+         recipe: str = "", overrides: list[str] | None = None) -> dict:
     """Gate the candidate against the registered champion (evaluated now, on the same items and
     settings, from ``dataset``: paths recorded by another pod do not exist in this one), or
-    against the policy's floors alone when ``model_name`` has no champion."""
+    against the policy's floors alone when ``model_name`` has no champion. The policy is
+    ``policy_yaml`` when given, else the default with ``recipe``'s floors (``Recipe.gate``)."""
     from unitoken.eval.gate import GatePolicy, decide, write_decision
     from unitoken.eval.runner import evaluate_like
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    policy_file = None
     if policy_yaml.strip():
         policy_file = out / "policy.yaml"
         policy_file.write_text(policy_yaml)
-    policy = GatePolicy.from_yaml(policy_file)
+        policy, source = GatePolicy.from_yaml(policy_file), "the pipeline's gate_policy parameter"
+    elif recipe:
+        from unitoken.recipes import get_recipe
+
+        policy, source = GatePolicy.from_recipe(get_recipe(recipe, overrides).gate), f"recipe {recipe}"
+    else:
+        policy, source = GatePolicy(), "the default policy"
     champion_version, champion_eval = _champion(model_name), None
     if champion_version is not None:
         from unitoken.registry import load_uri
@@ -583,11 +596,20 @@ def gate(candidate_eval: Path, dataset: Path, model_name: str, policy_yaml: str,
     with step_run("gate", parent_run_id, {"champion_version": champion_version or "none"}) as run:
         decision = decide(candidate_eval, champion_eval, policy)
         decision["champion_version"] = champion_version or "none"
+        decision["policy_source"] = source
         write_decision(decision, out / "decision.json")
         run.metrics({"passed": float(decision["passed"])})
+        run.tags({"unitoken.gate_checks": gate_summary(decision)[:5000]})
         run.artifact(out / "decision.json", "gate")
     return {"passed": bool(decision["passed"]), "champion_version": champion_version or "none",
             "reasons": decision.get("reasons", [])}
+
+
+def gate_summary(decision: dict) -> str:
+    """The decision in a few lines: its policy, then PASS/FAIL and the reason of every check."""
+    lines = [f"policy: {decision.get('policy_source', 'unknown')}"]
+    lines += [f"{'PASS' if c['passed'] else 'FAIL'} {c['reason']}" for c in decision["checks"]]
+    return "\n".join(lines)
 
 
 def _champion(model_name: str) -> str | None:
@@ -604,12 +626,22 @@ def _champion(model_name: str) -> str | None:
 def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, parent_run_id: str,
              promote: bool) -> dict:
     """Register the gated model (alias challenger); with ``promote``, move champion to it by
-    compare-and-swap against the champion the gate compared with (a concurrent promotion wins)."""
+    compare-and-swap against the champion the gate compared with (a concurrent promotion wins).
+
+    A hand-off the model already has as a version (a re-run with unchanged inputs) registers
+    nothing and moves no alias: the step's run ``register-NAME`` records which version it is
+    (tag ``unitoken.duplicate_of``) and the result names that version (``alias`` None)."""
     from unitoken import registry
 
     with parent_env(parent_run_id):
         info = registry.register(Path(model_dir), Path(eval_dir), Path(decision), model_name)
-        if promote:
+        log.info(registry.registration_note(info))
+        if info["duplicate"]:
+            with step_run(f"register-{model_name}", parent_run_id, {"handoff_sha256": info["handoff_sha256"]}) as run:
+                run.tags({"unitoken.duplicate_of": str(info["version"]),
+                          "mlflow.note.content": registry.registration_note(info)})
+            info["alias"] = None
+        elif promote:
             expect_champion = json.loads(Path(decision).read_text()).get("champion_version", "none")
             registry.promote(model_name, info["version"], "champion", expect_current=expect_champion,
                              reason=f"pipeline {parent_run_id}: gate passed")

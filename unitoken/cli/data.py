@@ -27,6 +27,8 @@ def register(sub) -> None:
     val.add_argument("--out", required=True, type=Path)
     val.add_argument("--max-reject-fraction", type=float, default=0.01)
     val.add_argument("--data-root", type=Path, help="images must stay under this directory (default: the manifest's)")
+    val.add_argument("--chunk-rows", type=int, help="rows per great-expectations batch: memory grows with it, "
+                     "the result does not depend on it (default 20,000)")
     pre = data.command("pretokenize", "VQ-encode images into resumable shards",
                        ["unitoken data pretokenize v/clean.jsonl --model m --out p"], cmd_data_pretokenize)
     pre.add_argument("manifest", type=Path, help="a validated manifest (clean.jsonl)")
@@ -57,7 +59,8 @@ def cmd_data_validate(args) -> int:
         raise ValueError(f"--max-reject-fraction {args.max_reject_fraction}: use a fraction in [0, 1]")
     bar, update = progress("checking rows")
     with bar:
-        res = validate_manifest(args.manifest, args.out, data_root=args.data_root, progress=update)
+        res = validate_manifest(args.manifest, args.out, data_root=args.data_root, progress=update,
+                                **({"chunk_rows": args.chunk_rows} if args.chunk_rows is not None else {}))
     table = Table(title=f"validation of {args.manifest}")
     table.add_column("reason")
     table.add_column("rows", justify="right")

@@ -1,26 +1,37 @@
 """``unitoken data validate``: a great-expectations suite over a manifest, with quarantine.
 
 Every input row ends in exactly one of ``clean.jsonl`` (verbatim) or ``rejected.jsonl``
-(verbatim, with its reasons): clean + rejected == input, asserted before anything is written.
-Row facts (schema, roles, placeholder and image counts, duplicates, per-image checks) are
+(verbatim, with its reasons): clean + rejected == input, asserted before the files are put in
+place. Row facts (schema, roles, placeholder and image counts, duplicates, per-image checks) are
 computed into a table; the great-expectations suite judges that table, and each failed
 expectation's unexpected rows get that expectation's reason.
+
+Memory is bounded: the manifest is streamed in chunks of ``chunk_rows`` rows, each chunk's table
+is judged by the same suite and the results are summed into one report. What outlives a chunk is
+per *distinct* item, not per row: the verdict of each distinct image (checked once) and a 16-byte
+digest per distinct row for duplicate detection across chunks (~100 MB for 1M rows), plus the
+first 200 rejected rows for the HTML report. ``bench/validate_scale.py`` measures it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from unitoken.data.manifest import ROLES, TASKS, RawRow, read_rows, resolve_image
-from unitoken.files import write_atomic
+from unitoken.files import sha256_file, write_atomic
 from unitoken.model.tokens import IMAGE_PLACEHOLDER
+
+CHUNK_ROWS = 20_000  # rows per great-expectations batch: ~100 MB of row facts and results
+REPORT_SAMPLE = 200  # rejected rows shown in report.html
 
 
 @dataclass
@@ -93,7 +104,7 @@ def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, cac
     """The table row the expectation suite judges (one per input row)."""
     facts = {"parse_error": row.parse_error, "schema_error": None, "task": None, "roles_ok": True,
              "first_role_ok": True, "min_turn": 1, "max_turn": 1, "n_placeholders": 0, "n_images": 0,
-             "image_error": None, "path_error": None, "dup_key": f"row-{row.line}"}
+             "image_error": None, "path_error": None, "dup_key": None}
     rec = row.record
     if rec is None:
         return facts
@@ -111,7 +122,8 @@ def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, cac
         min_turn=min(lengths), max_turn=max(lengths),
         n_placeholders=sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv),
         n_images=len(images),
-        dup_key=hashlib.sha256(json.dumps([conv, images], sort_keys=True).encode()).hexdigest(),
+        # 16 bytes of sha256 per distinct row is what duplicate detection keeps across chunks
+        dup_key=hashlib.sha256(json.dumps([conv, images], sort_keys=True).encode()).digest()[:16],
     )
     for rel in images:
         try:
@@ -180,77 +192,137 @@ def _run_suite(df, policy: ValidationPolicy):
 # --------------------------------------------------------------------------- entry point
 
 
+def _chunks(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+class _Judged:
+    """The suite's verdicts summed over chunks: per expectation (in suite order) success and
+    unexpected count, and the reasons of each row of the current chunk."""
+
+    DETAIL_COLUMN = {"parse": "parse_error", "schema": "schema_error", "image": "image_error"}
+
+    def __init__(self) -> None:
+        self.expectations: list[dict] = []
+
+    def judge(self, df, policy: ValidationPolicy) -> list[list[str]]:
+        reasons: list[list[str]] = [[] for _ in range(len(df))]
+        result = _run_suite(df, policy)
+        for i, r in enumerate(result.results):
+            reason = r.expectation_config.meta["reason"]
+            bad = r.result.get("unexpected_index_list") or []
+            if i == len(self.expectations):
+                self.expectations.append({"expectation": r.expectation_config.type, "reason": reason,
+                                          "success": True, "unexpected_count": 0})
+            total = self.expectations[i]
+            total["success"] = total["success"] and bool(r.success)
+            total["unexpected_count"] += len(bad)
+            detail_column = self.DETAIL_COLUMN.get(reason)
+            for idx in bad:
+                label = reason if detail_column is None else str(df.at[idx, detail_column])
+                reasons[int(idx)].append(f"parse:{label}" if reason == "parse" else label)
+        for why in reasons:  # an unparseable row fails every other check too: report the cause only
+            root_causes = [r for r in why if r.startswith(("parse:", "schema:"))]
+            if root_causes:
+                why[:] = root_causes
+        return reasons
+
+
 def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationPolicy | None = None,
-                      data_root: str | Path | None = None, progress=None,
-                      relative_root: bool = False) -> ValidationResult:
+                      data_root: str | Path | None = None, progress=None, recorded_root: str | None = None,
+                      chunk_rows: int = CHUNK_ROWS) -> ValidationResult:
     """Validate ``manifest`` into ``out``/{clean.jsonl, rejected.jsonl, report.json, report.html}.
 
-    ``relative_root``: record the data root in ``dataset.json`` relative to ``out`` (data that
-    lives inside the output directory, e.g. a pipeline artifact that moves between pods)."""
+    Args:
+        data_root: images must stay under it (default: the manifest's directory).
+        progress: ``progress(rows_done, None)`` after each chunk (the row count is not known ahead).
+        recorded_root: the data root that ``dataset.json`` and the report record, when it is not
+            the local ``data_root`` the images were checked in: a path relative to ``out`` (data
+            carried inside a pipeline artifact) or the ``s3://`` prefix they were fetched from.
+        chunk_rows: rows per great-expectations batch; the result does not depend on it.
+
+    Raises:
+        FileNotFoundError: no such manifest.
+        ValueError: ``chunk_rows`` < 1.
+    """
     import pandas as pd
 
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: must be >= 1")
     policy = policy or ValidationPolicy()
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no such manifest")
     base = manifest.resolve().parent
     root = Path(data_root).resolve() if data_root else base
-    rows = list(read_rows(manifest))
-    cache: dict = {}
-    facts = []
-    for i, row in enumerate(rows):
-        facts.append(row_facts(row, base, root, policy, cache))
-        if progress:
-            progress(i + 1, len(rows))
-    df = pd.DataFrame(facts, columns=list(facts[0]) if facts else ["dup_key"])
-    df["is_duplicate"] = df["dup_key"].duplicated(keep="first") if len(df) else []
-
-    reasons: list[list[str]] = [[] for _ in rows]
-    expectations = []
-    if rows:
-        result = _run_suite(df, policy)
-        for r in result.results:
-            reason = r.expectation_config.meta["reason"]
-            bad = r.result.get("unexpected_index_list") or []
-            expectations.append({"expectation": r.expectation_config.type, "reason": reason,
-                                 "success": bool(r.success), "unexpected_count": len(bad)})
-            detail_column = {"parse": "parse_error", "schema": "schema_error", "image": "image_error"}.get(reason)
-            for idx in bad:
-                label = reason if detail_column is None else str(df.at[idx, detail_column])
-                reasons[int(idx)].append(f"parse:{label}" if reason == "parse" else label)
-    for why in reasons:  # an unparseable row fails every other check too: report the cause only
-        root_causes = [r for r in why if r.startswith(("parse:", "schema:"))]
-        if root_causes:
-            why[:] = root_causes
-    clean = [row for row, why in zip(rows, reasons) if not why]
-    rejected = [(row, sorted(set(why))) for row, why in zip(rows, reasons) if why]
-    # The invariant, checked before anything is written: every row lands exactly once.
-    assert len(clean) + len(rejected) == len(rows), "validation lost or duplicated rows"
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "clean.jsonl", "".join(r.raw + "\n" for r in clean))
-    write_atomic(out / "rejected.jsonl", "".join(
-        json.dumps({"line": r.line, "reasons": why, "raw": r.raw}, ensure_ascii=False) + "\n" for r, why in rejected))
-    counts = Counter(reason for _, why in rejected for reason in why)
-    manifest_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    cache: dict = {}        # resolved image path -> verdict: each distinct image is checked once
+    seen: set[bytes] = set()  # 16-byte digests of the rows so far: duplicates across chunks
+    judged = _Judged()
+    counts: Counter = Counter()
+    n_input = n_clean = n_rejected = 0
+    sample: list = []       # the first rejected rows, for report.html
+    clean_sha = hashlib.sha256()
+    clean_tmp, rejected_tmp = out / "clean.jsonl.tmp", out / "rejected.jsonl.tmp"
+    with open(clean_tmp, "wb") as clean_fh, open(rejected_tmp, "wb") as rejected_fh:
+        for chunk in _chunks(read_rows(manifest), chunk_rows):
+            facts = [row_facts(row, base, root, policy, cache) for row in chunk]
+            df = pd.DataFrame(facts, columns=list(facts[0]))
+            duplicate = []
+            for key in df["dup_key"]:
+                duplicate.append(key is not None and key in seen)
+                if key is not None:
+                    seen.add(key)
+            df["is_duplicate"] = duplicate
+            for row, why in zip(chunk, judged.judge(df, policy)):
+                if why:
+                    why = sorted(set(why))
+                    counts.update(why)
+                    n_rejected += 1
+                    if len(sample) < REPORT_SAMPLE:
+                        sample.append((row, why))
+                    rejected_fh.write(_encode(json.dumps({"line": row.line, "reasons": why, "raw": row.raw},
+                                                         ensure_ascii=False) + "\n"))
+                else:
+                    n_clean += 1
+                    data = _encode(row.raw + "\n")
+                    clean_sha.update(data)
+                    clean_fh.write(data)
+            n_input += len(chunk)
+            if progress:
+                progress(n_input, None)
+    # The invariant, checked before the files are put in place: every row landed exactly once.
+    assert n_clean + n_rejected == n_input, "validation lost or duplicated rows"
+    clean_tmp.replace(out / "clean.jsonl")
+    rejected_tmp.replace(out / "rejected.jsonl")
+
+    manifest_sha = sha256_file(manifest)
+    shown_root = recorded_root if recorded_root and recorded_root.startswith("s3://") else str(root)
     report = {
-        "manifest": str(manifest.resolve()), "manifest_sha256": manifest_sha, "data_root": str(root),
-        "input_rows": len(rows), "clean_rows": len(clean), "rejected_rows": len(rejected),
-        "reject_fraction": len(rejected) / len(rows) if rows else 0.0,
-        "reasons": dict(sorted(counts.items())), "expectations": expectations,
+        "manifest": str(manifest.resolve()), "manifest_sha256": manifest_sha, "data_root": shown_root,
+        "input_rows": n_input, "clean_rows": n_clean, "rejected_rows": n_rejected,
+        "reject_fraction": n_rejected / n_input if n_input else 0.0,
+        "reasons": dict(sorted(counts.items())), "expectations": judged.expectations,
         "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(policy).items()},
-        "clean_sha256": hashlib.sha256((out / "clean.jsonl").read_bytes()).hexdigest(),
+        "clean_sha256": clean_sha.hexdigest(),
     }
     body = json.dumps(report, indent=2, sort_keys=True) + "\n"
     write_atomic(out / "report.json", body)
     sha = hashlib.sha256(body.encode()).hexdigest()
     write_atomic(out / "report.json.sha256", f"{sha}  report.json\n")
-    write_atomic(out / "report.html", _html(report, rejected[:200]))
-    recorded_root = os.path.relpath(root, out.resolve()) if relative_root else str(root)
-    write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root, "source_manifest": str(manifest.resolve()),
+    write_atomic(out / "report.html", _html(report, sample))
+    write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root or str(root),
+                                                    "source_manifest": str(manifest.resolve()),
                                                     "manifest_sha256": manifest_sha, "report_sha256": sha}, indent=2))
-    return ValidationResult(len(rows), len(clean), len(rejected), dict(counts), out / "report.json", sha, expectations)
+    return ValidationResult(n_input, n_clean, n_rejected, dict(counts), out / "report.json", sha, judged.expectations)
+
+
+def _encode(text: str) -> bytes:
+    """Rows are written back byte for byte (undecodable bytes were read as surrogate escapes)."""
+    return text.encode("utf-8", errors="surrogateescape")
 
 
 def _html(report: dict, rejected: list) -> str:

@@ -224,7 +224,7 @@ def validate(data_uri: str, out: Path, parent_run_id: str, max_reject_fraction: 
     if not manifest.is_file():
         raise StepError(f"data_uri {data_uri}: no manifest.jsonl there; point it at a data directory or a manifest")
     with step_run("validate", parent_run_id, {"data_uri": data_uri, "max_reject_fraction": max_reject_fraction}) as run:
-        res = validate_manifest(manifest, out, relative_root=data_uri.startswith("s3://"))
+        res = validate_manifest(manifest, out, recorded_root="data" if data_uri.startswith("s3://") else None)
         run.metrics({"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
                      "reject_fraction": res.reject_fraction})
         data_sha = write_dataset_digest(Path(out))  # clean rows + every image: the caches' data identity

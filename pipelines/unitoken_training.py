@@ -24,11 +24,12 @@ from components.gate.component import gate
 from components.init_model.component import init_model
 from components.open_run.component import open_run
 from components.pretokenize.component import pretokenize
+from components.pretokenize_merge.component import pretokenize_merge
 from components.register_model.component import register_model
 from components.train_stage.component import train_stage
 from components.train_tokenizer.component import train_tokenizer
 from components.validate_data.component import validate_data
-from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, validate_cluster
+from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, PretokenizeConfig, validate_cluster
 
 # A run is keyed by its id (unique); its display name (PIPELINE_JOB_NAME_PLACEHOLDER on a KFP
 # server) is not, and keys the MLflow parent run's name only, never a directory or object name.
@@ -62,7 +63,7 @@ def place(task, step: str, cluster: ClusterConfig | None):
         k8s.set_timeout(task, int(r.timeout_s))
     if step in TRAIN_STEPS + CACHED_STEPS and cluster.checkpoint_pvc:  # checkpoints and the step cache
         k8s.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
-    if step in TRAIN_STEPS and r.retries:
+    if step in TRAIN_STEPS + ("pretokenize",) and r.retries:  # both resume from the checkpoint volume
         task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0)
     if r.num_nodes > 1:
         # the step's pod only stages inputs and watches its TrainJob, whose nodes get the GPUs
@@ -93,14 +94,33 @@ def _size(task, r):
     return task
 
 
+def pretokenize_fanout(dataset, model, shard_size, parent, job, checkpoint_root: str, use_cache,
+                       cluster: ClusterConfig | None, workers: int, parallelism: int):
+    """Pre-tokenisation as KFP's own fan-out: ``workers`` tasks in a ``dsl.ParallelFor`` (at most
+    ``parallelism`` at a time), each building one contiguous range of shards on the
+    ``pretokenize`` step's resources, then ``pretokenize-merge`` writes plan, shards and index
+    (the bytes of one worker over everything). Returns the merge task (output ``tokens``)."""
+    with dsl.ParallelFor(items=list(range(workers)), parallelism=parallelism, name="pretokenize-workers") as worker:
+        part = place(pretokenize(dataset=dataset, model=model, worker=worker, num_workers=workers,
+                                 shard_size=shard_size, parent_run_id=parent, job=job,
+                                 checkpoint_root=checkpoint_root, use_cache=use_cache), "pretokenize", cluster)
+    return place(pretokenize_merge(parts=dsl.Collected(part.outputs["shards"]), parent_run_id=parent),
+                 "pretokenize-merge", cluster)
+
+
 def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None,
-                   checkpoint_root: str = ""):
-    """The pipeline function for ``stages`` (consecutive, ending at 3) placed by ``cluster``."""
+                   checkpoint_root: str = "", pretokenize_workers: int | None = None):
+    """The pipeline function for ``stages`` (consecutive, ending at 3) placed by ``cluster``;
+    pre-tokenisation fans out over ``cluster.pretokenize.workers`` pods (``pretokenize_workers``
+    overrides it, e.g. for a local run; default 1)."""
     if not stages or list(stages) != list(range(stages[0], 4)):
         raise ValueError(f"stages={stages}: use consecutive stages ending at 3, e.g. 1,2,3 or 2,3 or 3")
     if cluster is not None:
         validate_cluster(cluster)
         checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
+    fanout = cluster.pretokenize if cluster else PretokenizeConfig()
+    if pretokenize_workers is not None:
+        fanout = PretokenizeConfig(workers=pretokenize_workers)
     cluster_json = json.dumps(cluster.to_json()) if cluster else "{}"
     # Step outputs are cached by content on the checkpoint volume (unitoken/pipeline/cache.py);
     # no checkpoint root (a cluster without a PVC): nothing is cached.
@@ -114,7 +134,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
                           base_model: str = "", tokenizer_uri: str = "", tokenizer_steps: int = 2000,
                           tokenizer_batch_size: int = 32, tokenizer_lr: float = 1e-3,
                           max_steps: int = 0, eval_suites: str = "shapes-vqa,shapes-geneval", eval_limit: int = 50,
-                          max_reject_fraction: float = 0.01, promote: bool = False, use_cache: bool = True):
+                          max_reject_fraction: float = 0.01, promote: bool = False, use_cache: bool = True,
+                          shard_size: int = 1024):
         closing = place(close_run(job=JOB_ID), "close-run", cluster)
         with dsl.ExitHandler(closing, name="unitoken-run"):
             # Step 1: the parent MLflow run every task nests under
@@ -137,10 +158,9 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             else:
                 init = init_model(recipe=recipe, overrides_json=overrides_json, base_model=base_model)
             place(init, "init-model", cluster)
-            # Step 4: VQ pre-tokenisation with the model's tokenizer
-            tokens = place(pretokenize(dataset=data.outputs["dataset"], model=init.outputs["model"],
-                                       parent_run_id=parent, cache_root=cache_root, use_cache=use_cache),
-                           "pretokenize", cluster)
+            # Step 4: VQ pre-tokenisation with the model's tokenizer, fanned out over shard ranges
+            tokens = pretokenize_fanout(data.outputs["dataset"], init.outputs["model"], shard_size, parent, JOB_ID,
+                                        checkpoint_root, use_cache, cluster, fanout.workers, fanout.limit)
             # Step 5: the stages, each from the previous hand-off, each evaluated
             model = init.outputs["model"]
             for n in stages:
@@ -169,10 +189,11 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
     return unitoken_training
 
 
-def compile_pipeline(out: Path, stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None) -> Path:
+def compile_pipeline(out: Path, stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig | None = None,
+                     pretokenize_workers: int | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(stages, cluster), str(out))
+    compiler.Compiler().compile(build_pipeline(stages, cluster, pretokenize_workers=pretokenize_workers), str(out))
     return out
 
 

@@ -1,4 +1,4 @@
-"""VQ-encode the validated images into resumable shards."""
+"""One pre-tokenisation worker: VQ-encode the validated images of its shard range (a ParallelFor item)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
@@ -7,18 +7,25 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def pretokenize(dataset: Input[Dataset], model: Input[Model], parent_run_id: str, cache_root: str, use_cache: bool,
-                tokens: Output[Dataset]):
-    """Shards + index.json (with the manifest's and validation report's digests); reused from
-    ``cache_root`` when the data and the model's tokenizer are unchanged (``use_cache``)."""
+def pretokenize(dataset: Input[Dataset], model: Input[Model], worker: int, num_workers: int, shard_size: int,
+                parent_run_id: str, job: str, checkpoint_root: str, use_cache: bool, shards: Output[Dataset]):
+    """plan.json + the shards of range ``worker`` of ``num_workers`` (no index: ``pretokenize_merge``
+    writes it). Images on S3 are fetched for these shards only. Shards are built under
+    ``checkpoint_root/<job>/pretokenize-w<worker>`` (the checkpoint volume on a cluster), so a
+    retried pod resumes at the shard that was cut off; reused from ``checkpoint_root/cache`` when
+    the data, the model's tokenizer and the shard range are unchanged (``use_cache``).
+    """
     from pathlib import Path
 
     from unitoken.pipeline import steps
     from unitoken.pipeline.cache import StepCache
 
-    summary = steps.pretokenize(Path(dataset.path), Path(model.path), Path(tokens.path), parent_run_id,
-                               cache=StepCache(cache_root, use_cache))
-    tokens.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    work = Path(checkpoint_root) / steps.dns_name(job) / f"pretokenize-w{worker}" if checkpoint_root else None
+    cache = StepCache(Path(checkpoint_root) / "cache" if checkpoint_root else None, use_cache)
+    summary = steps.pretokenize_worker(Path(dataset.path), Path(model.path), Path(shards.path), parent_run_id,
+                                       worker=worker, num_workers=num_workers, shard_size=shard_size, work=work,
+                                       cache=cache)
+    shards.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_every_component_module_compiles(tmp_path):
     from kfp import compiler
 
     names = sorted(p.parent.name for p in (ROOT / "components").glob("*/component.py"))
-    assert len(names) == 10
+    assert len(names) == 11
     for name in names:
         module = importlib.import_module(f"components.{name}.component")
         compiler.Compiler().compile(getattr(module, name), str(tmp_path / f"{name}.yaml"))
@@ -123,6 +124,44 @@ def test_gpu_settings_on_gpu_steps_only(tmp_path):
     policies = [t.get("retryPolicy") for c in spec["components"].values() if "dag" in c
                 for name, t in c["dag"]["tasks"].items() if name.startswith("train-stage")]
     assert policies and all(p and p["maxRetryCount"] == 3 for p in policies)
+
+
+def test_pretokenize_fans_out_with_the_parallelism_of_the_cluster_config(tmp_path):
+    """Pre-tokenisation compiles to one ParallelFor over ``pretokenize.workers`` shard ranges whose
+    parallelism limit is ``pretokenize.parallelism`` of examples/cluster.yaml; each worker is placed
+    like the GPU step it was (accelerator, node selector, tolerations, checkpoint volume, retries),
+    and pretokenize-merge, a CPU step, collects every worker's shards."""
+    cluster = load_cluster(EXAMPLE)
+    assert (cluster.pretokenize.workers, cluster.pretokenize.parallelism) == (32, 16)
+    _, spec, platform = _compile(tmp_path, (1, 2, 3), cluster)
+    dags = {"root": spec["root"]["dag"], **{k: c["dag"] for k, c in spec["components"].items() if "dag" in c}}
+    loops = [(name, t) for dag in dags.values() for name, t in dag["tasks"].items() if "parameterIterator" in t]
+    assert len(loops) == 1
+    loop_name, loop = loops[0]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 16
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == list(range(32))
+    body = dags[loop["componentRef"]["name"]]["tasks"]
+    assert set(body) == {"pretokenize"}
+    worker = body["pretokenize"]
+    assert worker["inputs"]["parameters"]["worker"]["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
+    assert worker["inputs"]["parameters"]["num_workers"]["runtimeValue"]["constant"] == 32
+    assert worker["retryPolicy"]["maxRetryCount"] == cluster.resources("pretokenize").retries == 2
+    executor = spec["components"]["comp-pretokenize"]["executorLabel"]
+    k8s, r = platform[executor], cluster.resources("pretokenize")
+    accel = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]["accelerator"]
+    assert accel["resourceType"] == r.gpu_resource and int(accel["resourceCount"]) == r.gpus == 1
+    assert k8s["nodeSelector"]["labels"] == r.node_selector and k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert [m["mountPath"] for m in k8s["pvcMount"]] == [cluster.checkpoint_mount]
+    merge = next(t for dag in dags.values() for name, t in dag["tasks"].items() if name == "pretokenize-merge")
+    assert merge["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == loop_name
+    merge_exec = spec["components"][merge["componentRef"]["name"]]["executorLabel"]
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][merge_exec]["container"]["resources"]
+    assert "nodeSelector" not in platform[merge_exec]
+    for doc, message in (({"pretokenize": {"workers": 4, "parallelism": 8}}, r"parallelism=8 > workers=4"),
+                         ({"pretokenize": {"workers": 0}}, r"cluster.pretokenize.workers=0"),
+                         ({"pretokenize": {"shards": 3}}, r"unknown field 'shards'")):
+        with pytest.raises(ConfigError, match=message):
+            cluster_from_dict(doc)
 
 
 def test_without_a_cluster_config_nothing_is_scheduled(tmp_path):

@@ -54,7 +54,8 @@ def _front(tmp, name, data, cache, tokenizer=False, evaluate=False):
         res["tokenizer"] = steps.tokenizer(out / "dataset", "tiny", [], "", 3, out / "tok", parent, batch_size=4,
                                            cache=cache)
     steps.init_model("tiny", [], out / "tok" if tokenizer else None, "", out / "model")
-    res["pretokenize"] = steps.pretokenize(out / "dataset", out / "model", out / "tokens", parent, cache=cache)
+    res["pretokenize"] = steps.pretokenize_worker(out / "dataset", out / "model", out / "shards", parent, cache=cache)
+    steps.pretokenize_merge([out / "shards"], out / "tokens", parent, [res["pretokenize"]["cache"]])
     if evaluate:
         res["evaluate"] = steps.evaluate(out / "model", out / "dataset", EVAL["suites"], EVAL["limit"], out / "eval",
                                          parent, "init", cache=cache)
@@ -86,7 +87,9 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
     assert {r["cache"] for r in res2.values()} == {"hit"}
     assert res2["pretokenize"]["cache_key"] == res1["pretokenize"]["cache_key"]
     assert tree_files(second / "tokens") == tree_files(first / "tokens")
-    _assert_hit_runs(_runs(mlflow_home, parent), first_runs, first_parent, ["pretokenize"])
+    runs = _runs(mlflow_home, parent)
+    _assert_hit_runs(runs, first_runs, first_parent, ["pretokenize-w0"])
+    assert runs["pretokenize"].data.tags["unitoken.cache"] == "hit"  # the merge: every worker was a hit
 
     # one image changed: another data digest, another key, computed again (pre-tokenisation with
     # the same model stands for every step: they all key on the digest)
@@ -97,12 +100,12 @@ def test_rerun_reuses_expensive_steps_and_changed_data_recomputes(tmp_path, mlfl
     img.putpixel((0, 0), (255 - img.getpixel((0, 0))[0], 0, 0))
     img.save(image)
     steps.validate(str(tmp_path / "data"), tmp_path / "changed", parent)
-    res3 = steps.pretokenize(tmp_path / "changed", first / "model", tmp_path / "tokens3", parent, cache=cache)
+    res3 = steps.pretokenize_worker(tmp_path / "changed", first / "model", tmp_path / "tokens3", parent, cache=cache)
     assert res3["cache"] == "miss" and res3["cache_key"] != res1["pretokenize"]["cache_key"]
 
     # --no-cache: computed again although an entry exists
-    res4 = steps.pretokenize(tmp_path / "changed", first / "model", tmp_path / "tokens4", parent,
-                             cache=StepCache(tmp_path / "cache", reuse=False))
+    res4 = steps.pretokenize_worker(tmp_path / "changed", first / "model", tmp_path / "tokens4", parent,
+                                    cache=StepCache(tmp_path / "cache", reuse=False))
     assert res4["cache"] == "miss" and res4["cache_key"] == res3["cache_key"]
 
 
@@ -239,7 +242,7 @@ def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path
     for step, sub in (("tokenizer", "tok"), ("evaluate", "eval")):
         assert tree_files(front / sub) == tree_files(first / sub), step
     runs, first_runs = _runs(mlflow_home, parent), _runs(mlflow_home, first_parent)
-    _assert_hit_runs(runs, first_runs, first_parent, ["tokenizer", "pretokenize", "eval-init"])
+    _assert_hit_runs(runs, first_runs, first_parent, ["tokenizer", "pretokenize-w0", "eval-init"])
     assert runs["eval-init"].data.metrics == first_runs["eval-init"].data.metrics  # scores read the same
     assert {k: v for k, v in res2["evaluate"].items() if not k.startswith("cache")} == \
         {k: v for k, v in res1["evaluate"].items() if not k.startswith("cache")}
@@ -282,8 +285,8 @@ def test_compiled_pipeline_turns_kfp_caching_off_and_takes_use_cache(tmp_path):
     doc = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
     assert doc["root"]["inputDefinitions"]["parameters"]["use_cache"]["defaultValue"] is True
     tasks = {k: v for c in [doc["root"], *doc["components"].values()] for k, v in c.get("dag", {}).get("tasks", {}).items()}
-    executed = {k: v for k, v in tasks.items() if "componentRef" in v and not k.startswith(("condition", "exit-handler"))}
-    assert len(executed) == 14
+    executed = {k: v for k, v in tasks.items() if "componentRef" in v and not k.startswith(("condition", "exit-handler", "for-loop"))}
+    assert len(executed) == 15  # the pretokenize workers (one ParallelFor task) and their merge among them
     assert all(not v.get("cachingOptions", {}).get("enableCache") for v in executed.values())
     takes = {k for k, v in executed.items() if "use_cache" in v.get("inputs", {}).get("parameters", {})}
     assert takes == {"train-tokenizer", "pretokenize", "train-stage", "train-stage-2", "train-stage-3", "evaluate",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 
 import pytest
@@ -21,28 +20,31 @@ def s3_env(servers, monkeypatch):
     return servers
 
 
-def test_validate_from_s3_carries_the_data_inside_the_artifact(s3_env, tmp_path):
-    """s3:// data is downloaded into the validated Dataset; its data root is recorded relative, so
-    the artifact still resolves after it moves (another pod); the step is a nested MLflow run."""
+def test_validate_from_s3_keeps_the_images_on_s3(s3_env, tmp_path):
+    """s3:// data is checked where it was fetched to, but the validated Dataset holds only the
+    manifest and reports: it records the prefix as its data root (readers fetch what they need),
+    its data digest equals that of the same data validated locally, and the step is a nested
+    MLflow run. Evaluation's reader fetches the prefix once, into a directory named by the digest."""
     from mlflow import MlflowClient
 
-    from unitoken.data.manifest import data_root
+    from unitoken.data.manifest import data_location
     from unitoken.data.synth import synthesize
 
     synthesize(tmp_path / "src", 12)
     assert upload_dir(tmp_path / "src", "s3://mlflow/datasets/shapes12") > 12
     parent = steps.open_pipeline_run("job-s3-test", "s3 test", {"case": "s3"})
-    summary = steps.validate("s3://mlflow/datasets/shapes12", tmp_path / "validated", parent)
+    summary = steps.validate("s3://mlflow/datasets/shapes12/", tmp_path / "validated", parent)
     assert summary["rejected_rows"] == 0 and summary["clean_rows"] == summary["input_rows"] > 0
-    assert json.loads((tmp_path / "validated" / "dataset.json").read_text())["data_root"] == "data"
-    moved = shutil.move(tmp_path / "validated", tmp_path / "elsewhere")
-    root = data_root(moved / "clean.jsonl")
-    assert root == (tmp_path / "elsewhere" / "data").resolve()
-    first = json.loads((moved / "clean.jsonl").read_text().splitlines()[0])
-    assert (root / first["image"][0]).is_file()
+    assert data_location(tmp_path / "validated" / "clean.jsonl") == "s3://mlflow/datasets/shapes12"
+    assert not any(p.suffix == ".png" for p in (tmp_path / "validated").rglob("*"))
+    assert summary["data_sha256"] == steps.validate(str(tmp_path / "src"), tmp_path / "local", parent)["data_sha256"]
+    root = steps.data_root(tmp_path / "validated")
+    first = json.loads((tmp_path / "validated" / "clean.jsonl").read_text().splitlines()[0])
+    assert (root / first["image"][0]).read_bytes() == (tmp_path / "src" / first["image"][0]).read_bytes()
+    assert root.name == summary["data_sha256"][:32]
     client = MlflowClient(s3_env["uri"])
     run = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
-                             filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[0]
+                             filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[-1]
     assert run.info.run_name == "validate" and run.data.metrics["clean_rows"] == summary["clean_rows"]
     assert steps.open_pipeline_run("job-s3-test", "s3 test", {}) == parent  # a retried first step finds its run
 

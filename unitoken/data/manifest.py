@@ -59,19 +59,37 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
             yield RawRow(i, raw, rec if isinstance(rec, dict) else None, None if isinstance(rec, dict) else "not_an_object")
 
 
-def data_root(manifest: str | Path) -> Path:
-    """Directory that a manifest's relative image paths start from.
+def data_location(manifest: str | Path) -> str:
+    """Where a manifest's relative image paths start from: a local directory, or the ``s3://``
+    prefix the images stay on (a validated ``clean.jsonl`` of S3 data: readers fetch what they
+    need, ``unitoken.data.remote.fetch_images``).
 
     A validated ``clean.jsonl`` sits beside ``dataset.json``, which records the original data
-    root (rows are copied verbatim, so their paths still point there), absolute or relative to
-    the sidecar (data carried inside a pipeline artifact); any other manifest's root is its own
-    directory.
+    root (rows are copied verbatim, so their paths still point there): absolute, relative to the
+    sidecar (data carried inside a pipeline artifact), or an ``s3://`` prefix; any other
+    manifest's root is its own directory.
     """
     manifest = Path(manifest)
     sidecar = manifest.parent / "dataset.json"
     if sidecar.is_file():
-        return (sidecar.parent.resolve() / json.loads(sidecar.read_text())["data_root"]).resolve()
-    return manifest.resolve().parent
+        recorded = json.loads(sidecar.read_text())["data_root"]
+        if recorded.startswith("s3://"):
+            return recorded
+        return str((sidecar.parent.resolve() / recorded).resolve())
+    return str(manifest.resolve().parent)
+
+
+def data_root(manifest: str | Path) -> Path:
+    """The local directory a manifest's relative image paths start from (``data_location``).
+
+    Raises:
+        ValueError: the images are on S3; fetch them first (``unitoken.data.remote``).
+    """
+    location = data_location(manifest)
+    if location.startswith("s3://"):
+        raise ValueError(f"{manifest}: its images are on {location}; fetch them first "
+                         "(unitoken.data.remote.fetch_images or materialise)")
+    return Path(location)
 
 
 def resolve_image(rel: str, base: Path, root: Path | None = None) -> Path:

@@ -17,6 +17,10 @@ Layout of ``OUT``::
 A shard is built in a temporary directory and renamed into place, so a killed run leaves
 either a whole shard or none; a restart skips finished shards. Output is deterministic:
 the same inputs give byte-identical files.
+
+Fan-out: ``pretokenize(..., worker=i, num_workers=n)`` builds the contiguous shard range ``i`` of
+``n`` (``shard_ranges``) and no index; ``merge`` of the ``n`` outputs gives the same bytes as one
+run over everything (the pipeline runs the workers in a ``dsl.ParallelFor``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from unitoken.config import config_hash
-from unitoken.data.manifest import data_root, load_records, resolve_image
+from unitoken.data.manifest import data_location, load_records, resolve_image
+from unitoken.data.remote import fetch_images
 from unitoken.files import sha256_file, write_json
 from unitoken.model.vision import preprocess_continuous, vq_pixels
 
@@ -91,24 +96,48 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
     }
 
 
+def shard_ranges(num_shards: int, num_workers: int) -> list[tuple[int, int]]:
+    """Contiguous shard ranges ``[first, last)`` of ``num_workers`` workers, sizes differing by at
+    most one (a worker beyond the shard count gets an empty range)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: must be >= 1")
+    base, extra = divmod(num_shards, num_workers)
+    bounds = [0]
+    for w in range(num_workers):
+        bounds.append(bounds[-1] + base + (w < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 1024, batch_size: int = 64,
-                device: str = "auto", progress=None) -> dict:
+                device: str = "auto", progress=None, worker: int = 0, num_workers: int = 1,
+                s3_client=None) -> dict:
     """Pre-tokenise a validated manifest with ``model`` (a loaded ``UniToken``).
 
+    With ``num_workers`` > 1 this builds only the shards of range ``worker`` (``shard_ranges``)
+    into ``out`` (plan.json + those shards, no index.json): ``merge`` puts the workers' outputs
+    together into what one worker writes. Images on S3 (a manifest validated from ``s3://``)
+    are fetched shard by shard into a temporary directory: only the images of this worker's shards.
+
     Returns:
-        summary {"records", "images", "shards", "skipped_shards", "images_per_s", "seconds"}.
+        summary {"records", "images", "shards", "skipped_shards", "encoded_images", "seconds",
+        "images_per_s", "first_shard", "last_shard", "fetched_images"}; "records"/"images" count
+        this worker's shards.
 
     Raises:
         ValueError: ``out`` holds a run with a different manifest, model or shard size.
     """
+    import tempfile
+
     manifest, out = Path(manifest), Path(out)
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker={worker}: must be in [0, num_workers={num_workers})")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.vq.to(dev)
     records = load_records(manifest)
-    root = data_root(manifest)
+    location = data_location(manifest)
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "manifest_sha256": sha256_file(manifest),
         "vq_sha256": _module_digest(model.vq), "vq_config": config_hash(model.config.vq),
@@ -129,41 +158,114 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     for stale in (out / "shards").glob(".tmp-*"):  # left by a killed run: never a shard
         shutil.rmtree(stale)
 
-    n_shards = max(1, -(-len(records) // shard_size))
-    done_images, skipped, start = 0, 0, time.perf_counter()
-    for s in range(n_shards):
-        final = out / "shards" / f"shard_{s:05d}"
-        if final.is_dir():
-            skipped += 1
-        else:
-            chunk = records[s * shard_size : (s + 1) * shard_size]
-            tensors = _build_shard(chunk, root, model, batch_size, dev)
-            tmp = out / "shards" / f".tmp-{s:05d}-{os.getpid()}"
-            tmp.mkdir()
-            (tmp / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in chunk))
-            save_file(tensors, str(tmp / "images.safetensors"))
-            tmp.rename(final)
-            done_images += int(tensors["codes"].shape[0])
-        if progress:
-            progress(s + 1, n_shards)
+    n_shards = num_shards(len(records), shard_size)
+    first, last = shard_ranges(n_shards, num_workers)[worker]
+    done_images, skipped, fetched, start = 0, 0, 0, time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="unitoken-images-") as spool:
+        for s in range(first, last):
+            final = out / "shards" / f"shard_{s:05d}"
+            if final.is_dir():
+                skipped += 1
+            else:
+                chunk = records[s * shard_size : (s + 1) * shard_size]
+                if location.startswith("s3://"):  # this shard's images only, then they go again
+                    root = Path(spool) / f"{s:05d}"
+                    fetched += fetch_images(location, _image_paths(chunk), root, client=s3_client)
+                else:
+                    root = Path(location)
+                tensors = _build_shard(chunk, root, model, batch_size, dev)
+                if root != Path(location):
+                    shutil.rmtree(root, ignore_errors=True)
+                tmp = out / "shards" / f".tmp-{s:05d}-{os.getpid()}"
+                tmp.mkdir()
+                (tmp / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in chunk))
+                save_file(tensors, str(tmp / "images.safetensors"))
+                tmp.rename(final)
+                done_images += int(tensors["codes"].shape[0])
+            if progress:
+                progress(s - first + 1, last - first)
     seconds = time.perf_counter() - start
-    index = {**plan, "shards": []}
-    total_images = 0
-    for s in range(n_shards):
-        shard = out / "shards" / f"shard_{s:05d}"
-        with open(shard / "records.jsonl") as fh:
-            n_rec = sum(1 for _ in fh)
-        from safetensors import safe_open
+    counts = [_shard_counts(out / "shards" / f"shard_{s:05d}") for s in range(first, last)]
+    if num_workers == 1:
+        write_index(out)
+    return {"records": sum(c[0] for c in counts), "images": sum(c[1] for c in counts), "shards": last - first,
+            "skipped_shards": skipped, "encoded_images": done_images, "seconds": round(seconds, 3),
+            "images_per_s": round(done_images / seconds, 1) if seconds > 0 and done_images else 0.0,
+            "first_shard": first, "last_shard": last, "fetched_images": fetched}
 
-        with safe_open(str(shard / "images.safetensors"), "pt") as f:
-            n_img = f.get_slice("codes").get_shape()[0]
-        total_images += n_img
+
+def num_shards(num_records: int, shard_size: int) -> int:
+    return max(1, -(-num_records // shard_size))
+
+
+def _image_paths(records: list[dict]) -> list[str]:
+    paths = []
+    for rec in records:
+        imgs = rec.get("image", [])
+        paths += [imgs] if isinstance(imgs, str) else imgs
+    return paths
+
+
+def _shard_counts(shard: Path) -> tuple[int, int]:
+    """(records, images) of a finished shard."""
+    from safetensors import safe_open
+
+    with open(shard / "records.jsonl") as fh:
+        n_rec = sum(1 for _ in fh)
+    with safe_open(str(shard / "images.safetensors"), "pt") as f:
+        return n_rec, f.get_slice("codes").get_shape()[0]
+
+
+def write_index(out: Path) -> dict:
+    """``out/index.json`` (plan + every shard's counts and file digests), written last: its
+    presence means every shard of the plan is there.
+
+    Raises:
+        ValueError: a shard of the plan is missing.
+    """
+    out = Path(out)
+    plan = json.loads((out / "plan.json").read_text())
+    index = {**plan, "shards": []}
+    for s in range(num_shards(plan["num_records"], plan["shard_size"])):
+        shard = out / "shards" / f"shard_{s:05d}"
+        if not shard.is_dir():
+            raise ValueError(f"{out}: {shard.name} is missing; every shard of the plan must be built first")
+        n_rec, n_img = _shard_counts(shard)
         index["shards"].append({"name": shard.name, "records": n_rec, "images": n_img,
                                 "sha256": {p.name: sha256_file(p) for p in sorted(shard.iterdir())}})
     write_json(out / "index.json", index)
-    return {"records": len(records), "images": total_images, "shards": n_shards, "skipped_shards": skipped,
-            "encoded_images": done_images, "seconds": round(seconds, 3),
-            "images_per_s": round(done_images / seconds, 1) if seconds > 0 and done_images else 0.0}
+    return index
+
+
+def merge(parts: list[Path], out: Path) -> dict:
+    """Put the outputs of ``pretokenize`` workers together into ``out``: plan.json, every shard
+    and index.json, byte-identical to one worker's run over the whole manifest.
+
+    Raises:
+        ValueError: the parts were made from different inputs, or a shard is missing or made twice.
+    """
+    out = Path(out)
+    plans = [json.loads((Path(p) / "plan.json").read_text()) for p in parts]
+    if not plans:
+        raise ValueError("merge: no worker outputs")
+    for p, plan in zip(parts[1:], plans[1:]):
+        if plan != plans[0]:
+            diff = sorted(k for k in plan.keys() | plans[0].keys() if plan.get(k) != plans[0].get(k))
+            raise ValueError(f"merge: {p} was made from other inputs than {parts[0]} (differs in {diff})")
+    owner: dict[str, Path] = {}
+    for p in parts:
+        for shard in sorted((Path(p) / "shards").glob("shard_*")):
+            if shard.name in owner:
+                raise ValueError(f"merge: {shard.name} is in both {owner[shard.name]} and {p}")
+            owner[shard.name] = Path(p)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    write_json(out / "plan.json", plans[0])
+    for name, p in sorted(owner.items()):
+        if not (out / "shards" / name).is_dir():
+            shutil.copytree(p / "shards" / name, out / "shards" / name)
+    index = write_index(out)
+    return {"records": sum(s["records"] for s in index["shards"]), "images": sum(s["images"] for s in index["shards"]),
+            "shards": len(index["shards"]), "workers": len(parts)}
 
 
 def _validation_report(manifest: Path) -> str | None:

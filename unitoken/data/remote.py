@@ -1,5 +1,8 @@
 """Data and tokenizers by URI: a local path, or ``s3://bucket/prefix`` fetched into a cache.
 
+Whole prefixes are fetched by ``materialise``; ``fetch_images`` fetches only the named images
+of a prefix (a pre-tokenisation worker fetches the images of its own shards, never the corpus).
+
 Credentials come from the environment only (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
 on a cluster from a Kubernetes secret); the endpoint from ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL`` (SeaweedFS, MinIO, ...). Transient S3 errors
@@ -11,6 +14,8 @@ and the cache directory is complete only once ``.complete`` exists.
 from __future__ import annotations
 
 import os
+import posixpath
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -74,6 +79,51 @@ def materialise(uri: str, dest: Path, client=None) -> Path:
         raise RemoteDataError(f"{uri}: S3 failed after retries ({type(err).__name__}: {err})") from err
     (dest / ".complete").write_text(f"{len(keys)} objects from {uri}\n")
     return dest
+
+
+def object_key(prefix: str, rel: str) -> str:
+    """The key of image ``rel`` (a manifest path, relative to the manifest) under ``prefix``.
+
+    Raises:
+        RemoteDataError: ``rel`` is absolute or leaves the prefix (``..``).
+    """
+    norm = posixpath.normpath(rel) if isinstance(rel, str) and rel else ""
+    if not norm or norm.startswith(("/", "../")) or norm in (".", "..") or "\x00" in norm:
+        raise RemoteDataError(f"image path {rel!r} is not inside the data prefix")
+    return f"{prefix}/{norm}" if prefix else norm
+
+
+def fetch_images(uri: str, rels: Iterable[str], dest: Path, client=None) -> int:
+    """Download the images ``rels`` of the data prefix ``uri`` into ``dest`` (same relative paths);
+    one already there is kept. Each lands under a temporary name first.
+
+    Returns:
+        how many objects were downloaded.
+
+    Raises:
+        RemoteDataError: a path leaves the prefix, or S3 keeps failing (the message names the key).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(uri)
+    dest = Path(dest)
+    client = client or s3_client()
+    fetched = 0
+    for rel in dict.fromkeys(rels):
+        key = object_key(prefix, rel)
+        target = dest / key[len(prefix) + 1:] if prefix else dest / key
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        try:
+            client.download_file(bucket, key, str(tmp))
+        except (BotoCoreError, ClientError) as err:
+            tmp.unlink(missing_ok=True)
+            raise RemoteDataError(f"s3://{bucket}/{key}: S3 failed after retries ({type(err).__name__}: {err})") from err
+        tmp.replace(target)
+        fetched += 1
+    return fetched
 
 
 def upload_dir(local: Path, uri: str, client=None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +28,13 @@ import yaml
 from PIL import Image
 
 from unitoken.config import VQConfig
-from unitoken.data.manifest import data_root, load_records, resolve_image
+from unitoken.data.manifest import data_location, load_records, resolve_image
+from unitoken.data.remote import fetch_images
 from unitoken.model.vision import to_pil, vq_pixels
 from unitoken.model.vq import VQTokenizer
 
 
 def _images(manifest: Path, split: str, resolution: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    root = data_root(manifest)
     seen, paths = set(), []
     for rec in load_records(manifest):
         if rec.get("split", "train") != split:
@@ -44,9 +45,14 @@ def _images(manifest: Path, split: str, resolution: int, limit: int | None = Non
                 paths.append(rel)
     paths = paths[:limit] if limit else paths
     pixels = []
-    for rel in paths:
-        with Image.open(resolve_image(rel, root)) as im:
-            pixels.append(vq_pixels(im, resolution))
+    with tempfile.TemporaryDirectory(prefix="unitoken-images-") as spool:
+        location = data_location(manifest)
+        if location.startswith("s3://"):  # data validated from S3 stays there: fetch what is used
+            fetch_images(location, paths, Path(spool))
+            location = spool
+        for rel in paths:
+            with Image.open(resolve_image(rel, Path(location))) as im:
+                pixels.append(vq_pixels(im, resolution))
     if not pixels:
         raise ValueError(f"{manifest}: no images in split {split!r}")
     return torch.stack(pixels), paths

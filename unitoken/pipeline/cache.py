@@ -100,27 +100,30 @@ def cache_key(step: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compute_dataset_digest(dataset: Path) -> str:
-    """Identity of a validated Dataset: ``clean.jsonl`` and every image its rows reference."""
+def compute_dataset_digest(dataset: Path, root: Path | None = None) -> str:
+    """Identity of a validated Dataset: ``clean.jsonl`` and every image its rows reference, read
+    under ``root`` (default: the recorded data root; data on S3 is digested where validation
+    fetched it, so pass that directory)."""
     from unitoken.data.manifest import data_root
 
     dataset = Path(dataset)
     manifest = dataset / "clean.jsonl"
-    root = data_root(manifest)
+    root = Path(root) if root else data_root(manifest)
     images: set[str] = set()
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            imgs = json.loads(line).get("image") or []
-            images.update([imgs] if isinstance(imgs, str) else imgs)
+    with open(manifest, encoding="utf-8") as fh:  # streamed: a manifest of millions of rows
+        for line in fh:
+            if line.strip():
+                imgs = json.loads(line).get("image") or []
+                images.update([imgs] if isinstance(imgs, str) else imgs)
     h = hashlib.sha256(b"clean.jsonl\0" + sha256_file(manifest).encode())
     for rel in sorted(images):
         h.update(b"\n" + rel.encode() + b"\0" + sha256_file(root / rel).encode())
     return h.hexdigest()
 
 
-def write_dataset_digest(dataset: Path) -> str:
+def write_dataset_digest(dataset: Path, root: Path | None = None) -> str:
     """Compute once (the validation step) and keep it in the Dataset artifact for later steps."""
-    digest = compute_dataset_digest(dataset)
+    digest = compute_dataset_digest(dataset, root)
     (Path(dataset) / DIGEST_FILE).write_text(json.dumps({"data_sha256": digest}) + "\n")
     return digest
 

@@ -19,6 +19,7 @@ Example (``examples/cluster.yaml`` has a complete one)::
     gpu: {gpus: 1, node_selector: {nvidia.com/gpu.product: NVIDIA-H200}, workload_priority_class: unitoken-training}
     steps:
       train-stage2: {gpus: 8, num_nodes: 4, cpu: "96", memory: 1000Gi}
+    pretokenize: {workers: 32, parallelism: 16}  # 32 shard ranges, 16 GPU pods at a time
     node_pools:
       h200: {node_selector: {nvidia.com/gpu.product: NVIDIA-H200}, gpus: 8, cpu: "112", memory: 1800Gi, nodes: 4}
 
@@ -44,7 +45,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from unitoken.config import ConfigError
 from unitoken.pipeline.cache import MAX_GIB_ENV, max_bytes_from_env
 
-CPU_STEPS = ("open-run", "validate-data", "init-model", "register-model", "close-run")
+CPU_STEPS = ("open-run", "validate-data", "init-model", "pretokenize-merge", "register-model", "close-run")
 GPU_STEPS = ("train-tokenizer", "pretokenize", "train-stage1", "train-stage2", "train-stage3", "evaluate", "gate")
 TRAIN_STEPS = ("train-stage1", "train-stage2", "train-stage3")
 
@@ -136,6 +137,27 @@ class NodePool(_Strict):
     nodes: int = Field(1, ge=1)
 
 
+class PretokenizeConfig(_Strict):
+    """The pre-tokenisation fan-out: ``workers`` pods (a ``dsl.ParallelFor``), each on the
+    ``pretokenize`` step's resources (one GPU by default) building a contiguous range of shards,
+    at most ``parallelism`` at a time (KFP's ``ParallelFor(parallelism=...)``; default: all)."""
+
+    workers: int = Field(1, ge=1)
+    parallelism: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _at_most_workers(self) -> PretokenizeConfig:
+        if self.parallelism is not None and self.parallelism > self.workers:
+            raise ValueError(f"parallelism={self.parallelism} > workers={self.workers}: at most `workers` pods "
+                             f"can run at once; fix: set parallelism <= {self.workers}, or raise workers")
+        return self
+
+    @property
+    def limit(self) -> int:
+        """Pods at a time, as the ParallelFor takes it."""
+        return self.parallelism or self.workers
+
+
 def _cpu_defaults() -> StepResources:
     return StepResources(cpu="2", memory="8Gi")
 
@@ -167,6 +189,7 @@ class ClusterConfig(_Strict):
     launcher: StepResources = Field(default_factory=_launcher_defaults)  # the pod watching a TrainJob
     steps: dict[str, StepResources] = Field(default_factory=dict)      # per-step overrides of gpu / cpu
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
+    pretokenize: PretokenizeConfig = Field(default_factory=PretokenizeConfig)
 
     @field_serializer("steps")
     def _dump_steps(self, steps: dict[str, StepResources]) -> dict:

@@ -206,43 +206,60 @@ def parent_env(parent_run_id: str) -> Iterator[None]:
 
 
 def validate(data_uri: str, out: Path, parent_run_id: str, max_reject_fraction: float = 0.01) -> dict:
-    """Fetch ``data_uri`` (a local directory/manifest or ``s3://bucket/prefix``) and validate it
+    """Validate the data at ``data_uri`` (a local directory/manifest, or ``s3://bucket/prefix``)
     into ``out`` (clean.jsonl, rejected.jsonl, report.json/html, dataset.json -> the data root).
+
+    Data on S3 stays there: it is fetched into a temporary directory to be checked and digested,
+    and ``dataset.json`` records the prefix, so the Dataset artifact holds the manifest and
+    reports, never the corpus; later steps fetch what they need (a pre-tokenisation worker only
+    the images of its shards). A local path (a shared volume on a cluster) is referenced where it is.
 
     Raises:
         StepError: no manifest, or more rows rejected than ``max_reject_fraction`` allows.
     """
-    from unitoken.data.remote import materialise
+    import tempfile
+
+    from unitoken.data.remote import materialise, split_s3
     from unitoken.data.validate import validate_manifest
 
     if not 0 <= max_reject_fraction <= 1:
         raise StepError(f"max_reject_fraction={max_reject_fraction}: use a fraction in [0, 1]")
-    # S3 data is downloaded into the output artifact (every later pod sees it); a local path (a
-    # shared volume on a cluster) is referenced where it is.
-    local = materialise(data_uri, Path(out) / "data")
-    manifest = local / "manifest.jsonl" if local.is_dir() else local
-    if not manifest.is_file():
-        raise StepError(f"data_uri {data_uri}: no manifest.jsonl there; point it at a data directory or a manifest")
-    with step_run("validate", parent_run_id, {"data_uri": data_uri, "max_reject_fraction": max_reject_fraction}) as run:
-        res = validate_manifest(manifest, out, recorded_root="data" if data_uri.startswith("s3://") else None)
-        run.metrics({"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
-                     "reject_fraction": res.reject_fraction})
-        data_sha = write_dataset_digest(Path(out))  # clean rows + every image: the caches' data identity
-        run.tags({"unitoken.validation_report_sha256": res.report_sha256, "unitoken.data_sha256": data_sha})
-        for name in ("report.json", "report.html", "rejected.jsonl"):
-            run.artifact(Path(out) / name, "validation")
-        if res.reject_fraction > max_reject_fraction:
-            raise StepError(f"{res.rejected_rows} of {res.input_rows} rows rejected ({res.reject_fraction:.2%} > "
-                            f"max_reject_fraction {max_reject_fraction:.2%}); the reasons are in rejected.jsonl")
+    remote = data_uri.startswith("s3://")
+    recorded = "s3://" + "/".join(x for x in split_s3(data_uri) if x) if remote else None
+    with tempfile.TemporaryDirectory(prefix="unitoken-validate-") as scratch:
+        local = materialise(data_uri, Path(scratch) / "data")
+        manifest = local / "manifest.jsonl" if local.is_dir() else local
+        if not manifest.is_file():
+            raise StepError(f"data_uri {data_uri}: no manifest.jsonl there; point it at a data directory or a manifest")
+        with step_run("validate", parent_run_id, {"data_uri": data_uri, "max_reject_fraction": max_reject_fraction}) as run:
+            res = validate_manifest(manifest, out, recorded_root=recorded)
+            run.metrics({"input_rows": res.input_rows, "clean_rows": res.clean_rows,
+                         "rejected_rows": res.rejected_rows, "reject_fraction": res.reject_fraction})
+            # clean rows + every image: the caches' data identity (images read where they were checked)
+            data_sha = write_dataset_digest(Path(out), manifest.resolve().parent if remote else None)
+            run.tags({"unitoken.validation_report_sha256": res.report_sha256, "unitoken.data_sha256": data_sha})
+            for name in ("report.json", "report.html", "rejected.jsonl"):
+                run.artifact(Path(out) / name, "validation")
+            if res.reject_fraction > max_reject_fraction:
+                raise StepError(f"{res.rejected_rows} of {res.input_rows} rows rejected ({res.reject_fraction:.2%} > "
+                                f"max_reject_fraction {max_reject_fraction:.2%}); the reasons are in rejected.jsonl")
     return {"input_rows": res.input_rows, "clean_rows": res.clean_rows, "rejected_rows": res.rejected_rows,
             "report_sha256": res.report_sha256, "data_sha256": data_sha}
 
 
 def data_root(dataset: Path) -> Path:
-    """The directory the validated manifest's images (and the synthetic scenes) live in."""
-    from unitoken.data.manifest import data_root as root
+    """A local directory with the validated manifest's images (and the synthetic scenes): the
+    recorded data root, or for data on S3 the whole prefix fetched once into a directory named
+    by the data digest (evaluation and the gate read the source manifest and its images)."""
+    import tempfile
 
-    return root(Path(dataset) / "clean.jsonl")
+    from unitoken.data.manifest import data_location
+    from unitoken.data.remote import materialise
+
+    location = data_location(Path(dataset) / "clean.jsonl")
+    if not location.startswith("s3://"):
+        return Path(location)
+    return materialise(location, Path(tempfile.gettempdir()) / "unitoken-data" / dataset_digest(dataset)[:32])
 
 
 def tokenizer(dataset: Path, recipe: str, overrides: list[str], released: str, steps: int, out: Path,
@@ -302,23 +319,71 @@ def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, ba
     return {"source": f"recipe {recipe}", "parameters": model.num_parameters()["total"]}
 
 
-def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str, cache: StepCache | None = None) -> dict:
-    from unitoken.data.pretokenize import pretokenize as run_pretokenize
+def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id: str, worker: int = 0,
+                       num_workers: int = 1, shard_size: int = 1024, work: Path | None = None,
+                       cache: StepCache | None = None) -> dict:
+    """One pre-tokenisation worker: the shards of range ``worker`` of ``num_workers``
+    (``unitoken.data.pretokenize.shard_ranges``) into ``out``; images on S3 are fetched for these
+    shards only. With ``work`` (the checkpoint volume on a cluster) shards are built there, so a
+    retried pod resumes at the shard that was cut off, then copied into ``out``.
+
+    Cached per shard range (``cached_step``): the key is the data, the model's VQ-GAN (the model
+    digest), the device type, the shard size and the range, so a re-run with the same layout
+    reuses every worker's output; a new worker count gives new ranges and recomputes.
+    """
+    from unitoken.data.pretokenize import num_shards, pretokenize, shard_ranges
     from unitoken.model.io import load_model
 
+    manifest = Path(dataset) / "clean.jsonl"
+    with open(manifest, "rb") as fh:
+        n_records = sum(1 for _ in fh)
+    first, last = shard_ranges(num_shards(n_records, shard_size), num_workers)[worker]
+    name = f"pretokenize-w{worker}"
+    params = {"worker": worker, "num_workers": num_workers, "shard_size": shard_size, "first_shard": first,
+              "last_shard": last}
+
     def inputs():
-        return {"data_sha256": dataset_digest(dataset), "model_sha256": model_digest(model_dir), "device": _device()}
+        return {"data_sha256": dataset_digest(dataset), "model_sha256": model_digest(model_dir), "device": _device(),
+                "shard_size": shard_size, "shards": [first, last]}
 
     def compute(tags):
         model, _ = load_model(model_dir)
-        with step_run("pretokenize", parent_run_id) as run:
+        with step_run(name, parent_run_id, params) as run:
             run.tags(tags)
-            summary = run_pretokenize(Path(dataset) / "clean.jsonl", model, out)
+            target = Path(work) if work else Path(out)
+            summary = pretokenize(manifest, model, target, shard_size=shard_size, worker=worker,
+                                  num_workers=num_workers)
+            if work:
+                _publish_shards(target, Path(out))
             run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            run.artifact(Path(out) / "index.json", "pretokenized")
         return summary, run.run_id
 
-    return cached_step("pretokenize", "pretokenize", inputs, out, cache, parent_run_id, compute)
+    return cached_step("pretokenize", name, inputs, out, cache, parent_run_id, compute)
+
+
+def _publish_shards(work: Path, out: Path) -> None:
+    """A finished worker's plan and shards from its work directory into its output artifact; the
+    work directory goes (on a cluster it is the shared volume, and the output is what counts now)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(work / "plan.json", out / "plan.json")
+    shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
+    shutil.rmtree(work)
+
+
+def pretokenize_merge(parts: list[Path], out: Path, parent_run_id: str, worker_cache: list[str] | None = None) -> dict:
+    """The workers' shards together in ``out`` with plan.json and index.json: the bytes one
+    worker writes over the whole manifest. Its MLflow run ``pretokenize`` carries the totals and
+    ``unitoken.cache`` = hit (every worker reused its output) | miss | partial | off."""
+    from unitoken.data.pretokenize import merge
+
+    states = sorted(set(worker_cache or []))
+    cache_state = states[0] if len(states) == 1 else ("partial" if states else "off")
+    with step_run("pretokenize", parent_run_id, {"workers": len(parts)}) as run:
+        run.tags({"unitoken.cache": cache_state, "unitoken.cache_workers": ",".join(worker_cache or [])})
+        summary = merge([Path(p) for p in parts], Path(out))
+        run.metrics(summary)
+        run.artifact(Path(out) / "index.json", "pretokenized")
+    return {**summary, "cache": cache_state}
 
 
 # --------------------------------------------------------------------------- training

@@ -49,6 +49,40 @@ def test_validate_from_s3_keeps_the_images_on_s3(s3_env, tmp_path):
     assert steps.open_pipeline_run("job-s3-test", "s3 test", {}) == parent  # a retried first step finds its run
 
 
+def test_a_pretokenize_worker_fetches_only_the_images_of_its_shards(s3_env, tmp_path, monkeypatch, tiny):
+    """Data validated from S3: worker 1 of 3 downloads exactly the images its shard range's rows
+    reference (counted at the S3 client), not the corpus, and leaves no downloaded image behind."""
+    import tempfile
+
+    from unitoken.data import remote
+    from unitoken.data.pretokenize import pretokenize, shard_ranges
+    from unitoken.data.synth import synthesize
+
+    synthesize(tmp_path / "src", 8, seed=2)
+    upload_dir(tmp_path / "src", "s3://mlflow/datasets/shapes8")
+    steps.validate("s3://mlflow/datasets/shapes8", tmp_path / "validated", "")
+    records = [json.loads(x) for x in (tmp_path / "validated" / "clean.jsonl").read_text().splitlines()]
+    fetched = []
+
+    def counting_client(**kw):
+        client = s3_client(**kw)
+        download = client.download_file
+        client.download_file = lambda bucket, key, path: (fetched.append(key), download(bucket, key, path))[1]
+        return client
+
+    monkeypatch.setattr(remote, "s3_client", counting_client)
+    (tmp_path / "spool").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spool"))  # where the fetched images go
+    summary = pretokenize(tmp_path / "validated" / "clean.jsonl", tiny[0], tmp_path / "w1", shard_size=8, worker=1,
+                          num_workers=3)
+    first, last = shard_ranges(-(-len(records) // 8), 3)[1]
+    mine = {f"datasets/shapes8/{rel}" for r in records[first * 8:last * 8] for rel in r.get("image", [])}
+    every = {f"datasets/shapes8/{rel}" for r in records for rel in r.get("image", [])}
+    assert set(fetched) == mine and len(mine) < len(every) / 2
+    assert summary["fetched_images"] == len(fetched) and summary["records"] == len(records[first * 8:last * 8])
+    assert not list((tmp_path / "spool").iterdir())
+
+
 def test_persistent_s3_failure_names_the_uri(tmp_path, monkeypatch):
     """An S3 endpoint that never answers: retried, then one clear error; nothing half-written."""
     with socket.socket() as s:

@@ -165,7 +165,16 @@ def ensure_experiment(client, name: str = "unitoken") -> str:
     location = None
     if client.tracking_uri == default_tracking_uri() and client.tracking_uri.startswith("sqlite:"):
         location = (Path(".unitoken") / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:  # a parallel step (a pre-tokenisation worker) created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        log.info("experiment %s was created concurrently (%s)", name, err.error_code)
+        return exp.experiment_id
 
 
 def experiment_for(client, parent_run_id: str | None, name: str = "unitoken") -> str:

@@ -10,6 +10,10 @@ image is referenced by many rows (the validator checks each distinct image once:
 the row path, not image decoding). One row in 1,000 is an exact copy of a row 10,000 lines
 earlier (found as a duplicate across chunks) and one in 10,000 references a missing image.
 
+``--photo-rows N`` adds the other extreme: N rows, each with an image path of its own (hard links
+of one real photograph, scikit-learn's 640x427 ``china.jpg``), so every row costs a full JPEG
+decode, as a corpus of distinct images (the paper's captions and instructions) does.
+
 Each size runs in a fresh process that reports its own peak RSS (``ru_maxrss``), so the numbers
 are the validator's, not this script's. The bound is the issue's: 2 GiB at 1,000,000 rows.
 Prints a table last and writes JSON.
@@ -61,6 +65,30 @@ def make_manifest(directory: Path, rows: int, images: int) -> Path:
     return out
 
 
+def make_photo_manifest(directory: Path, rows: int) -> Path:
+    """``directory/photos-<rows>.jsonl``: one row per distinct image path (all one JPEG's bytes)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    out = directory / f"photos-{rows}.jsonl"
+    if out.is_file():
+        return out
+    (directory / "photos").mkdir(parents=True, exist_ok=True)
+    original = directory / "photos" / "china.jpg"
+    Image.fromarray(load_sample_image("china.jpg")).save(original, quality=90)
+    with open(out.with_suffix(".tmp"), "w") as fh:
+        for i in range(rows):
+            link = directory / "photos" / f"{i:07d}.jpg"
+            if not link.exists():
+                os.link(original, link)
+            fh.write(json.dumps({"id": f"p{i}", "image": [f"photos/{i:07d}.jpg"], "task": "understanding",
+                                 "source": "photo", "split": "train", "conversations": [
+                                     {"from": "human", "value": "<|image|>\nDescribe the picture."},
+                                     {"from": "gpt", "value": f"A pagoda among trees ({i})."}]}) + "\n")
+    out.with_suffix(".tmp").rename(out)
+    return out
+
+
 def _child(manifest: str, out: str, chunk_rows: int) -> None:
     """Validate in this process; print seconds, counts and this process's peak RSS as JSON."""
     import resource
@@ -80,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1000000", help="comma list of manifest sizes")
     ap.add_argument("--images", type=int, default=500, help="synthetic scenes = distinct image files")
+    ap.add_argument("--photo-rows", type=int, default=0, help="also: this many rows, each with its own JPEG path")
     ap.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: the validator's default)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/unitoken-validate-scale"))
     ap.add_argument("--out", type=Path)
@@ -92,25 +121,29 @@ def main() -> None:
 
     a.dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for rows in (int(r) for r in a.rows.split(",")):
-        manifest = make_manifest(a.dir, rows, a.images)
+    runs = [(int(r), make_manifest(a.dir, int(r), a.images), "synthetic") for r in a.rows.split(",") if int(r)]
+    if a.photo_rows:
+        runs.append((a.photo_rows, make_photo_manifest(a.dir, a.photo_rows), "photos"))
+    for rows, manifest, kind in runs:
         env = dict(os.environ, GX_ANALYTICS_ENABLED="false")
-        done = subprocess.run([sys.executable, __file__, "--child", str(manifest), str(a.dir / f"v-{rows}"),
+        done = subprocess.run([sys.executable, __file__, "--child", str(manifest), str(a.dir / f"v-{kind}-{rows}"),
                                str(a.chunk_rows)], capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        distinct = sum(1 for _ in (a.dir / "images").rglob("*.png"))
-        results.append({"rows": rows, "distinct_images": distinct, "chunk_rows": a.chunk_rows or "default", **r,
-                        "rows_per_s": rows / r["seconds"], "bound_mib": BOUND_MIB,
-                        "bound_met": r["peak_rss_mib"] <= BOUND_MIB})
-    table = Table(title=f"unitoken data validate: {os.cpu_count()} CPU cores; manifest rows over "
-                        f"{results[0]['distinct_images']} distinct synthetic 64 px PNGs, repeated")
-    for col in ("rows", "clean", "rejected", "seconds", "rows/s", "peak RSS MiB", f"<= {BOUND_MIB} MiB"):
+        distinct = rows if kind == "photos" else sum(1 for _ in (a.dir / "images").rglob("*.png"))
+        images = (f"{distinct:,} paths, one 640x427 JPEG" if kind == "photos"
+                  else f"{distinct:,} synthetic 64 px PNGs, repeated")
+        results.append({"rows": rows, "images": images, "distinct_images": distinct,
+                        "chunk_rows": a.chunk_rows or "default", **r, "rows_per_s": rows / r["seconds"],
+                        "bound_mib": BOUND_MIB, "bound_met": r["peak_rss_mib"] <= BOUND_MIB})
+    table = Table(title=f"unitoken data validate, {os.cpu_count()} CPU cores, one process")
+    for col in ("rows", "images", "clean", "rejected", "seconds", "rows/s", "peak RSS MiB", f"<= {BOUND_MIB} MiB"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(f"{r['rows']:,}", f"{r['clean_rows']:,}", f"{r['rejected_rows']:,}", f"{r['seconds']:.1f}",
-                      f"{r['rows_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}", "yes" if r["bound_met"] else "NO")
+        table.add_row(f"{r['rows']:,}", r["images"], f"{r['clean_rows']:,}", f"{r['rejected_rows']:,}",
+                      f"{r['seconds']:.1f}", f"{r['rows_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}",
+                      "yes" if r["bound_met"] else "NO")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=2) + "\n")

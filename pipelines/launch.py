@@ -17,7 +17,8 @@ from pathlib import Path
 from pipelines.unitoken_training import build_pipeline, compile_pipeline
 
 
-def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] = (1, 2, 3)) -> dict:
+def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] = (1, 2, 3),
+              pretokenize_workers: int = 1) -> dict:
     """Run the whole pipeline in subprocesses of this Python (``kfp.local``), then read back
     what it recorded in MLflow: the parent run, every step's nested run, the registered model.
 
@@ -31,7 +32,8 @@ def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] =
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "artifacts"),
                raise_on_error=False)
-    pipeline = build_pipeline(stages, checkpoint_root=str(root / "checkpoints"))
+    pipeline = build_pipeline(stages, checkpoint_root=str(root / "checkpoints"),
+                              pretokenize_workers=pretokenize_workers)
     start = time.perf_counter()
     pipeline(data_uri=data_uri, **params)
     seconds = time.perf_counter() - start

@@ -100,7 +100,8 @@ def pretokenize_fanout(dataset, model, shard_size, parent, job, checkpoint_root:
     ``parallelism`` at a time), each building one contiguous range of shards on the
     ``pretokenize`` step's resources, then ``pretokenize-merge`` writes plan, shards and index
     (the bytes of one worker over everything). Returns the merge task (output ``tokens``)."""
-    with dsl.ParallelFor(items=list(range(workers)), parallelism=parallelism, name="pretokenize-workers") as worker:
+    with dsl.ParallelFor(items=list(range(workers)), parallelism=parallelism,
+                         name="pretokenize-workers") as worker:
         part = place(pretokenize(dataset=dataset, model=model, worker=worker, num_workers=workers,
                                  shard_size=shard_size, parent_run_id=parent, job=job,
                                  checkpoint_root=checkpoint_root, use_cache=use_cache), "pretokenize", cluster)
@@ -120,6 +121,8 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
         checkpoint_root = checkpoint_root or (cluster.checkpoint_mount if cluster.checkpoint_pvc else "")
     fanout = cluster.pretokenize if cluster else PretokenizeConfig()
     if pretokenize_workers is not None:
+        if pretokenize_workers < 1:
+            raise ValueError(f"--pretokenize-workers {pretokenize_workers}: must be >= 1")
         fanout = PretokenizeConfig(workers=pretokenize_workers)
     cluster_json = json.dumps(cluster.to_json()) if cluster else "{}"
     # Step outputs are cached by content on the checkpoint volume (unitoken/pipeline/cache.py);

@@ -14,8 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 FAST = ["--param", "tokenizer_steps=3", "--param", "max_steps=2", "--param", "eval_limit=2"]
-STEPS = {"validate", "tokenizer", "pretokenize", "stage1", "stage2", "stage3", "eval-stage1", "eval-stage2",
-         "eval-stage3", "gate", "register-unitoken"}
+STEPS = {"validate", "tokenizer", "pretokenize-w0", "pretokenize", "stage1", "stage2", "stage3", "eval-stage1",
+         "eval-stage2", "eval-stage3", "gate", "register-unitoken"}
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,9 @@ def test_a_failing_pipeline_fails_clearly(home, first_run):
 
 @pytest.mark.extended
 def test_rerun_with_unchanged_inputs_reuses_cached_steps(home, first_run):
-    """The same command again: tokenizer, pre-tokenisation, the three stages and their evaluations
-    are cache hits whose runs name the first pipeline's runs; validation and the gate run again."""
+    """The same command again: tokenizer, the pre-tokenisation worker, the three stages and their
+    evaluations are cache hits whose runs name the first pipeline's runs (the merge is redone from
+    the workers' outputs and says they all hit); validation and the gate run again."""
     proc = _unitoken(home, "pipeline", "run", "--local", "--scenes", "40", *FAST)
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]  # 3: no better than champion v1
     client = _mlflow(home)
@@ -164,12 +165,13 @@ def test_rerun_with_unchanged_inputs_reuses_cached_steps(home, first_run):
     first = runs[0]
     before = {r.info.run_name: r for r in _children(client, first.info.run_id)}
     again = {r.info.run_name: r for r in _children(client, runs[-1].info.run_id)}
-    cached = {"tokenizer", "pretokenize", "stage1", "stage2", "stage3", "eval-stage1", "eval-stage2", "eval-stage3"}
+    cached = {"tokenizer", "pretokenize-w0", "stage1", "stage2", "stage3", "eval-stage1", "eval-stage2", "eval-stage3"}
     for name in cached:
         tags = again[name].data.tags
         assert tags["unitoken.cache"] == "hit", name
         assert tags["unitoken.cache_source_run"] == before[name].info.run_id, name
         assert tags["unitoken.cache_source_pipeline_run"] == first.info.run_id, name
+    assert again["pretokenize"].data.tags["unitoken.cache"] == "hit"  # the merge of workers that all hit
     assert "unitoken.cache" not in again["validate"].data.tags and "gate" in again
     assert again["eval-stage3"].data.metrics == before["eval-stage3"].data.metrics
     assert "hit" in proc.stdout

@@ -55,6 +55,8 @@ def register(sub) -> None:
     run.add_argument("--base-model", default="", help="models:/NAME@ALIAS to start from (stage-scoped retraining)")
     run.add_argument("--promote", action="store_true", help="move the champion alias to the model if the gate passes")
     run.add_argument("--root", type=Path, default=LOCAL_ROOT, help="artifacts, checkpoints and logs")
+    run.add_argument("--pretokenize-workers", type=int, default=1,
+                     help="pre-tokenisation workers (a ParallelFor; kfp.local runs at most 2 at a time)")
     common(run)
     comp = pl.command("compile", "write the pipeline YAML for a KFP server",
                       ["unitoken pipeline compile --out p.yaml --cluster examples/cluster.yaml"], cmd_pipeline)
@@ -193,7 +195,7 @@ def _run_local(args, stages: tuple[int, ...]) -> int:
     console.rule(f"[bold]UniToken pipeline (kfp.local), stages {args.stages}, recipe {args.recipe}")
     console.print(f"data {data}\nstep logs -> {log_file}")
     with _progress(root / "artifacts", Console(file=sys.stdout)), _kfp_logs_to(log_file):
-        result = launch.run_local(data, root, params, stages)
+        result = launch.run_local(data, root, params, stages, pretokenize_workers=args.pretokenize_workers)
     _print_summary(result, args.name)
     if result["state"] not in ("SUCCEEDED", "FINISHED"):
         console.print(f"[red]pipeline {result['state']}[/red]: {result.get('error') or ''} (see {log_file})")
@@ -241,10 +243,13 @@ def _progress(artifacts: Path, term: Console):
         while not stop.wait(1.0):
             jobs = sorted((p for p in artifacts.glob("*") if p.is_dir() and p.stat().st_mtime >= start - 1),
                           key=lambda p: p.stat().st_mtime) if artifacts.is_dir() else []
-            for done in sorted(jobs[-1].glob("*/executor_output.json"), key=lambda p: p.stat().st_mtime) if jobs else []:
-                if done.parent.name not in seen:
-                    seen.add(done.parent.name)
-                    term.print(f"  [green]done[/green] {done.parent.name:<22} {time.time() - start:6.0f} s")
+            for done in sorted(jobs[-1].glob("**/executor_output.json"), key=lambda p: p.stat().st_mtime) if jobs else []:
+                name = done.parent.name
+                if done.parent.parent != jobs[-1]:  # a ParallelFor iteration: <loop>-iteration-<i>/<task>
+                    name += f"-w{done.parent.parent.name.rsplit('-', 1)[-1]}"
+                if name not in seen:
+                    seen.add(name)
+                    term.print(f"  [green]done[/green] {name:<22} {time.time() - start:6.0f} s")
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -13,6 +13,8 @@ earlier (found as a duplicate across chunks) and one in 10,000 references a miss
 ``--photo-rows N`` adds the other extreme: N rows, each with an image path of its own (hard links
 of one real photograph, scikit-learn's 640x427 ``china.jpg``), so every row costs a full JPEG
 decode, as a corpus of distinct images (the paper's captions and instructions) does.
+``--distinct-rows N`` is the same with a 64 px PNG: the memory of N distinct images, quickly.
+``--image-workers`` sets the validator's image threads (default: its own).
 
 Each size runs in a fresh process that reports its own peak RSS (``ru_maxrss``), so the numbers
 are the validator's, not this script's. The bound is the issue's: 2 GiB at 1,000,000 rows.
@@ -65,37 +67,44 @@ def make_manifest(directory: Path, rows: int, images: int) -> Path:
     return out
 
 
-def make_photo_manifest(directory: Path, rows: int) -> Path:
-    """``directory/photos-<rows>.jsonl``: one row per distinct image path (all one JPEG's bytes)."""
+def make_distinct_manifest(directory: Path, rows: int, kind: str) -> Path:
+    """``directory/<kind>-<rows>.jsonl``: one row per image path of its own, every path a hard
+    link of one file: ``photos`` a real 640x427 JPEG, ``small`` a 64 px PNG of the synthetic set."""
     from PIL import Image
-    from sklearn.datasets import load_sample_image
 
-    out = directory / f"photos-{rows}.jsonl"
+    out = directory / f"{kind}-{rows}.jsonl"
     if out.is_file():
         return out
-    (directory / "photos").mkdir(parents=True, exist_ok=True)
-    original = directory / "photos" / "china.jpg"
-    Image.fromarray(load_sample_image("china.jpg")).save(original, quality=90)
+    (directory / kind).mkdir(parents=True, exist_ok=True)
+    if kind == "photos":
+        from sklearn.datasets import load_sample_image
+
+        original = directory / kind / "china.jpg"
+        Image.fromarray(load_sample_image("china.jpg")).save(original, quality=90)
+    else:
+        original = directory / kind / "small.png"
+        Image.open(next((directory / "images").rglob("*.png"))).save(original)
     with open(out.with_suffix(".tmp"), "w") as fh:
         for i in range(rows):
-            link = directory / "photos" / f"{i:07d}.jpg"
+            link = directory / kind / f"{i:07d}{original.suffix}"
             if not link.exists():
                 os.link(original, link)
-            fh.write(json.dumps({"id": f"p{i}", "image": [f"photos/{i:07d}.jpg"], "task": "understanding",
-                                 "source": "photo", "split": "train", "conversations": [
+            fh.write(json.dumps({"id": f"p{i}", "image": [f"{kind}/{link.name}"], "task": "understanding",
+                                 "source": kind, "split": "train", "conversations": [
                                      {"from": "human", "value": "<|image|>\nDescribe the picture."},
-                                     {"from": "gpt", "value": f"A pagoda among trees ({i})."}]}) + "\n")
+                                     {"from": "gpt", "value": f"A picture ({i})."}]}) + "\n")
     out.with_suffix(".tmp").rename(out)
     return out
 
 
-def _child(manifest: str, out: str, chunk_rows: int) -> None:
+def _child(manifest: str, out: str, chunk_rows: int, image_workers: int) -> None:
     """Validate in this process; print seconds, counts and this process's peak RSS as JSON."""
     import resource
 
     from unitoken.data import validate
 
-    kwargs = {"chunk_rows": chunk_rows} if chunk_rows else {}
+    kwargs = ({"chunk_rows": chunk_rows} if chunk_rows else {}) | ({"image_workers": image_workers} if image_workers
+                                                                    else {})
     start = time.perf_counter()
     res = validate.validate_manifest(manifest, out, **kwargs)
     seconds = time.perf_counter() - start
@@ -109,35 +118,39 @@ def main() -> None:
     ap.add_argument("--rows", default="1000000", help="comma list of manifest sizes")
     ap.add_argument("--images", type=int, default=500, help="synthetic scenes = distinct image files")
     ap.add_argument("--photo-rows", type=int, default=0, help="also: this many rows, each with its own JPEG path")
+    ap.add_argument("--distinct-rows", type=int, default=0, help="also: this many rows, each its own 64 px PNG path")
     ap.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: the validator's default)")
+    ap.add_argument("--image-workers", type=int, default=0, help="image threads (0: the validator's default)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/unitoken-validate-scale"))
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return _child(a.child[0], a.child[1], int(a.child[2]))
+        return _child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
     from rich.console import Console
     from rich.table import Table
 
     a.dir.mkdir(parents=True, exist_ok=True)
     results = []
+    threads = a.image_workers or min(8, len(os.sched_getaffinity(0)))
     runs = [(int(r), make_manifest(a.dir, int(r), a.images), "synthetic") for r in a.rows.split(",") if int(r)]
-    if a.photo_rows:
-        runs.append((a.photo_rows, make_photo_manifest(a.dir, a.photo_rows), "photos"))
+    for kind, rows in (("photos", a.photo_rows), ("small", a.distinct_rows)):
+        if rows:
+            runs.append((rows, make_distinct_manifest(a.dir, rows, kind), kind))
     for rows, manifest, kind in runs:
         env = dict(os.environ, GX_ANALYTICS_ENABLED="false")
         done = subprocess.run([sys.executable, __file__, "--child", str(manifest), str(a.dir / f"v-{kind}-{rows}"),
-                               str(a.chunk_rows)], capture_output=True, text=True, env=env)
+                               str(a.chunk_rows), str(a.image_workers)], capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        distinct = rows if kind == "photos" else sum(1 for _ in (a.dir / "images").rglob("*.png"))
-        images = (f"{distinct:,} paths, one 640x427 JPEG" if kind == "photos"
-                  else f"{distinct:,} synthetic 64 px PNGs, repeated")
+        distinct = rows if kind != "synthetic" else sum(1 for _ in (a.dir / "images").rglob("*.png"))
+        images = {"photos": f"{distinct:,} paths, one 640x427 JPEG", "small": f"{distinct:,} paths, one 64 px PNG",
+                  "synthetic": f"{distinct:,} synthetic 64 px PNGs, repeated"}[kind]
         results.append({"rows": rows, "images": images, "distinct_images": distinct,
-                        "chunk_rows": a.chunk_rows or "default", **r, "rows_per_s": rows / r["seconds"],
+                        "chunk_rows": a.chunk_rows or "default", "image_threads": threads, **r, "rows_per_s": rows / r["seconds"],
                         "bound_mib": BOUND_MIB, "bound_met": r["peak_rss_mib"] <= BOUND_MIB})
-    table = Table(title=f"unitoken data validate, {os.cpu_count()} CPU cores, one process")
+    table = Table(title=f"unitoken data validate: {os.cpu_count()} CPU cores, one process, {threads} image threads")
     for col in ("rows", "images", "clean", "rejected", "seconds", "rows/s", "peak RSS MiB", f"<= {BOUND_MIB} MiB"):
         table.add_column(col, justify="right")
     for r in results:

@@ -8,9 +8,10 @@ expectation's unexpected rows get that expectation's reason.
 
 Memory is bounded: the manifest is streamed in chunks of ``chunk_rows`` rows, each chunk's table
 is judged by the same suite and the results are summed into one report. What outlives a chunk is
-per *distinct* item, not per row: the verdict of each distinct image (checked once) and a 16-byte
-digest per distinct row for duplicate detection across chunks (~100 MB for 1M rows), plus the
-first 200 rejected rows for the HTML report. ``bench/validate_scale.py`` measures it.
+per *distinct* item, not per row: 16 bytes of sha256 per distinct row for duplicate detection
+across chunks and per distinct image for its verdict (each image is checked once, the new ones of
+a chunk on ``image_workers`` threads): ~100 MB per million of each, plus the first 200 rejected
+rows for the HTML report. ``bench/validate_scale.py`` measures it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +102,54 @@ def _image_error(path: Path, policy: ValidationPolicy) -> str | None:
     return None
 
 
-def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, cache: dict) -> dict:
+class ImageVerdicts:
+    """The verdict of every distinct image, each checked once: keyed by 16 bytes of sha256 of its
+    resolved path (~100 bytes per distinct image, whatever the path's length). ``check`` runs the
+    new ones of a batch on ``workers`` threads: PIL decodes without holding the GIL."""
+
+    def __init__(self, policy: ValidationPolicy, workers: int = 1) -> None:
+        self.policy, self.workers = policy, workers
+        self._known: dict[bytes, str | None] = {}
+
+    @staticmethod
+    def _key(path: Path) -> bytes:
+        return hashlib.sha256(os.fsencode(path)).digest()[:16]
+
+    def check(self, paths: list[Path], pool=None) -> None:
+        new: dict[bytes, Path] = {}
+        for path in paths:
+            key = self._key(path)
+            if key not in self._known:
+                new.setdefault(key, path)
+        verdicts = (pool.map if pool and len(new) > 1 else map)(lambda p: _image_error(p, self.policy), new.values())
+        self._known.update(zip(new, verdicts))
+
+    def __getitem__(self, path: Path) -> str | None:
+        key = self._key(path)
+        if key not in self._known:
+            self._known[key] = _image_error(path, self.policy)
+        return self._known[key]
+
+
+def _image_list(rec: dict) -> list:
+    images = rec.get("image", [])
+    return [images] if isinstance(images, str) else images
+
+
+def image_paths(row: RawRow, base: Path, root: Path) -> list[Path]:
+    """The resolved paths ``row_facts`` will look up for this row (none for a row it rejects first)."""
+    if row.record is None or _schema_error(row.record):
+        return []
+    paths = []
+    for rel in _image_list(row.record):
+        try:
+            paths.append(resolve_image(rel, base, root))
+        except ValueError:
+            break
+    return paths
+
+
+def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, verdicts: ImageVerdicts) -> dict:
     """The table row the expectation suite judges (one per input row)."""
     facts = {"parse_error": row.parse_error, "schema_error": None, "task": None, "roles_ok": True,
              "first_role_ok": True, "min_turn": 1, "max_turn": 1, "n_placeholders": 0, "n_images": 0,
@@ -112,8 +161,7 @@ def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, cac
     if facts["schema_error"]:
         return facts
     conv = rec["conversations"]
-    images = rec.get("image", [])
-    images = [images] if isinstance(images, str) else images
+    images = _image_list(rec)
     lengths = [len(t["value"].strip()) for t in conv]
     facts.update(
         task=rec.get("task"),
@@ -131,10 +179,8 @@ def row_facts(row: RawRow, base: Path, root: Path, policy: ValidationPolicy, cac
         except ValueError:
             facts["path_error"] = "image:escapes_root"
             break
-        if path not in cache:
-            cache[path] = _image_error(path, policy)
-        if cache[path]:
-            facts["image_error"] = cache[path]
+        if verdicts[path]:
+            facts["image_error"] = verdicts[path]
             break
     return facts
 
@@ -231,7 +277,7 @@ class _Judged:
 
 def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationPolicy | None = None,
                       data_root: str | Path | None = None, progress=None, recorded_root: str | None = None,
-                      chunk_rows: int = CHUNK_ROWS) -> ValidationResult:
+                      chunk_rows: int = CHUNK_ROWS, image_workers: int | None = None) -> ValidationResult:
     """Validate ``manifest`` into ``out``/{clean.jsonl, rejected.jsonl, report.json, report.html}.
 
     Args:
@@ -241,6 +287,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
             the local ``data_root`` the images were checked in: a path relative to ``out`` (data
             carried inside a pipeline artifact) or the ``s3://`` prefix they were fetched from.
         chunk_rows: rows per great-expectations batch; the result does not depend on it.
+        image_workers: threads that check a chunk's new images (default: the CPUs this process
+            may use, at most 8); the result does not depend on it.
 
     Raises:
         FileNotFoundError: no such manifest.
@@ -259,7 +307,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cache: dict = {}        # resolved image path -> verdict: each distinct image is checked once
+    workers = image_workers or min(8, len(os.sched_getaffinity(0)))
+    verdicts = ImageVerdicts(policy, workers)  # each distinct image is checked once
     seen: set[bytes] = set()  # 16-byte digests of the rows so far: duplicates across chunks
     judged = _Judged()
     counts: Counter = Counter()
@@ -267,9 +316,11 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     sample: list = []       # the first rejected rows, for report.html
     clean_sha = hashlib.sha256()
     clean_tmp, rejected_tmp = out / "clean.jsonl.tmp", out / "rejected.jsonl.tmp"
-    with open(clean_tmp, "wb") as clean_fh, open(rejected_tmp, "wb") as rejected_fh:
+    with (open(clean_tmp, "wb") as clean_fh, open(rejected_tmp, "wb") as rejected_fh,
+          ThreadPoolExecutor(workers) as pool):
         for chunk in _chunks(read_rows(manifest), chunk_rows):
-            facts = [row_facts(row, base, root, policy, cache) for row in chunk]
+            verdicts.check([p for row in chunk for p in image_paths(row, base, root)], pool if workers > 1 else None)
+            facts = [row_facts(row, base, root, policy, verdicts) for row in chunk]
             df = pd.DataFrame(facts, columns=list(facts[0]))
             duplicate = []
             for key in df["dup_key"]:

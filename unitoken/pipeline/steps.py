@@ -362,11 +362,10 @@ def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id:
 
 
 def _publish_shards(work: Path, out: Path) -> None:
-    """A finished worker's plan and shards from its work directory into its output artifact; the
-    work directory goes (on a cluster it is the shared volume, and the output is what counts now)."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(work / "plan.json", out / "plan.json")
-    shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
+    """A finished worker's output from its work directory into its output artifact (the same
+    files as building there); the work directory goes (on a cluster it is the shared volume, and
+    the output is what counts now)."""
+    shutil.copytree(work, out, dirs_exist_ok=True)
     shutil.rmtree(work)
 
 

@@ -7,8 +7,9 @@ Three measurements, each printed in a table (and written as JSON):
 
 * **CPU side of a worker, per image**, at the ``unitoken-7b`` recipe's sizes: decode a real
   photograph (scikit-learn's 640x427 ``china.jpg``), the VQ input (512 px centre square) and the
-  SigLIP tile (384 px) as ``_build_shard`` makes them, one thread. The VQ-GAN encode itself is the
-  GPU's (docs/performance.md); a worker runs both in one thread, so its rate is at most the lower.
+  SigLIP tile (384 px): ``load_image``, on 1 and ``--threads`` threads as ``_build_shard`` runs it.
+  The VQ-GAN encode itself is the GPU's (docs/performance.md); a shard is decoded, then encoded,
+  so a worker's rate is about 1 / (1 / CPU side + 1 / GPU).
 * **A fan-out with the tiny recipe**: one worker over everything vs ``--workers`` workers one
   after the other + ``merge``: the bytes must be equal.
 * **The merge's rate** in MB/s of shards (copy + sha256 of every file, this machine's disk), on
@@ -28,34 +29,30 @@ import time
 from pathlib import Path
 
 
-def cpu_side(n: int) -> dict:
-    """Seconds per image of decode + VQ pixels + SigLIP tile at the unitoken-7b sizes (one thread)."""
-    import io
+def cpu_side(n: int, threads: int, directory: Path) -> dict:
+    """Images/s of ``load_image`` (decode + VQ pixels + SigLIP tile at the unitoken-7b sizes) on
+    ``threads`` threads, as ``_build_shard`` runs it."""
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from unitoken.data.pretokenize import _tiles_uint8
-    from unitoken.model.vision import preprocess_continuous, vq_pixels
+    from unitoken.data.pretokenize import load_image
     from unitoken.recipes import get_recipe
 
     torch.set_num_threads(1)
     cfg = get_recipe("unitoken-7b").model
-    buf = io.BytesIO()
-    Image.fromarray(load_sample_image("china.jpg")).save(buf, "JPEG", quality=90)
-    data = buf.getvalue()
+    photo = directory / "china.jpg"
+    Image.fromarray(load_sample_image("china.jpg")).save(photo, quality=90)
     start = time.perf_counter()
-    for _ in range(n):
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            vq_pixels(im, cfg.vq.resolution)
-            tiles, _ = preprocess_continuous(im, cfg.vision)
-            _tiles_uint8(tiles)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda p: load_image(p, cfg), [photo] * n))
     seconds = time.perf_counter() - start
     per_image = 4 * cfg.vq.codes_per_side ** 2 + 3 * cfg.vision.image_size ** 2
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "vq_resolution": cfg.vq.resolution,
-            "tile_size": cfg.vision.image_size, "anyres": cfg.vision.anyres, "shard_bytes_per_image_7b": per_image}
+    return {"images": n, "threads": threads, "seconds": seconds, "images_per_s": n / seconds,
+            "vq_resolution": cfg.vq.resolution, "tile_size": cfg.vision.image_size, "anyres": cfg.vision.anyres,
+            "shard_bytes_per_image_7b": per_image}
 
 
 def fanout(scenes: int, workers: int, shard_size: int, directory: Path) -> dict:
@@ -121,6 +118,7 @@ def merge_rate(shards: int, images: int, directory: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300, help="photographs through the CPU side")
+    ap.add_argument("--threads", type=int, default=2, help="also measure the CPU side on this many threads")
     ap.add_argument("--scenes", type=int, default=200, help="synthetic scenes for the fan-out")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--shard-size", type=int, default=64)
@@ -131,17 +129,20 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cpu = cpu_side(a.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu = [cpu_side(a.images, t, Path(tmp)) for t in sorted({1, a.threads})]
     with tempfile.TemporaryDirectory() as tmp:
         fan = fanout(a.scenes, a.workers, a.shard_size, Path(tmp))
     with tempfile.TemporaryDirectory() as tmp:
         rate = merge_rate(a.merge_shards, a.merge_shard_images, Path(tmp))
     console = Console(width=140)
-    t = Table(title="worker CPU side at unitoken-7b sizes (one thread; the VQ encode is the GPU's)")
-    for col in ("images", "seconds", "images/s", "shard bytes per image (7b)"):
+    t = Table(title="worker CPU side at unitoken-7b sizes (decode + 512 px VQ input + 384 px tile; the VQ "
+                    "encode is the GPU's)")
+    for col in ("images", "threads", "seconds", "images/s", "shard bytes per image (7b)"):
         t.add_column(col, justify="right")
-    t.add_row(str(cpu["images"]), f"{cpu['seconds']:.1f}", f"{cpu['images_per_s']:.0f}",
-              f"{cpu['shard_bytes_per_image_7b']:,}")
+    for c in cpu:
+        t.add_row(str(c["images"]), str(c["threads"]), f"{c['seconds']:.1f}", f"{c['images_per_s']:.0f}",
+                  f"{c['shard_bytes_per_image_7b']:,}")
     console.print(t)
     t = Table(title=f"fan-out, tiny recipe on the CPU: 1 worker vs {fan['workers']} workers + merge")
     for col in ("records", "shards", "1-worker images/s (tiny VQ, CPU)", "bytes equal"):

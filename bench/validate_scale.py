@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,8 +88,11 @@ def make_distinct_manifest(directory: Path, rows: int, kind: str) -> Path:
     with open(out.with_suffix(".tmp"), "w") as fh:
         for i in range(rows):
             link = directory / kind / f"{i:07d}{original.suffix}"
+            target = original.with_name(f"{original.stem}-{i // 60_000}{original.suffix}")  # ext4: 65,000 links a file
+            if not target.exists():
+                shutil.copyfile(original, target)
             if not link.exists():
-                os.link(original, link)
+                os.link(target, link)
             fh.write(json.dumps({"id": f"p{i}", "image": [f"{kind}/{link.name}"], "task": "understanding",
                                  "source": kind, "split": "train", "conversations": [
                                      {"from": "human", "value": "<|image|>\nDescribe the picture."},

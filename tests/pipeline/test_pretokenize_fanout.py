@@ -87,7 +87,7 @@ def test_two_workers_through_kfp_local_give_the_single_worker_bytes(prepared, tm
 def test_a_worker_cut_off_mid_shard_resumes_where_it_stopped(prepared, tmp_path, monkeypatch):
     """Worker 1 of 2 dies while writing its second shard (a half-written shard directory is
     left); run again on the same directory it keeps the finished shard, rebuilds the cut-off one,
-    and merged with worker 0 the bytes are one worker's run."""
+    and merged with worker 0 the bytes are one worker's run (whatever each one's decoding threads)."""
     import unitoken.data.pretokenize as pt
 
     d, model = prepared
@@ -102,13 +102,13 @@ def test_a_worker_cut_off_mid_shard_resumes_where_it_stopped(prepared, tmp_path,
 
     monkeypatch.setattr(pt, "save_file", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        pretokenize(manifest, model, tmp_path / "w1", shard_size=SHARD_SIZE, worker=1, num_workers=2)
+        pretokenize(manifest, model, tmp_path / "w1", shard_size=SHARD_SIZE, worker=1, num_workers=2, threads=1)
     assert [p.name for p in (tmp_path / "w1" / "shards").iterdir() if p.name.startswith("shard_")] == ["shard_00002"]
     assert any(p.name.startswith(".tmp-") for p in (tmp_path / "w1" / "shards").iterdir())
     monkeypatch.setattr(pt, "save_file", real_save)
     again = pretokenize(manifest, model, tmp_path / "w1", shard_size=SHARD_SIZE, worker=1, num_workers=2)
     assert (again["skipped_shards"], again["first_shard"], again["last_shard"]) == (1, 2, 4)
-    pretokenize(manifest, model, tmp_path / "w0", shard_size=SHARD_SIZE, worker=0, num_workers=2)
+    pretokenize(manifest, model, tmp_path / "w0", shard_size=SHARD_SIZE, worker=0, num_workers=2, threads=3)
     summary = merge([tmp_path / "w0", tmp_path / "w1"], tmp_path / "merged")
     assert summary["shards"] == 4 and _digests(tmp_path / "merged") == _digests(d / "single")
 

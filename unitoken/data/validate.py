@@ -351,9 +351,11 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     rejected_tmp.replace(out / "rejected.jsonl")
 
     manifest_sha = sha256_file(manifest)
-    shown_root = recorded_root if recorded_root and recorded_root.startswith("s3://") else str(root)
+    remote = bool(recorded_root and recorded_root.startswith("s3://"))  # name what was fetched, not the copy
+    shown_root = recorded_root if remote else str(root)
+    source = f"{recorded_root}/{manifest.name}" if remote else str(manifest.resolve())
     report = {
-        "manifest": str(manifest.resolve()), "manifest_sha256": manifest_sha, "data_root": shown_root,
+        "manifest": source, "manifest_sha256": manifest_sha, "data_root": shown_root,
         "input_rows": n_input, "clean_rows": n_clean, "rejected_rows": n_rejected,
         "reject_fraction": n_rejected / n_input if n_input else 0.0,
         "reasons": dict(sorted(counts.items())), "expectations": judged.expectations,
@@ -366,7 +368,7 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     write_atomic(out / "report.json.sha256", f"{sha}  report.json\n")
     write_atomic(out / "report.html", _html(report, sample))
     write_atomic(out / "dataset.json", json.dumps({"data_root": recorded_root or str(root),
-                                                    "source_manifest": str(manifest.resolve()),
+                                                    "source_manifest": source,
                                                     "manifest_sha256": manifest_sha, "report_sha256": sha}, indent=2))
     return ValidationResult(n_input, n_clean, n_rejected, dict(counts), out / "report.json", sha, judged.expectations)
 

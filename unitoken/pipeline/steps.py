@@ -331,13 +331,11 @@ def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id:
     digest), the device type, the shard size and the range, so a re-run with the same layout
     reuses every worker's output; a new worker count gives new ranges and recomputes.
     """
-    from unitoken.data.pretokenize import num_shards, pretokenize, shard_ranges
+    from unitoken.data.pretokenize import count_records, num_shards, pretokenize, shard_ranges
     from unitoken.model.io import load_model
 
     manifest = Path(dataset) / "clean.jsonl"
-    with open(manifest, "rb") as fh:
-        n_records = sum(1 for _ in fh)
-    first, last = shard_ranges(num_shards(n_records, shard_size), num_workers)[worker]
+    first, last = shard_ranges(num_shards(count_records(manifest), shard_size), num_workers)[worker]
     name = f"pretokenize-w{worker}"
     params = {"worker": worker, "num_workers": num_workers, "shard_size": shard_size, "first_shard": first,
               "last_shard": last}

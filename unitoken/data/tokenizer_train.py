@@ -29,7 +29,7 @@ from PIL import Image
 
 from unitoken.config import VQConfig
 from unitoken.data.manifest import data_location, load_records, resolve_image
-from unitoken.data.remote import fetch_images
+from unitoken.data.remote import RemoteDataError, fetch_images
 from unitoken.model.vision import to_pil, vq_pixels
 from unitoken.model.vq import VQTokenizer
 
@@ -142,7 +142,8 @@ def train_tokenizer(data: str | Path, out: str | Path, cfg: VQConfig, steps: int
     metrics = evaluate_vq(vq, test_x)
     recon = metrics.pop("recon")
     # the scenes lie in the data root: a validated clean.jsonl's dataset.json points there
-    recognised = _recognition(data_root(manifest), test_paths, recon)
+    with tempfile.TemporaryDirectory(prefix="unitoken-scenes-") as spool:
+        recognised = _recognition(_scenes_dir(manifest, Path(spool)), test_paths, recon)
     save_vqgan(vq, out)
     _grid(test_x[:16], recon[:16]).save(out / "reconstructions.png")
     report = {"config": taming_yaml(cfg), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -161,6 +162,19 @@ def _restart_dead_codes(vq: VQTokenizer, z: torch.Tensor, usage: torch.Tensor) -
     pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
     with torch.no_grad():
         vq.quantize.embedding.weight[dead] = flat[pick] + 0.01 * torch.randn_like(flat[pick])
+
+
+def _scenes_dir(manifest: Path, spool: Path) -> Path:
+    """The directory holding the data set's ``scenes.jsonl`` (synthetic data's annotations): the
+    data root, or for data on S3 ``spool``, where it is fetched to (real data has none)."""
+    location = data_location(manifest)
+    if not location.startswith("s3://"):
+        return Path(location)
+    try:
+        fetch_images(location, ["scenes.jsonl"], spool)
+    except RemoteDataError:
+        pass  # real data has no scene annotations: no recognition rate
+    return spool
 
 
 def _recognition(data_dir: Path, paths: list[str], recon: torch.Tensor) -> dict:

@@ -319,7 +319,7 @@ def init_model(recipe: str, overrides: list[str], tokenizer_dir: Path | None, ba
     return {"source": f"recipe {recipe}", "parameters": model.num_parameters()["total"]}
 
 
-def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id: str, worker: int = 0,
+def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id: str | None, worker: int = 0,
                        num_workers: int = 1, shard_size: int = 1024, work: Path | None = None,
                        cache: StepCache | None = None) -> dict:
     """One pre-tokenisation worker: the shards of range ``worker`` of ``num_workers``
@@ -359,6 +359,13 @@ def pretokenize_worker(dataset: Path, model_dir: Path, out: Path, parent_run_id:
     return cached_step("pretokenize", name, inputs, out, cache, parent_run_id, compute)
 
 
+def pretokenize(dataset: Path, model_dir: Path, out: Path, parent_run_id: str | None,
+                cache: StepCache | None = None, shard_size: int = 1024) -> dict:
+    """Pre-tokenisation on this pod alone: one worker over every shard, index.json included (the
+    small study's step; the pipeline fans out instead, ``pretokenize_worker`` + ``pretokenize_merge``)."""
+    return pretokenize_worker(dataset, model_dir, out, parent_run_id, shard_size=shard_size, cache=cache)
+
+
 def _publish_shards(work: Path, out: Path) -> None:
     """A finished worker's output from its work directory into its output artifact (the same
     files as building there); the work directory goes (on a cluster it is the shared volume, and
@@ -367,7 +374,8 @@ def _publish_shards(work: Path, out: Path) -> None:
     shutil.rmtree(work)
 
 
-def pretokenize_merge(parts: list[Path], out: Path, parent_run_id: str, worker_cache: list[str] | None = None) -> dict:
+def pretokenize_merge(parts: list[Path], out: Path, parent_run_id: str | None,
+                      worker_cache: list[str] | None = None) -> dict:
     """The workers' shards together in ``out`` with plan.json and index.json: the bytes one
     worker writes over the whole manifest. Its MLflow run ``pretokenize`` carries the totals and
     ``unitoken.cache`` = hit (every worker reused its output) | miss | partial | off."""

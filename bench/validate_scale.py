@@ -136,7 +136,7 @@ def main() -> None:
 
     a.dir.mkdir(parents=True, exist_ok=True)
     results = []
-    threads = a.image_workers or min(8, len(os.sched_getaffinity(0)))
+    threads = a.image_workers or min(8, os.cpu_count() or 1)
     runs = [(int(r), make_manifest(a.dir, int(r), a.images), "synthetic") for r in a.rows.split(",") if int(r)]
     for kind, rows in (("photos", a.photo_rows), ("small", a.distinct_rows)):
         if rows:

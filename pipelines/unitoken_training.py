@@ -102,9 +102,12 @@ def pretokenize_fanout(dataset, model, shard_size, parent, job, checkpoint_root:
     (the bytes of one worker over everything). Returns the merge task (output ``tokens``)."""
     with dsl.ParallelFor(items=list(range(workers)), parallelism=parallelism,
                          name="pretokenize-workers") as worker:
+        # No parent_run_id input: kfp.local 2.17.3 hands the loop item in place of any upstream
+        # task output passed into a loop; the worker finds the parent MLflow run by the job id
+        # (steps.pipeline_run_id), which open-run (upstream of validate-data) has opened.
         part = place(pretokenize(dataset=dataset, model=model, worker=worker, num_workers=workers,
-                                 shard_size=shard_size, parent_run_id=parent, job=job,
-                                 checkpoint_root=checkpoint_root, use_cache=use_cache), "pretokenize", cluster)
+                                 shard_size=shard_size, job=job, checkpoint_root=checkpoint_root,
+                                 use_cache=use_cache), "pretokenize", cluster)
     return place(pretokenize_merge(parts=dsl.Collected(part.outputs["shards"]), parent_run_id=parent),
                  "pretokenize-merge", cluster)
 

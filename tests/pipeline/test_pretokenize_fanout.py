@@ -48,8 +48,9 @@ def test_shard_ranges_are_contiguous_balanced_and_cover_everything():
 @pytest.mark.extended  # ~35-50 s on 2 cores: three subprocesses each import torch, kfp and mlflow; make test-all
 def test_two_workers_through_kfp_local_give_the_single_worker_bytes(prepared, tmp_path, monkeypatch):
     """The pipeline's own fan-out (``pretokenize_fanout``: ParallelFor of 2 workers + merge) run by
-    kfp.local's SubprocessRunner: each worker wrote only its shard range, and the merged output is
-    byte-identical to one worker's run over the whole manifest."""
+    kfp.local's SubprocessRunner: each worker wrote only its shard range, the merged output is
+    byte-identical to one worker's run over the whole manifest, and every worker's MLflow run
+    nests under the pipeline run (found by the job id inside the loop)."""
     from kfp import dsl, local
     from mlflow import MlflowClient
 
@@ -60,12 +61,17 @@ def test_two_workers_through_kfp_local_give_the_single_worker_bytes(prepared, tm
     MlflowClient(tracking_uri=store).search_experiments()  # the tables, once, before two workers write
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
 
+    from unitoken.pipeline import steps
+
+    job = f"fanout-{tmp_path.name}"
+    parent = steps.open_pipeline_run(job, "fan-out test", {})  # what open-run does first
+
     @dsl.pipeline(name="pretokenize-fanout")
     def fanout():
         dataset = dsl.importer(artifact_uri=str(d / "dataset"), artifact_class=dsl.Dataset)
         model = dsl.importer(artifact_uri=str(d / "model"), artifact_class=dsl.Model)
-        pretokenize_fanout(dataset.output, model.output, SHARD_SIZE, "", dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                           str(tmp_path / "checkpoints"), False, None, workers=2, parallelism=2)
+        pretokenize_fanout(dataset.output, model.output, SHARD_SIZE, parent, job, str(tmp_path / "checkpoints"),
+                           False, None, workers=2, parallelism=2)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                workspace_root=str(tmp_path / "workspace"), raise_on_error=True)
@@ -79,8 +85,9 @@ def test_two_workers_through_kfp_local_give_the_single_worker_bytes(prepared, tm
     assert sorted(built) == [[f"shard_{i:05d}" for i in range(a, b)] for a, b in shard_ranges(4, 2)]
     assert not list((tmp_path / "checkpoints").glob("*/pretokenize-w*"))  # work directories go once published
     assert len(list((tmp_path / "checkpoints" / "cache" / "pretokenize").iterdir())) == 2  # one entry per range
-    runs = MlflowClient(tracking_uri=store).search_runs(
-        [MlflowClient(tracking_uri=store).get_experiment_by_name("unitoken").experiment_id])
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("unitoken").experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}'")
     assert {r.info.run_name for r in runs} == {"pretokenize-w0", "pretokenize-w1", "pretokenize"}
 
 

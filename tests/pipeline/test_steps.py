@@ -47,6 +47,9 @@ def test_validate_from_s3_keeps_the_images_on_s3(s3_env, tmp_path):
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[-1]
     assert run.info.run_name == "validate" and run.data.metrics["clean_rows"] == summary["clean_rows"]
     assert steps.open_pipeline_run("job-s3-test", "s3 test", {}) == parent  # a retried first step finds its run
+    assert steps.pipeline_run_id("job-s3-test") == parent  # what a task inside a ParallelFor looks up
+    with pytest.raises(steps.StepError, match="no MLflow pipeline run"):
+        steps.pipeline_run_id("job-never-opened")
 
 
 def test_a_pretokenize_worker_fetches_only_the_images_of_its_shards(s3_env, tmp_path, monkeypatch, tiny):

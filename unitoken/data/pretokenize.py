@@ -136,8 +136,8 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     into ``out`` (plan.json + those shards, no index.json): ``merge`` puts the workers' outputs
     together into what one worker writes. Images on S3 (a manifest validated from ``s3://``)
     are fetched shard by shard into a temporary directory: only the images of this worker's shards.
-    Images are decoded and resized on ``threads`` threads (default: the CPUs this process may use,
-    at most 16); the bytes do not depend on it.
+    Images are decoded and resized on ``threads`` threads (default: the CPU count, at most 16);
+    the bytes do not depend on it.
 
     Returns:
         summary {"records", "images", "shards", "skipped_shards", "encoded_images", "seconds",
@@ -156,7 +156,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
         raise ValueError(f"worker={worker}: must be in [0, num_workers={num_workers})")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    threads = threads or min(16, len(os.sched_getaffinity(0)))
+    threads = threads or min(16, os.cpu_count() or 1)
     model.vq.to(dev)
     n_records = count_records(manifest)
     n_shards = num_shards(n_records, shard_size)

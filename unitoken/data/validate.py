@@ -105,10 +105,10 @@ def _image_error(path: Path, policy: ValidationPolicy) -> str | None:
 class ImageVerdicts:
     """The verdict of every distinct image, each checked once: keyed by 16 bytes of sha256 of its
     resolved path (~100 bytes per distinct image, whatever the path's length). ``check`` runs the
-    new ones of a batch on ``workers`` threads: PIL decodes without holding the GIL."""
+    new ones of a batch on a thread pool: PIL decodes without holding the GIL."""
 
-    def __init__(self, policy: ValidationPolicy, workers: int = 1) -> None:
-        self.policy, self.workers = policy, workers
+    def __init__(self, policy: ValidationPolicy) -> None:
+        self.policy = policy
         self._known: dict[bytes, str | None] = {}
 
     @staticmethod
@@ -136,7 +136,7 @@ def _image_list(rec: dict) -> list:
     return [images] if isinstance(images, str) else images
 
 
-def image_paths(row: RawRow, base: Path, root: Path) -> list[Path]:
+def _resolved_images(row: RawRow, base: Path, root: Path) -> list[Path]:
     """The resolved paths ``row_facts`` will look up for this row (none for a row it rejects first)."""
     if row.record is None or _schema_error(row.record):
         return []
@@ -287,8 +287,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
             the local ``data_root`` the images were checked in: a path relative to ``out`` (data
             carried inside a pipeline artifact) or the ``s3://`` prefix they were fetched from.
         chunk_rows: rows per great-expectations batch; the result does not depend on it.
-        image_workers: threads that check a chunk's new images (default: the CPUs this process
-            may use, at most 8); the result does not depend on it.
+        image_workers: threads that check a chunk's new images (default: the CPU count, at most
+            8); the result does not depend on it.
 
     Raises:
         FileNotFoundError: no such manifest.
@@ -307,8 +307,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    workers = image_workers or min(8, len(os.sched_getaffinity(0)))
-    verdicts = ImageVerdicts(policy, workers)  # each distinct image is checked once
+    workers = image_workers or min(8, os.cpu_count() or 1)
+    verdicts = ImageVerdicts(policy)  # each distinct image is checked once
     seen: set[bytes] = set()  # 16-byte digests of the rows so far: duplicates across chunks
     judged = _Judged()
     counts: Counter = Counter()
@@ -319,7 +319,8 @@ def validate_manifest(manifest: str | Path, out: str | Path, policy: ValidationP
     with (open(clean_tmp, "wb") as clean_fh, open(rejected_tmp, "wb") as rejected_fh,
           ThreadPoolExecutor(workers) as pool):
         for chunk in _chunks(read_rows(manifest), chunk_rows):
-            verdicts.check([p for row in chunk for p in image_paths(row, base, root)], pool if workers > 1 else None)
+            verdicts.check([p for row in chunk for p in _resolved_images(row, base, root)],
+                           pool if workers > 1 else None)
             facts = [row_facts(row, base, root, policy, verdicts) for row in chunk]
             df = pd.DataFrame(facts, columns=list(facts[0]))
             duplicate = []

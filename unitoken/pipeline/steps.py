@@ -102,6 +102,27 @@ def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
     return run_id
 
 
+def pipeline_run_id(job: str) -> str:
+    """The parent MLflow run that ``open_pipeline_run`` opened for the pipeline run ``job``, found
+    by the id (a task inside a ``dsl.ParallelFor`` looks it up rather than take it as an input:
+    kfp.local 2.17.3 replaces every upstream task output passed into a loop with the loop item).
+
+    Raises:
+        StepError: no such run (the open-run step did not run for this job).
+    """
+    from unitoken.train.tracking import ensure_experiment
+
+    client = _client()
+    adopted = kfp_parent_run(client)
+    if adopted is not None:
+        return adopted
+    run = _find_pipeline_run(client, ensure_experiment(client), job)
+    if run is None:
+        raise StepError(f"no MLflow pipeline run tagged {PIPELINE_TAG}={job} on {client.tracking_uri}; "
+                        "the open-run step opens it first")
+    return run.info.run_id
+
+
 def close_pipeline_run(job: str, state: str, error: str | None = None) -> str:
     """Mark the parent run FINISHED or FAILED from KFP's final status of the pipeline (KFP's
     own parent run too, when we adopted it: KFP sets the same terminal state later)."""

@@ -16,6 +16,7 @@ Output is Chameleon's released layout (``vqgan.yaml`` + ``vqgan.ckpt``), so
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import tempfile
@@ -32,6 +33,8 @@ from unitoken.data.manifest import data_location, load_records, resolve_image
 from unitoken.data.remote import RemoteDataError, fetch_images
 from unitoken.model.vision import to_pil, vq_pixels
 from unitoken.model.vq import VQTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _images(manifest: Path, split: str, resolution: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -172,8 +175,8 @@ def _scenes_dir(manifest: Path, spool: Path) -> Path:
         return Path(location)
     try:
         fetch_images(location, ["scenes.jsonl"], spool)
-    except RemoteDataError:
-        pass  # real data has no scene annotations: no recognition rate
+    except RemoteDataError as err:  # real data has no scene annotations: no recognition rate
+        log.info("no scenes.jsonl beside %s (%s): the VQ-GAN's recognition rate is not measured", location, err)
     return spool
 
 

@@ -229,3 +229,15 @@ def test_generation_items_list_what_the_detector_found(tmp_path, monkeypatch):
     assert (fail["score"], ok["score"]) == (0.0, 1.0)
     assert fail["reason"] == "expected one circle, found 0"
     assert fail["detected"] == ok["detected"] == ["large blue square (row 1, col 0)"]
+
+
+def test_cli_gate_takes_the_recipes_floors(tmp_path):
+    """`unitoken gate --recipe demo` judges a first model as the pipeline's gate does: an empty
+    answerer fails the demo recipe's floors (exit 3), the same report passes without floors."""
+    from unitoken.cli import main
+
+    silent = _vqa_eval(tmp_path / "silent", [""] * 100)
+    assert main(["gate", "--candidate", str(silent), "--recipe", "demo", "--out", str(tmp_path / "d.json")]) == 3
+    decision = json.loads((tmp_path / "d.json").read_text())
+    assert any("answered nothing" in r for r in decision["reasons"])
+    assert main(["gate", "--candidate", str(silent), "--out", str(tmp_path / "none.json")]) == 0

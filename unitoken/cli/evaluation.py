@@ -33,11 +33,14 @@ def register(sub) -> None:
     ev.add_argument("--heldout-limit", type=int, default=500, help="held-out records per task (default 500)")
     gt = command(sub, "gate", "two-track promotion gate against the champion",
                  ["unitoken gate --candidate e --champion e_prev --policy gate.yaml --out decision.json",
-                  "unitoken gate --candidate e --out decision.json   # the policy's floors only"], cmd_gate,
+                  "unitoken gate --candidate e --recipe demo --out decision.json   # a first model: the recipe's floors"],
+                 cmd_gate,
                  notes="exit 3: the candidate failed the gate (decision.json says which check)")
     gt.add_argument("--candidate", required=True, type=Path, help="evaluation dir of the candidate")
     gt.add_argument("--champion", type=Path, help="evaluation dir, or a model dir (evaluated like the candidate)")
     gt.add_argument("--policy", type=Path, help="YAML: floors, margins, primary, min_improvement, bootstrap")
+    gt.add_argument("--recipe", help="without --policy: the default policy with this recipe's floors, as the "
+                                     "pipeline's gate uses (default: no floors)")
     gt.add_argument("--out", required=True, type=Path, help="decision JSON")
 
 
@@ -77,7 +80,14 @@ def cmd_gate(args) -> int:
     from unitoken.eval.gate import GatePolicy, decide, write_decision
     from unitoken.model.io import is_handoff_dir
 
-    policy = GatePolicy.from_yaml(args.policy)
+    if args.policy is not None and args.recipe:
+        raise UsageError("--policy and --recipe both set the gate's floors; pass one")
+    if args.recipe:
+        from unitoken.recipes import get_recipe
+
+        policy = GatePolicy.from_recipe(get_recipe(args.recipe).gate)
+    else:
+        policy = GatePolicy.from_yaml(args.policy)
     champion = args.champion
     if champion is not None and is_handoff_dir(champion):
         from unitoken.eval.runner import evaluate_like

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import statistics
@@ -101,14 +102,7 @@ def parameters(model: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(model / "model.safetensors"), "pt") as f:
-        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def bench_tokens_per_s(out: Path) -> float | None:

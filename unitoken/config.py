@@ -32,6 +32,10 @@ def _require(ok: bool, field_name: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{field_name}: {problem}; fix: {fix}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -257,17 +261,27 @@ class TrainConfig:
     # periodic checkpoints: training waits only for the copy to host memory, a thread writes the
     # files (unitoken.train.staged_checkpoint); false: it waits for DeepSpeed's torch.save
     async_checkpoint: bool = True
+    # Keep this many periodic checkpoints (the newest); older ones are deleted once a newer one is
+    # published. The hand-off is separate and always kept.
+    keep_checkpoints: int = 2
+    # Token slots of one micro-batch: a rank's share of the global batch is cut into micro-batches
+    # of at most this many and their gradients accumulated (the step stays the same step). "auto":
+    # planned from the card's free memory once the model and optimizer are placed
+    # (unitoken.train.memory); on a CPU, or with no budget, one micro-batch holds the whole share.
+    micro_batch_tokens: int | str = "auto"
     activation_checkpointing: bool = True
-    # Decoder layers whose activations are recomputed when activation_checkpointing is on: -1 =
-    # every layer (the reference), n = the first n (selective: as few as the memory needs).
-    checkpoint_layers: int = -1
+    # Decoder layers whose activations are recomputed when activation_checkpointing is on: "auto" =
+    # as few as the memory plan needs (every layer where no plan is made: the reference), -1 =
+    # every layer, n = the first n.
+    checkpoint_layers: int | str = "auto"
     packing: bool = True  # pack samples into max_seq_len rows (False: pad to the longest)
     # "sdpa": stock attention (packed rows get a dense block-diagonal mask); "varlen": each
     # packed sample attends only to itself through a variable-length kernel (needs packing).
     attention: str = "sdpa"
     ce_chunk: int = 0  # rows per chunk of the fused head + cross-entropy (0 = all at once, fp32)
-    # > 0: checkpoint as few layers as keep one micro-batch's estimated activations under this
-    # many GiB (overrides checkpoint_layers; see train.checkpoint_layers_for_budget)
+    # GiB one micro-batch's activations may use; 0 = measured on the GPU (what is free once the
+    # model, optimizer and ZeRO state are placed, less gradients and a margin). The memory plan
+    # (micro_batch_tokens, checkpoint_layers: auto) is made against it.
     activation_budget_gib: float = 0.0
     compile: bool = False  # torch.compile every decoder layer (GPU; +27 % tokens/s measured on the 7B shape)
     cfg_dropout: float = 0.1  # share of generation samples whose prompt is dropped (for CFG)
@@ -300,8 +314,14 @@ class TrainConfig:
         _require(self.ce_chunk >= 0, "ce_chunk", f"got {self.ce_chunk}", "use 0 (off) or e.g. 4096")
         _require(self.activation_budget_gib >= 0, "activation_budget_gib", f"got {self.activation_budget_gib}",
                  "use 0 (off) or the GiB left for activations")
-        _require(self.checkpoint_layers >= -1, "checkpoint_layers", f"got {self.checkpoint_layers}",
-                 "use -1 (every layer) or a number of layers >= 0")
+        _require(self.checkpoint_layers == "auto" or _is_int(self.checkpoint_layers) and self.checkpoint_layers >= -1,
+                 "checkpoint_layers", f"got {self.checkpoint_layers!r}",
+                 "use auto (as the memory plan needs), -1 (every layer) or a number of layers >= 0")
+        _require(self.micro_batch_tokens == "auto" or _is_int(self.micro_batch_tokens) and self.micro_batch_tokens > 0,
+                 "micro_batch_tokens", f"got {self.micro_batch_tokens!r}",
+                 "use auto (planned from the card's memory) or a number of tokens, e.g. 16384")
+        _require(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints",
+                 f"got {self.keep_checkpoints!r}", "keep at least 1 (2: the newest and the one before)")
 
     def stage(self, n: int) -> StageConfig:
         _require(n in (1, 2, 3), "stage", f"got {n}", "use 1, 2 or 3")

@@ -108,13 +108,14 @@ def unitoken_7b_anyres() -> Recipe:
 
 def unitoken_7b_fast() -> Recipe:
     """unitoken-7b with the measured speed settings (docs/performance.md): packed samples with
-    variable-length attention, the chunked head + cross-entropy, compiled decoder layers, and
-    activation checkpointing on only as many layers as the memory needs (ZeRO-3 over 8 H200s
-    leaves ~100 GiB per GPU for activations). The paper's dropout 0.05 is residual dropout, so
-    it goes with the varlen kernel (the speed measurements ran with dropout 0)."""
+    variable-length attention, the chunked head + cross-entropy, compiled decoder layers, and the
+    memory plan (``unitoken.train.memory``): each rank's share of the 128-sample batch is cut
+    into micro-batches that fit the card it runs on, with activation checkpointing on only as
+    many layers as that needs. The paper's dropout 0.05 is residual dropout, so it goes with the
+    varlen kernel (the speed measurements ran with dropout 0)."""
     base = unitoken_7b()
     train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True,
-                                activation_checkpointing=True, activation_budget_gib=100.0, compile=True)
+                                activation_checkpointing=True, compile=True)
     return dataclasses.replace(base, name="unitoken-7b-fast", train=train,
                                description="unitoken-7b with varlen packing, chunked CE and compiled layers")
 

@@ -116,7 +116,7 @@ def test_sample_too_long_is_named_with_its_counts():
     from unitoken.model.unitoken import ContinuousImages
     from unitoken.model.vision import num_continuous_features
     from unitoken.recipes import get_recipe
-    from unitoken.train.train import collate
+    from unitoken.train.batching import collate
 
     recipe = get_recipe("unitoken-7b-anyres")
     cfg, stage = recipe.model, recipe.train.stage2

@@ -163,7 +163,7 @@ def test_varlen_collate_packs_one_unpadded_row():
 
     from unitoken.data.dataset import Sample
     from unitoken.model.sequence import Encoded
-    from unitoken.train.train import collate
+    from unitoken.train.batching import collate
 
     model, _, _ = build_tiny("discrete")
     ids, labels = _rows(model, [30, 50, 7])

@@ -214,14 +214,15 @@ def test_replay_sends_every_section_of_a_pending_file(tmp_path):
 
 def test_prefetch_yields_the_inline_batches_with_their_stream_positions():
     """The prefetch thread calls the same draw function in the same order as inline drawing."""
-    from unitoken.train.train import Drawn, Prefetch
+    from unitoken.train.batching import BatchCounts, Drawn, MicroBatch, Prefetch
 
     def drawer():
         n = {"i": 0}
 
         def make():
             n["i"] += 1
-            return Drawn([n["i"]], {"x": torch.tensor([n["i"]])}, n["i"] * 4, {"pos": n["i"]})
+            micro = MicroBatch([n["i"]], {"x": torch.tensor([n["i"]])}, BatchCounts(n["i"], 1, n["i"]))
+            return Drawn([micro], n["i"] * 4, {"pos": n["i"]})
         return make
 
     inline = Prefetch(drawer(), 5, depth=0)
@@ -229,15 +230,15 @@ def test_prefetch_yields_the_inline_batches_with_their_stream_positions():
     try:
         for _ in range(5):
             a, b = inline.get(), ahead.get()
-            assert (a.samples, a.draws, a.sampler_state) == (b.samples, b.draws, b.sampler_state)
-            assert torch.equal(a.batch["x"], b.batch["x"])
+            assert (a.samples, a.draws, a.sampler_state, a.counts) == (b.samples, b.draws, b.sampler_state, b.counts)
+            assert torch.equal(a.micro[0].batch["x"], b.micro[0].batch["x"])
     finally:
         ahead.close()
     assert not ahead.thread.is_alive()
 
 
 def test_prefetch_raises_the_draw_error_in_the_training_thread():
-    from unitoken.train.train import Prefetch
+    from unitoken.train.batching import Prefetch
 
     def make():
         raise ValueError("sample 7 has 900 tokens > max_seq_len 512")

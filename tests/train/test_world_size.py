@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import build_tiny
 from unitoken.data.dataset import Sample
 from unitoken.recipes import get_recipe
-from unitoken.train.train import BatchCounts, as_part_of_global_batch, collate, count_batch
+from unitoken.train.batching import BatchCounts, as_part_of_global_batch, collate, count_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["train", "--stage", "1", "--recipe", "tiny", "--data", "p", "--init", "m", "--no-track",

@@ -143,6 +143,17 @@ class UniToken(nn.Module):
         self.set_residual_dropout(dropout)
         self.attention = attention
         self.ce_chunk = int(ce_chunk)
+        self.set_checkpoint_layers(checkpoint_layers)
+        if compile_layers:
+            for layer in self.llm.layers:
+                # The layer's forward only, not its __call__: hooks stay outside the compiled code.
+                # DeepSpeed ZeRO-3 gathers and releases parameters in module hooks; compiled into
+                # the layer (``layer.compile()``), dynamo re-traced them for every layer and hit
+                # its recompile limit in _pre_backward_module_hook (issue 32).
+                layer.forward = torch.compile(layer.forward)
+
+    def set_checkpoint_layers(self, checkpoint_layers: int) -> None:
+        """Recompute the activations of the first n decoder layers in backward (-1 = all, 0 = none)."""
         layers = self.llm.layers
         n = len(layers) if checkpoint_layers < 0 else min(checkpoint_layers, len(layers))
         if n:  # transformers 5.24 renamed the method; 5.17 (GPU machine) has only the old name
@@ -152,8 +163,6 @@ class UniToken(nn.Module):
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < n
-            if compile_layers:
-                layer.compile()
 
     def set_residual_dropout(self, p: float) -> None:
         """Drop a share ``p`` of every decoder layer's attention and MLP output where it joins the

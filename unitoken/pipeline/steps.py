@@ -488,9 +488,9 @@ def train_processes(stage: int, recipe: str, overrides: list[str], tokens: Path,
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise StepError(f"stage {stage}: torchrun with {nproc} processes exited {code}; last lines of {log_path}:\n{tail}")
-    from unitoken.train.train import _read_losses
+    from unitoken.train.train import read_losses
 
-    losses = _read_losses(Path(work) / "metrics.jsonl")  # the loop's own reader of its log
+    losses = read_losses(Path(work) / "metrics.jsonl")  # the loop's own reader of its log
     info = publish_handoff(Path(work) / "handoff", Path(out))
     run_id = json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")
     return info | {"steps": len(losses), "first_loss": losses[0] if losses else None,

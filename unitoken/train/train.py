@@ -1,13 +1,18 @@
-"""The three UniToken training stages on DeepSpeed.
+"""The three UniToken training stages on DeepSpeed, as one trainer object.
 
     unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m
     unitoken train --stage 2 --recipe tiny --data p --out runs/stage2 --init runs/stage1/handoff
-    deepspeed --num_gpus 8 --module unitoken.cli train --stage 2 --recipe unitoken-7b ...   # same entry point
+    torchrun --nproc_per_node 8 -m unitoken.cli train --stage 2 --recipe unitoken-7b-fast ...   # same entry point
 
 Stages differ only through recipe data: ``trainable`` prefixes (stage 1: vision + adapter, LLM
 frozen), learning rates (stage 1: 1e-3 with the ViT at 1e-5, because 5e-4 collapsed SigLIP in
-the tech report §4), the task ratio and the manifest sources. ``main`` builds, ``fit`` loops,
-the end of a stage writes the hand-off checkpoint that the next stage verifies and loads.
+the tech report §4), the task ratio and the manifest sources.
+
+``Trainer`` has torchtitan's shape: the constructor builds model, data, optimizer and engine
+from the recipe and plans memory on the card it runs on (``unitoken.train.memory``); ``train()``
+runs the steps and writes the hand-off checkpoint that the next stage verifies and loads. A step
+is the recipe's global batch, cut into micro-batches whose gradients accumulate
+(``unitoken.train.batching``). What a resume needs beside DeepSpeed's state is one ``TrainState``.
 """
 
 from __future__ import annotations
@@ -17,38 +22,47 @@ import json
 import logging
 import math
 import os
-import queue
-import random
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from unitoken.config import Recipe, StageConfig, config_hash, to_dict
-from unitoken.data.dataset import (
-    MixtureSampler,
-    Sample,
-    ShardDataset,
-    check_fits,
-    pack_samples,
-    pad_samples,
-    sample_loss_weights,
-)
+from unitoken.data.dataset import MixtureSampler, ShardDataset
 from unitoken.files import sha256_file
 from unitoken.model.io import is_handoff_dir, load_model, save_model
-from unitoken.model.sequence import IGNORE, T2I_TEMPLATE, SequenceBuilder
+from unitoken.model.sequence import SequenceBuilder
 from unitoken.train import checkpoint as ckpt
 from unitoken.train import parallel
+from unitoken.train.batching import (
+    Drawn,
+    MicroBatch,
+    Prefetch,
+    as_part_of_global_batch,
+    collate,
+    count_batch,
+    draw_batch,
+    global_batch_counts,
+    pin,
+    split_micro_batches,
+    to_device,
+)
+from unitoken.train.flops import H100_H200_PEAK_BF16, FlopCounter
+from unitoken.train.memory import (
+    GIB,
+    ActivationModel,
+    MemoryPlan,
+    activation_budget,
+    measure_free_bytes,
+    plan_memory,
+)
 from unitoken.train.tracking import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
-H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, spec sheet
 
 
 class Stopped(Exception):
@@ -59,27 +73,6 @@ class Stopped(Exception):
         super().__init__(f"stage {stage_n} stopped by SIGTERM after step {step}; checkpoint {checkpoint}; "
                          "run the same command with --resume auto to go on")
         self.step, self.checkpoint = step, checkpoint
-
-
-@contextmanager
-def _sigterm_flag() -> Iterator[dict]:
-    """{"set": bool}, True once SIGTERM arrived (the default handler would lose the steps since
-    the last periodic checkpoint). Outside the main thread nothing is installed."""
-    flag = {"set": False}
-
-    def handler(signum, frame) -> None:
-        flag["set"] = True
-        log.warning("SIGTERM: stopping after this step with a checkpoint")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass
@@ -124,468 +117,468 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _drop_prompt(dataset: ShardDataset, index: int) -> Sample:
-    """The same generation sample with an empty prompt: the unconditional branch of CFG."""
-    s, j, rec = dataset.records[index]
-    turns = [dict(t, value=T2I_TEMPLATE.format(prompt="")) if t["from"] == "human" else t for t in rec["conversations"]]
-    dataset.records[index] = (s, j, dict(rec, conversations=turns))
-    try:
-        return dataset[index]
-    finally:
-        dataset.records[index] = (s, j, rec)
+def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path, dict]:
+    """The model a stage starts from, verified before it is loaded: (directory, parent hand-off doc).
 
-
-def draw_batch(dataset, sampler, global_batch: int, rank: int, world: int, draws: int, seed: int,
-               cfg_dropout: float) -> tuple[list[Sample], int]:
-    """This rank's share of the next global batch (every rank advances the same sampler)."""
-    samples = []
-    for k in range(global_batch):
-        idx = next(sampler)
-        if k % world == rank:
-            task = dataset.records[idx][2].get("task")
-            drop = task == "generation" and random.Random(f"{seed}-cfg-{draws + k}").random() < cfg_dropout
-            samples.append(_drop_prompt(dataset, idx) if drop else dataset[idx])
-    return samples, draws + global_batch
-
-
-def collate(samples: list[Sample], stage: StageConfig, packing: bool, pad_id: int, device,
-            loss_reduction: str = "token", attention: str = "sdpa") -> dict:
-    check_fits(samples, stage.max_seq_len)
-    if packing and attention == "varlen":
-        # varlen attention needs no common row width: one row holding every sample, nothing padded
-        batch = pack_samples(samples, sum(len(s) for s in samples), pad_id)
-    elif packing:
-        batch = pack_samples(samples, stage.max_seq_len, pad_id)
-    else:
-        batch = pad_samples(samples, pad_id)
-    seq_lens = batch.pop("seq_lens", None) or [[len(s)] for s in samples]  # padding: one sample per row
-    if loss_reduction == "sample":
-        batch["loss_weights"] = sample_loss_weights(batch["labels"], seq_lens)
-    return to_device(batch, device)
-
-
-class BatchCounts(NamedTuple):
-    """What a batch's loss is normalised by, and its size."""
-    supervised: int  # tokens with a target, as the loss shifts labels
-    samples: int  # samples with at least one supervised token
-    tokens: int  # real tokens (no padding)
-
-
-def count_batch(samples: list[Sample], batch: dict) -> BatchCounts:
-    """This rank's counts; ``batch`` is ``samples`` collated (on any device)."""
-    supervised = int((batch["labels"][:, 1:] != IGNORE).sum())
-    with_targets = sum(1 for s in samples if any(x != IGNORE for x in s.encoded.labels))
-    return BatchCounts(supervised, with_targets, sum(len(s) for s in samples))
-
-
-def global_batch_counts(local: BatchCounts) -> BatchCounts:
-    """The counts summed over all ranks (one all-reduce)."""
-    return BatchCounts(*(int(x) for x in parallel.sum_over_ranks(list(local))))
-
-
-def as_part_of_global_batch(batch: dict, local: BatchCounts, total: BatchCounts, loss_reduction: str) -> dict:
-    """Model inputs whose loss is this rank's part of the global batch's loss, so that the ranks'
-    losses sum to what one process gets for the whole batch: the token mean and the z-loss divide
-    by the supervised tokens of all ranks, and each sample weighs 1 / (samples of all ranks).
-    Normalising by each rank's own counts made the loss depend on the world size (issue 19).
-    In one process nothing changes (the factors are exactly 1)."""
-    batch = dict(batch, num_global_tokens=total.supervised)
-    if loss_reduction == "sample":  # sample_loss_weights sums to 1 over this rank's samples
-        batch["loss_weights"] = batch["loss_weights"] * (local.samples / total.samples)
-    return batch
-
-
-def to_device(batch: dict, device) -> dict:
-    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if out.get("images") is not None:
-        out["images"].pixel_values = out["images"].pixel_values.to(device)
-    return out
-
-
-@dataclass
-class Drawn:
-    """One collated batch (on the CPU) and the data stream's position right after it."""
-    samples: list[Sample]
-    batch: dict
-    draws: int
-    sampler_state: dict
-
-
-class Prefetch:
-    """Draws and collates the next batches on a thread while the accelerator runs the current one
-    (in run 4 of the small study the CPU side took ~0.25 s of a 0.76 s step). Only this thread
-    touches the sampler, in the same order as drawing inline would, so the batches are identical;
-    each carries the sampler state right after it, which is what a checkpoint after it records."""
-
-    def __init__(self, make: Callable[[], Drawn], count: int, depth: int = 2) -> None:
-        self.make = make if depth == 0 else None  # depth 0: draw inline, in get(); no thread
-        self.stopping = threading.Event()
-        self.thread = None
-        if depth:
-            self.items: queue.Queue = queue.Queue(maxsize=depth)
-            self.thread = threading.Thread(target=self._run, args=(make, count), name="unitoken-prefetch",
-                                           daemon=True)
-            self.thread.start()
-
-    def _put(self, item) -> bool:
-        while not self.stopping.is_set():
-            try:
-                self.items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, make: Callable[[], Drawn], count: int) -> None:
-        try:
-            for _ in range(count):
-                if not self._put(make()):
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the training thread, raised there
-            self._put(err)
-
-    def get(self) -> Drawn:
-        if self.make:
-            return self.make()
-        item = self.items.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self.stopping.set()
-        if self.thread is not None and self.thread.is_alive():
-            self.thread.join(timeout=10)
-
-
-# Activation bytes one decoder layer keeps per token and hidden unit in bf16 without
-# checkpointing: 'ours' minus 'ours-ckpt-half' (4 of 8 layers) = 12.7 GiB for a 16,248-token
-# micro-batch at hidden 4096 / MLP 11,008 (docs/performance.md). A checkpointed layer keeps only
-# its input (2 bytes).
-ACT_BYTES_PER_TOKEN_HIDDEN = 53
-
-
-def checkpoint_layers_for_budget(num_layers: int, hidden: int, tokens: int, budget_bytes: float) -> int:
-    """Fewest decoder layers to checkpoint so that one micro-batch's activations fit the budget
-    (each checkpointed layer costs a recomputed forward pass: ~1/3 of its step time)."""
-    full, kept = ACT_BYTES_PER_TOKEN_HIDDEN * hidden * tokens, 2 * hidden * tokens
-    for n in range(num_layers + 1):
-        if (num_layers - n) * full + n * kept <= budget_bytes:
-            return n
-    return num_layers
-
-
-def model_flops_per_token(model, trainable_only: bool = False) -> float:
-    """6N per trained token (forward + backward), N = parameters that see the token."""
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if not name.startswith("vq.") and (p.requires_grad or not trainable_only))
-    return 6.0 * n
-
-
-# --------------------------------------------------------------------------- main
-
-
-def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
-         max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> StageResult:
-    """Run one stage end to end and write ``out/handoff``."""
-    stage = recipe.train.stage(stage_n)
-    if max_steps is not None:
-        stage = dataclasses.replace(stage, max_steps=max_steps)
-    rank, world, device = parallel.init_distributed()
-    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        # The loop's CPU work is small per-sample tensor ops. With every core as an OpenMP thread,
-        # two torch processes on one host (ranks, an evaluation beside training) spin against
-        # each other: a batch's tile conversion went from 10 ms to 1.6 s, and GPU steps 2-10x slower.
-        torch.set_num_threads(min(4, torch.get_num_threads()))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Raises:
+        FileNotFoundError: ``init`` is no model directory.
+        HandoffError: a hand-off of the wrong stage or config, or with a changed file.
+    """
     if str(init).startswith("models:/"):  # a registered model: fetched and verified first
         from unitoken.registry import load_uri
 
         init = load_uri(str(init))
     init = Path(init)
-
-    # --- the starting point: verify before loading
     if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / ckpt.HANDOFF).is_file() \
             and is_handoff_dir(init):
         # Stage 1 trains only the continuous path (vision + adapter), which a discrete-only model
         # lacks: its stage 2 starts from the initialisation (the Table 5 ablation).
-        parent = {"stage": 0, "files": {}}
-    elif stage_n > 1:
+        return init, {"stage": 0, "files": {}}
+    if stage_n > 1:
         # Stage N starts from stage N-1; re-running stage N on new data from a stage-N model (e.g. a
         # registered champion, stage-scoped retraining) is allowed too.
-        parent = ckpt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
-                                     expect_config_hash=config_hash(recipe.model))
-    elif (init / ckpt.HANDOFF).is_file():
-        parent = ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
-    elif is_handoff_dir(init):
-        parent = {"stage": 0, "files": {}}
-    else:
-        raise FileNotFoundError(f"--init {init}: not a model directory; create one with `unitoken model init`")
-    parent_digest = ckpt.handoff_digest(init)
-    model, tokenizer = load_model(init)
-    if config_hash(model.config) != config_hash(recipe.model):
-        raise ValueError(f"--init {init} was built with a different model config than recipe {recipe.name!r}; "
-                         "use the recipe it was created with (or --set the same overrides)")
-    torch.manual_seed(recipe.train.seed + stage_n)
-    counts = model.freeze_except(stage.trainable, recipe.train.freeze_vision_embeddings)
-    train_cfg = recipe.train
-    ckpt_layers = train_cfg.checkpoint_layers if train_cfg.activation_checkpointing else 0
-    if train_cfg.activation_checkpointing and train_cfg.activation_budget_gib > 0:
-        # upper bound of one micro-batch: every sample of this rank's share fills a row
-        tokens = max(1, stage.batch_size // world) * stage.max_seq_len
-        ckpt_layers = checkpoint_layers_for_budget(recipe.model.llm.num_layers, recipe.model.llm.hidden_size, tokens,
-                                                   train_cfg.activation_budget_gib * 2**30)
-        log.warning("activation checkpointing on %d of %d layers (budget %.1f GiB, <= %d tokens per micro-batch)",
-                    ckpt_layers, recipe.model.llm.num_layers, train_cfg.activation_budget_gib, tokens)
-    # residual dropout 0.05 (tech report scripts): a training-time setting, not part of the weights
-    model.configure_training(train_cfg.attention, train_cfg.ce_chunk, ckpt_layers,
-                             compile_layers=train_cfg.compile and device.type == "cuda", dropout=train_cfg.dropout)
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
-    model.to(device)
-    model.vq.float()
-    builder = SequenceBuilder(model.tokens, tokenizer, model.config)
-
-    dataset = ShardDataset(data, builder, sources=list(stage.sources) or None, splits=["train"])
-    if len(dataset) == 0:
-        raise ValueError(f"{data}: no training records for stage {stage_n} (sources {list(stage.sources) or 'all'})")
-    ratios = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
-              "text": stage.text_ratio}
-    sampler = MixtureSampler(dataset.tasks(), ratios, seed=recipe.train.seed + 1000 * stage_n)
-    data_digest = sha256_file(Path(data) / "index.json")
-    index_doc = json.loads((Path(data) / "index.json").read_text())
-
-    opt, sched = build_optimizer(model, stage)
-    ds_cfg = parallel.ds_config(recipe.train, stage, world)
-    engine = parallel.wrap(model, opt, sched, ds_cfg, staged_checkpoints=recipe.train.async_checkpoint)
-
-    # --- resume
-    ckpt_root = out / "checkpoints"
-    start_step, draws, run_id = 0, 0, None
-    if rank == 0:
-        ckpt.clean_debris(ckpt_root)
-    parallel.barrier()
-    found = ckpt.complete_checkpoints(ckpt_root)
-    if resume == "auto" and found:
-        step_done, path = found[-1]
-        state = parallel.load_checkpoint(engine, path)
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start_step, draws, run_id = state["step"], state["draws"], state.get("mlflow_run_id")
-        log.warning("resuming stage %d from %s (step %d)", stage_n, path, start_step)
-    elif resume == "never" and found:
-        raise ValueError(f"{out} already holds checkpoints (up to step {found[-1][0]}); use --resume auto or a new --out")
-
-    tracker = NullTracker()
-    if rank == 0 and track:
-        tracker = MLflowTracker(f"stage{stage_n}", out, run_id=run_id,
-                                tags={"unitoken.stage": str(stage_n), "unitoken.recipe": recipe.name})
-        if run_id is None:
-            _log_stage_start(tracker, recipe, stage_n, stage, ds_cfg, out, init, parent_digest, data, data_digest,
-                             dataset, counts, world, device)
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-
-    # --- fit
-    flops_per_token = model_flops_per_token(model)
-    start_time = time.perf_counter()
-    try:
-        losses = fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device,
-                     tracker, metrics_path, ckpt_root, flops_per_token, run_getter=lambda: tracker.run_id,
-                     show_progress=show_progress and rank == 0)
-    except Stopped as stop:
-        tracker.set_tags({"unitoken.stopped_at_step": str(stop.step)})
-        tracker.close("KILLED")  # reopened by the resumed run
-        raise
-    seconds = time.perf_counter() - start_time
-
-    # --- hand-off: frozen weights are re-read from the file the stage started from (exact fp32
-    # values, no copy held in memory during training)
-    frozen_start = _read_tensors(init / "model.safetensors", frozen_names)
-    changed = parallel.check_frozen(engine, frozen_start)
-    if changed:  # e.g. stage 1 must leave the LLM bit-identical
-        raise RuntimeError(f"stage {stage_n}: frozen weights changed during training ({changed[:3]}); hand-off refused")
-    state = parallel.full_state_dict(engine, trainable_names, frozen_start)
-    handoff = out / "handoff"
-    if rank == 0:
-        save_model(model, tokenizer, handoff, state=state, recipe=recipe.name)
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        doc = ckpt.write_handoff(handoff, {
-            "stage": stage_n, "step": stage.max_steps, "recipe": recipe.name,
-            "model_config_hash": config_hash(recipe.model), "recipe_hash": config_hash(recipe),
-            "data_dir": str(Path(data).resolve()), "data_digest": data_digest,
-            "parent": str(init.resolve()), "parent_stage": parent.get("stage", 0), "parent_digest": parent_digest,
-            "mlflow_run_id": tracker.run_id, "trainable": list(stage.trainable),
-            "manifest_sha256": index_doc.get("manifest_sha256"),
-            "validation_report_sha256": index_doc.get("validation_report_sha256"),
-            "ancestors": ckpt.ancestry(init),
-        }, state, trainable)
-        curve = plot_losses(metrics_path, out / "loss.png", f"stage {stage_n} ({recipe.name})")
-        digest = ckpt.handoff_digest(handoff)
-        hours = seconds * world / 3600
-        tracker.log_metrics({f"{device.type}_hours": hours, "final_loss": losses[-1] if losses else float("nan")},
-                            step=stage.max_steps)
-        tracker.set_tags({"unitoken.handoff_uri": handoff.resolve().as_uri(), "unitoken.handoff_sha256": digest,
-                          "unitoken.trainable_digest": doc["trainable_digest"],
-                          "unitoken.frozen_digest": doc["frozen_digest"]})
-        tracker.log_artifact(handoff / ckpt.HANDOFF, "handoff")
-        tracker.log_artifact(curve)
-        tracker.log_artifact(metrics_path)
-        tracker.close("FINISHED")
-    parallel.barrier()
-    return StageResult(stage_n, stage.max_steps, handoff, losses, tracker.run_id, seconds)
+        return init, ckpt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
+                                         expect_config_hash=config_hash(recipe.model))
+    if (init / ckpt.HANDOFF).is_file():
+        return init, ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
+    if is_handoff_dir(init):
+        return init, {"stage": 0, "files": {}}
+    raise FileNotFoundError(f"--init {init}: not a model directory; create one with `unitoken model init`")
 
 
-def fit(engine, model, dataset, sampler, stage, recipe, stage_n, start_step, draws, rank, world, device, tracker,
-        metrics_path: Path, ckpt_root: Path, flops_per_token: float, run_getter, show_progress: bool) -> list[float]:
-    """The loop: draw -> pack -> forward/backward/step -> log -> periodic checkpoint."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+# --------------------------------------------------------------------------- resume state
 
-    train = recipe.train
-    pad = model.tokens.pad
-    losses = _read_losses(metrics_path)
-    bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                   TimeRemainingColumn(), disable=not show_progress, transient=False)
 
-    # the data stream's position after the last batch trained on (the prefetcher is ahead of it)
-    consumed = {"draws": draws, "sampler": sampler.state_dict()}
+@dataclass
+class TrainState:
+    """Everything a resume needs beside DeepSpeed's own state (weights, optimizer, schedule):
+    saved into the checkpoint as DeepSpeed's client state and loaded back in one call each."""
 
-    cursor = {"draws": draws}  # the prefetch thread's position
+    step: int = 0
+    draws: int = 0  # samples drawn from the sampler by the steps done
+    sampler: dict | None = None  # the sampler's state right after the last step's batch
+    torch_rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None
+    mlflow_run_id: str | None = None
 
-    def make() -> Drawn:
-        samples, cursor["draws"] = draw_batch(dataset, sampler, stage.batch_size, rank, world, cursor["draws"],
-                                              train.seed, train.cfg_dropout)
-        batch = collate(samples, stage, train.packing, pad, "cpu", train.loss_reduction, train.attention)
-        return Drawn(samples, batch, cursor["draws"], sampler.state_dict())
+    def capture(self, device: torch.device) -> dict:
+        """The state with the RNGs as they are now, as a checkpoint's client state."""
+        self.torch_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
+        return dataclasses.asdict(self)
 
-    writer = engine.checkpoint_engine if train.async_checkpoint else None
-    pending: dict = {}  # the periodic checkpoint being written in the background: step, timings
-    saves_path = metrics_path.parent / "checkpoints.jsonl"
+    @classmethod
+    def restore(cls, client: dict, device: torch.device) -> TrainState:
+        """The state of a loaded checkpoint, with the RNGs set back to it."""
+        state = cls(**{f.name: client.get(f.name) for f in dataclasses.fields(cls)})
+        torch.set_rng_state(state.torch_rng)
+        if device.type == "cuda" and state.cuda_rng is not None:
+            torch.cuda.set_rng_state(state.cuda_rng)
+        return state
 
-    def save(step_done: int, wait: bool = False) -> Path:
-        """Write the checkpoint of ``step_done``; with the staged writer, training waits only for
-        the copy to host memory and the checkpoint is published once written (``publish``)."""
-        publish()  # the previous one first: one checkpoint in flight at a time
-        client = {"step": step_done, "draws": consumed["draws"], "sampler": consumed["sampler"],
-                  "torch_rng": torch.get_rng_state(),
-                  "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                  "mlflow_run_id": run_getter()}
-        tmp = ckpt.prepare_tmp(ckpt_root, step_done) if rank == 0 else ckpt.tmp_dir(ckpt_root, step_done)
+
+class Checkpoints:
+    """A stage's periodic checkpoints: written (or staged in host memory, then written by a
+    thread), published once every rank has its part on disk, the newest ``keep`` kept."""
+
+    def __init__(self, engine, root: Path, rank: int, staged: bool, keep: int, meta: dict, tracker) -> None:
+        self.engine, self.root, self.rank, self.keep, self.meta, self.tracker = engine, root, rank, keep, meta, tracker
+        self.writer = engine.checkpoint_engine if staged else None
+        self.pending: dict = {}  # the checkpoint being written in the background: step, timings
+        self.log_path = root.parent / "checkpoints.jsonl"
+
+    def latest(self, load: bool = True) -> dict | None:
+        """The client state of the newest complete checkpoint, loaded into the engine; None if none.
+
+        Raises:
+            ValueError: there is one and ``load`` is False (``--resume never``).
+        """
+        if self.rank == 0:
+            ckpt.clean_debris(self.root)
+        parallel.barrier()
+        found = ckpt.complete_checkpoints(self.root)
+        if not found:
+            return None
+        step, path = found[-1]
+        if not load:
+            raise ValueError(f"{self.root.parent} already holds checkpoints (up to step {step}); "
+                             "use --resume auto or a new --out")
+        log.warning("resuming from %s (step %d)", path, step)
+        return parallel.load_checkpoint(self.engine, path)
+
+    def save(self, client: dict, wait: bool = False) -> Path:
+        """Write the checkpoint of ``client["step"]``; with the staged writer, training waits only
+        for the copy to host memory and the checkpoint is published once written."""
+        self.publish()  # the previous one first: one checkpoint in flight at a time
+        step = client["step"]
+        tmp = ckpt.prepare_tmp(self.root, step) if self.rank == 0 else ckpt.tmp_dir(self.root, step)
         parallel.barrier()
         t0 = time.perf_counter()
-        parallel.save_checkpoint(engine, tmp, client)  # collective: every rank writes (or stages) its part
-        pending.update(step=step_done, t0=t0, blocking_s=time.perf_counter() - t0)
-        if writer is None or wait:
-            publish()
-        return ckpt.step_dir(ckpt_root, step_done)
+        parallel.save_checkpoint(self.engine, tmp, client)  # collective: every rank writes (or stages) its part
+        self.pending.update(step=step, t0=t0, blocking_s=time.perf_counter() - t0)
+        if self.writer is None or wait:
+            self.publish()
+        return ckpt.step_dir(self.root, step)
 
-    def publish() -> None:
-        """Make the pending checkpoint visible once every rank has it on disk."""
-        if not pending:
+    def publish(self) -> None:
+        """Make the pending checkpoint visible once every rank has it on disk; prune old ones."""
+        if not self.pending:
             return
-        if writer is not None:
-            writer.wait()
+        if self.writer is not None:
+            self.writer.wait()
         parallel.barrier()
-        if rank == 0:
-            ckpt.publish(ckpt_root, pending["step"], {"step": pending["step"], "stage": stage_n, "recipe": recipe.name})
-            record = {"step": pending["step"], "blocking_s": round(pending["blocking_s"], 4),
-                      "published_after_s": round(time.perf_counter() - pending["t0"], 4), "staged": writer is not None}
-            with open(saves_path, "a") as f:
+        if self.rank == 0:
+            step = self.pending["step"]
+            ckpt.publish(self.root, step, {"step": step, **self.meta}, keep=self.keep)
+            record = {"step": step, "blocking_s": round(self.pending["blocking_s"], 4),
+                      "published_after_s": round(time.perf_counter() - self.pending["t0"], 4),
+                      "staged": self.writer is not None}
+            with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            tracker.log_metrics({"checkpoint_blocking_s": record["blocking_s"]}, step=pending["step"])
+            self.tracker.log_metrics({"checkpoint_blocking_s": record["blocking_s"]}, step=step)
         parallel.barrier()
-        pending.clear()
+        self.pending.clear()
 
-    def written() -> bool:
-        """Whether the pending checkpoint is on disk on every rank (a collective while one is pending)."""
-        return bool(pending) and not parallel.any_rank(not writer.done())
+    def publish_if_written(self) -> None:
+        """Publish the pending checkpoint if every rank has written it (a collective while one is pending)."""
+        if self.writer is not None and self.pending and not parallel.any_rank(not self.writer.done()):
+            self.publish()
 
-    engine.train()
-    grad_divisor = parallel.gradient_average_divisor(engine)
-    engine_norms = False  # whether the engine reports the gradient norm (learnt at the first step)
-    prefetch = Prefetch(make, stage.max_steps - start_step, depth=train.prefetch)
-    with bar, open(metrics_path, "a") as metrics_file, _sigterm_flag() as sigterm, _closing(prefetch), \
-            _draining(writer):
-        task = bar.add_task("train", total=stage.max_steps, completed=start_step, stage=stage_n, loss=float("nan"), tps=0)
-        for step in range(start_step, stage.max_steps):
-            t0 = time.perf_counter()
-            drawn = prefetch.get()
-            samples, batch = drawn.samples, to_device(drawn.batch, device)
-            consumed = {"draws": drawn.draws, "sampler": drawn.sampler_state}
-            local = count_batch(samples, drawn.batch)
-            total = global_batch_counts(local)
-            out = engine(**as_part_of_global_batch(batch, local, total, train.loss_reduction))
-            loss = out["loss"]  # this rank's part of the global batch's loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage {stage_n}: non-finite loss ({loss.item()}) at step {step + 1}")
+    @contextmanager
+    def draining(self) -> Iterator[None]:
+        """No checkpoint write outlives the loop, whichever way it ends (a failed loop publishes nothing)."""
+        try:
+            yield
+        finally:
+            if self.writer is not None:
+                self.writer.drain()
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One stage: ``Trainer(stage_n, recipe, data, out, init).train()``."""
+
+    def __init__(self, stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
+                 max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> None:
+        self.stage_n, self.recipe, self.cfg = stage_n, recipe, recipe.train
+        self.stage = recipe.train.stage(stage_n)
+        if max_steps is not None:
+            self.stage = dataclasses.replace(self.stage, max_steps=max_steps)
+        self.data, self.out = Path(data), Path(out)
+        self.show_progress = show_progress
+        self.rank, self.world, self.device = parallel.init_distributed()
+        if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+            # The loop's CPU work is small per-sample tensor ops. With every core as an OpenMP thread,
+            # two torch processes on one host (ranks, an evaluation beside training) spin against
+            # each other: a batch's tile conversion went from 10 ms to 1.6 s, and GPU steps 2-10x slower.
+            torch.set_num_threads(min(4, torch.get_num_threads()))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.init, self.parent = starting_point(stage_n, recipe, init)
+        self.parent_digest = ckpt.handoff_digest(self.init)
+        self._build_model()
+        self._build_data()
+        opt, sched = build_optimizer(self.model, self.stage)
+        self.ds_config = parallel.ds_config(self.cfg, self.stage, self.world)
+        self.engine = parallel.wrap(self.model, opt, sched, self.ds_config, staged_checkpoints=self.cfg.async_checkpoint)
+        self.grad_divisor = parallel.gradient_average_divisor(self.engine)
+        # after the engine: the plan measures what the model, optimizer and ZeRO state left free
+        self.plan = self._plan_memory()
+        self.model.set_checkpoint_layers(self.plan.checkpoint_layers)
+        self.state = TrainState()
+        self.tracker = NullTracker()
+        self.checkpoints = Checkpoints(self.engine, self.out / "checkpoints", self.rank, self.cfg.async_checkpoint,
+                                       self.cfg.keep_checkpoints, {"stage": stage_n, "recipe": recipe.name}, self.tracker)
+        client = self.checkpoints.latest(load=resume == "auto")
+        if client is not None:
+            self.state = TrainState.restore(client, self.device)
+            self.sampler.load_state_dict(self.state.sampler)
+        self._start_tracking(track)
+
+    # ----------------------------------------------------------------------- construction
+
+    def _build_model(self) -> None:
+        recipe = self.recipe
+        self.model, self.tokenizer = load_model(self.init)
+        if config_hash(self.model.config) != config_hash(recipe.model):
+            raise ValueError(f"--init {self.init} was built with a different model config than recipe "
+                             f"{recipe.name!r}; use the recipe it was created with (or --set the same overrides)")
+        torch.manual_seed(self.cfg.seed + self.stage_n)
+        self.param_counts = self.model.freeze_except(self.stage.trainable, self.cfg.freeze_vision_embeddings)
+        # residual dropout 0.05 (tech report scripts): a training-time setting, not part of the weights;
+        # which layers recompute their activations follows the memory plan, made once the engine is built
+        self.model.configure_training(self.cfg.attention, self.cfg.ce_chunk, 0,
+                                      compile_layers=self.cfg.compile and self.device.type == "cuda",
+                                      dropout=self.cfg.dropout)
+        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.frozen_names = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        self.model.to(self.device)
+        self.model.vq.float()
+        self.flops = FlopCounter.for_model(self.model)
+
+    def _build_data(self) -> None:
+        builder = SequenceBuilder(self.model.tokens, self.tokenizer, self.model.config)
+        stage = self.stage
+        self.dataset = ShardDataset(self.data, builder, sources=list(stage.sources) or None, splits=["train"])
+        if len(self.dataset) == 0:
+            raise ValueError(f"{self.data}: no training records for stage {self.stage_n} "
+                             f"(sources {list(stage.sources) or 'all'})")
+        ratios = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
+                  "text": stage.text_ratio}
+        self.sampler = MixtureSampler(self.dataset.tasks(), ratios, seed=self.cfg.seed + 1000 * self.stage_n)
+        self.data_digest = sha256_file(self.data / "index.json")
+        self.index_doc = json.loads((self.data / "index.json").read_text())
+
+    def _plan_memory(self) -> MemoryPlan:
+        """Micro-batch tokens and checkpointed layers (``unitoken.train.memory``), logged."""
+        cfg, stage, layers = self.cfg, self.stage, self.recipe.model.llm.num_layers
+        share = math.ceil(stage.batch_size / self.world) * stage.max_seq_len  # every sample fills a row
+        tokens = None if cfg.micro_batch_tokens == "auto" else int(cfg.micro_batch_tokens)
+        pinned = 0 if not cfg.activation_checkpointing else None if cfg.checkpoint_layers == "auto" else \
+            layers if cfg.checkpoint_layers == -1 else min(int(cfg.checkpoint_layers), layers)
+        budget, free, source = self._activation_budget()
+        act = ActivationModel.for_stage(self.recipe, stage)
+        if budget is None or (tokens is not None and pinned is not None):
+            tokens, n = tokens or share, layers if pinned is None else pinned
+            plan = MemoryPlan(tokens, n, source if budget is not None else "fixed",
+                              None if budget is None else round(budget / GIB, 2),
+                              round(act.bytes(tokens, n) / GIB, 2), None if free is None else round(free / GIB, 2))
+        else:
+            varlen = cfg.packing and cfg.attention == "varlen"
+            plan = plan_memory(act, budget, max_tokens=tokens or share, min_tokens=tokens or stage.max_seq_len,
+                               granularity=64 if varlen or not cfg.packing else stage.max_seq_len,
+                               allow_checkpointing=cfg.activation_checkpointing, layers=pinned,
+                               source=source, free_bytes=free)
+        if self.rank == 0:
+            log.warning("stage %d memory plan: %s", self.stage_n, plan.describe(layers))
+        return plan
+
+    def _activation_budget(self) -> tuple[float | None, float | None, str]:
+        """(bytes for activations, free bytes measured, source); (None, None, "fixed") on a CPU."""
+        if self.cfg.activation_budget_gib > 0:
+            return self.cfg.activation_budget_gib * GIB, None, "configured"
+        if self.device.type != "cuda":
+            return None, None, "fixed"
+        free, total = measure_free_bytes(self.device)
+        # gradients are placed during the first backward: bf16, plus their accumulation partition
+        trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                        for p in self.model.parameters() if p.requires_grad)
+        grads = trainable * 4 / (self.world if self.cfg.zero_stage >= 2 else 1)
+        return activation_budget(free, total, grads), free, "measured"
+
+    def _start_tracking(self, track: bool) -> None:
+        if self.rank != 0 or not track:
+            return
+        self.tracker = MLflowTracker(f"stage{self.stage_n}", self.out, run_id=self.state.mlflow_run_id,
+                                     tags={"unitoken.stage": str(self.stage_n), "unitoken.recipe": self.recipe.name})
+        self.checkpoints.tracker = self.tracker
+        if self.state.mlflow_run_id is None:  # a resumed run has its params already
+            _log_stage_start(self)
+
+    # ----------------------------------------------------------------------- the loop
+
+    def train(self) -> StageResult:
+        """Run the remaining steps, then write ``out/handoff``."""
+        metrics_path = self.out / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.state.step)
+        start = time.perf_counter()
+        try:
+            losses = self._loop(metrics_path)
+        except Stopped as stop:
+            self.tracker.set_tags({"unitoken.stopped_at_step": str(stop.step)})
+            self.tracker.close("KILLED")  # reopened by the resumed run
+            raise
+        seconds = time.perf_counter() - start
+        handoff = self._hand_off(metrics_path, losses, seconds)
+        return StageResult(self.stage_n, self.stage.max_steps, handoff, losses, self.tracker.run_id, seconds)
+
+    def _loop(self, metrics_path: Path) -> list[float]:
+        """draw -> cut into micro-batches -> forward/backward each -> step -> log -> checkpoint."""
+        losses = read_losses(metrics_path)
+        self._cursor = self.state.draws  # the prefetch thread's position in the data stream
+        self.engine.train()
+        self._engine_norms = False  # whether the engine reports the gradient norm (learnt at the first step)
+        remaining = self.stage.max_steps - self.state.step
+        with _progress(self.show_progress and self.rank == 0) as bar, open(metrics_path, "a") as metrics_file, \
+                _sigterm_flag() as sigterm, Prefetch(self._draw, remaining, depth=self.cfg.prefetch) as prefetch, \
+                self.checkpoints.draining():
+            task = bar.add_task("train", total=self.stage.max_steps, completed=self.state.step, stage=self.stage_n,
+                                loss=float("nan"), tps=0)
+            for step in range(self.state.step + 1, self.stage.max_steps + 1):
+                t0 = time.perf_counter()
+                drawn = prefetch.get()
+                row = self.train_step(drawn, step, t0)
+                self.state.step, self.state.draws, self.state.sampler = step, drawn.draws, drawn.sampler_state
+                losses.append(row["loss"])
+                self._record(row, drawn, metrics_file)
+                bar.update(task, completed=step, loss=row["loss"], tps=row["tokens_per_s"])
+                last = step == self.stage.max_steps
+                if parallel.any_rank(sigterm["set"]) and not last:  # the last step writes the hand-off anyway
+                    raise Stopped(self.stage_n, step, self.checkpoints.save(self._client_state(), wait=True))
+                if step % self.cfg.save_every == 0 and not last:
+                    self.checkpoints.save(self._client_state())
+                else:
+                    self.checkpoints.publish_if_written()
+            self.checkpoints.publish()
+        return losses
+
+    def _client_state(self) -> dict:
+        self.state.mlflow_run_id = self.tracker.run_id
+        return self.state.capture(self.device)
+
+    def _draw(self) -> Drawn:
+        """The next step's micro-batches, collated on the CPU (runs on the prefetch thread)."""
+        cfg, stage = self.cfg, self.stage
+        samples, self._cursor = draw_batch(self.dataset, self.sampler, stage.batch_size, self.rank, self.world,
+                                           self._cursor, cfg.seed, cfg.cfg_dropout)
+        micro = []
+        for group in split_micro_batches(samples, self.plan.micro_batch_tokens, cfg.packing, cfg.attention,
+                                         stage.max_seq_len):
+            batch = collate(group, stage, cfg.packing, self.model.tokens.pad, "cpu", cfg.loss_reduction, cfg.attention)
+            counts = count_batch(group, batch)
+            micro.append(MicroBatch(group, pin(batch) if self.device.type == "cuda" else batch, counts))
+        return Drawn(micro, self._cursor, self.sampler.state_dict(), self.flops.of(samples))
+
+    def train_step(self, drawn: Drawn, step: int, t0: float) -> dict:
+        """One optimizer step over the micro-batches of ``drawn``; the step's metrics row.
+
+        Each micro-batch's loss is its part of the global batch's (normalised by the whole step's
+        counts on all ranks); DeepSpeed accumulates their gradients and steps once at the end.
+        The only host syncs are one all-reduce of the counts and one of the step's values.
+
+        Raises:
+            FloatingPointError: the loss is not finite (before the weights change).
+        """
+        total = global_batch_counts(drawn.counts)
+        parts = []
+        last = len(drawn.micro) - 1
+        for i, mb in enumerate(drawn.micro):
+            self.engine.set_gradient_accumulation_boundary(i == last)
+            batch = to_device(mb.batch, self.device, non_blocking=True)
+            out = self.engine(**as_part_of_global_batch(batch, mb.counts, total, self.cfg.loss_reduction))
             # DeepSpeed averages the ranks' gradients; the global batch's is their sum
-            engine.backward(loss * grad_divisor)
-            # ZeRO computes the global norm inside step() (clipping): read before it, it is the
-            # previous step's (every GPU run before this fix logged 0.0 at step 1 and after each
-            # resume). Without ZeRO the engine reports none: the norm of the local grads, pre-step.
-            own_norm = _grad_norm(model) if not engine_norms else None
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-            engine.step()
-            reported = engine.get_global_grad_norm()
-            engine_norms = reported is not None
-            grad_norm = reported if engine_norms else own_norm if own_norm is not None else _grad_norm(model)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            tokens = total.tokens
-            # the global batch's values, the same on every rank
-            loss_sum, ce_sum, z_sum = parallel.sum_over_ranks([loss.item(), out["ce"].item(), out["z_loss"].item()])
-            row = {"step": step + 1, "loss": round(loss_sum, 6), "ce": round(ce_sum, 6),
-                   "z_loss": round(z_sum, 4), "lr": lrs.get("rest", next(iter(lrs.values()))),
-                   "grad_norm": round(float(grad_norm), 6), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-                   "step_s": round(dt, 4)}
-            if "vision" in lrs:
-                row["vision_lr"] = lrs["vision"]
-            if device.type == "cuda":
-                row["mfu"] = round(flops_per_token * tokens / dt / (H200_PEAK_BF16 * world), 4)
-            losses.append(row["loss"])
-            if rank == 0:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                if (step + 1) % train.log_every == 0 or step + 1 == stage.max_steps:
-                    mix = {f"data_drawn_{k}": v for k, v in drawn.sampler_state["drawn"].items()}
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | mix, step=step + 1)
-            bar.update(task, completed=step + 1, loss=row["loss"], tps=row["tokens_per_s"])
-            last = step + 1 == stage.max_steps
-            stop = parallel.any_rank(sigterm["set"]) and not last  # the last step writes the hand-off anyway
-            if stop:
-                raise Stopped(stage_n, step + 1, save(step + 1, wait=True))
-            if (step + 1) % train.save_every == 0 and not last:
-                save(step + 1)
-            elif writer is not None and pending and written():
-                publish()
-        publish()
-    return losses
+            self.engine.backward(out["loss"] * self.grad_divisor)
+            parts.append(torch.stack([out[k].detach().float() for k in ("loss", "ce", "z_loss")]))
+        values = torch.stack(parts).sum(0).tolist() + [drawn.flops]
+        loss, ce, z, flops = parallel.sum_over_ranks(values)  # the global batch's, the same on every rank
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"stage {self.stage_n}: non-finite loss ({loss}) at step {step}")
+        grad_norm, lrs = self._optimizer_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": round(loss, 6), "ce": round(ce, 6), "z_loss": round(z, 4),
+               "lr": lrs.get("rest", next(iter(lrs.values()))), "grad_norm": round(float(grad_norm), 6),
+               "tokens": total.tokens, "tokens_per_s": round(total.tokens / dt, 1), "step_s": round(dt, 4),
+               "micro_batches": len(drawn.micro)}
+        if "vision" in lrs:
+            row["vision_lr"] = lrs["vision"]
+        if self.device.type == "cuda":
+            row["mfu"] = round(flops / dt / (H100_H200_PEAK_BF16 * self.world), 4)
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 2)
+        return row
+
+    def _optimizer_step(self) -> tuple[float, dict[str, float]]:
+        """engine.step(); (the step's gradient norm, the learning rates it used)."""
+        # ZeRO computes the global norm inside step() (clipping): read before it, it is the
+        # previous step's (every GPU run before this fix logged 0.0 at step 1 and after each
+        # resume). Without ZeRO the engine reports none: the norm of the local grads, pre-step.
+        own_norm = _grad_norm(self.model) if not self._engine_norms else None
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}
+        self.engine.step()
+        reported = self.engine.get_global_grad_norm()
+        self._engine_norms = reported is not None
+        norm = reported if self._engine_norms else own_norm if own_norm is not None else _grad_norm(self.model)
+        return float(norm), lrs
+
+    def _record(self, row: dict, drawn: Drawn, metrics_file) -> None:
+        if self.rank != 0:
+            return
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if row["step"] % self.cfg.log_every == 0 or row["step"] == self.stage.max_steps:
+            mix = {f"data_drawn_{k}": v for k, v in drawn.sampler_state["drawn"].items()}
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | mix, step=row["step"])
+
+    # ----------------------------------------------------------------------- the hand-off
+
+    def _hand_off(self, metrics_path: Path, losses: list[float], seconds: float) -> Path:
+        """Write ``out/handoff`` (rank 0) from the full fp32 weights; frozen weights are re-read
+        from the file the stage started from (exact values, no copy held during training)."""
+        frozen_start = _read_tensors(self.init / "model.safetensors", self.frozen_names)
+        changed = parallel.check_frozen(self.engine, frozen_start)
+        if changed:  # e.g. stage 1 must leave the LLM bit-identical
+            raise RuntimeError(f"stage {self.stage_n}: frozen weights changed during training ({changed[:3]}); "
+                               "hand-off refused")
+        state = parallel.full_state_dict(self.engine, self.trainable_names, frozen_start)
+        handoff = self.out / "handoff"
+        if self.rank == 0:
+            save_model(self.model, self.tokenizer, handoff, state=state, recipe=self.recipe.name)
+            doc = ckpt.write_handoff(handoff, self._handoff_info(), state,
+                                     [n for n, p in self.model.named_parameters() if p.requires_grad])
+            curve = plot_losses(metrics_path, self.out / "loss.png", f"stage {self.stage_n} ({self.recipe.name})")
+            t = self.tracker
+            t.log_metrics({f"{self.device.type}_hours": seconds * self.world / 3600,
+                           "final_loss": losses[-1] if losses else float("nan")}, step=self.stage.max_steps)
+            t.set_tags({"unitoken.handoff_uri": handoff.resolve().as_uri(),
+                        "unitoken.handoff_sha256": ckpt.handoff_digest(handoff),
+                        "unitoken.trainable_digest": doc["trainable_digest"], "unitoken.frozen_digest": doc["frozen_digest"]})
+            t.log_artifact(handoff / ckpt.HANDOFF, "handoff")
+            t.log_artifact(curve)
+            t.log_artifact(metrics_path)
+            t.close("FINISHED")
+        parallel.barrier()
+        return handoff
+
+    def _handoff_info(self) -> dict:
+        recipe = self.recipe
+        return {"stage": self.stage_n, "step": self.stage.max_steps, "recipe": recipe.name,
+                "model_config_hash": config_hash(recipe.model), "recipe_hash": config_hash(recipe),
+                "data_dir": str(self.data.resolve()), "data_digest": self.data_digest,
+                "parent": str(self.init.resolve()), "parent_stage": self.parent.get("stage", 0),
+                "parent_digest": self.parent_digest, "mlflow_run_id": self.tracker.run_id,
+                "trainable": list(self.stage.trainable), "manifest_sha256": self.index_doc.get("manifest_sha256"),
+                "validation_report_sha256": self.index_doc.get("validation_report_sha256"),
+                "ancestors": ckpt.ancestry(self.init)}
+
+
+def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
+         max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> StageResult:
+    """Run one stage end to end and write ``out/handoff``."""
+    return Trainer(stage_n, recipe, data, out, init, resume, max_steps, track, show_progress).train()
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 @contextmanager
-def _draining(writer) -> Iterator[None]:
-    """No checkpoint write outlives the loop, whichever way it ends (a failed loop publishes nothing)."""
+def _sigterm_flag() -> Iterator[dict]:
+    """{"set": bool}, True once SIGTERM arrived (the default handler would lose the steps since
+    the last periodic checkpoint). Outside the main thread nothing is installed."""
+    flag = {"set": False}
+
+    def handler(signum, frame) -> None:
+        flag["set"] = True
+        log.warning("SIGTERM: stopping after this step with a checkpoint")
+
     try:
-        yield
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
     finally:
-        if writer is not None:
-            writer.drain()
+        signal.signal(signal.SIGTERM, old)
 
 
-@contextmanager
-def _closing(prefetch: Prefetch) -> Iterator[Prefetch]:
-    try:
-        yield prefetch
-    finally:
-        prefetch.close()
+def _progress(show: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                    TimeRemainingColumn(), disable=not show, transient=False)
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
@@ -600,7 +593,8 @@ def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: f.get_tensor(n) for n in names}
 
 
-def _read_losses(path: Path) -> list[float]:
+def read_losses(path: Path) -> list[float]:
+    """The per-step losses of a stage's ``metrics.jsonl`` (empty if there is none)."""
     if not path.is_file():
         return []
     return [json.loads(x)["loss"] for x in path.read_text().splitlines() if x.strip()]
@@ -614,8 +608,9 @@ def _truncate_metrics(path: Path, keep_steps: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-def _log_stage_start(tracker, recipe, stage_n, stage, ds_cfg, out, init, parent_digest, data, data_digest, dataset,
-                     counts, world, device) -> None:
+def _log_stage_start(trainer: Trainer) -> None:
+    """Params (the resolved recipe flattened, the memory plan), the configs and the data set."""
+    t, recipe, stage_n, out = trainer.tracker, trainer.recipe, trainer.stage_n, trainer.out
     flat = {}
 
     def walk(prefix, node):
@@ -626,20 +621,22 @@ def _log_stage_start(tracker, recipe, stage_n, stage, ds_cfg, out, init, parent_
                 flat[f"{prefix}{k}"] = v
 
     walk("", {"model": to_dict(recipe.model), "train": to_dict(recipe.train)})
-    flat.update({"stage": stage_n, "recipe": recipe.name, "init": str(init), "init_digest": parent_digest,
-                 "data": str(data), "world_size": world, "device": device.type,
-                 "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
-                 **{f"stage.{k}": v for k, v in flat.items() if k.startswith(f"train.stage{stage_n}.")}})
-    tracker.log_params(flat)
-    (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2))
+    flat.update({"stage": stage_n, "recipe": recipe.name, "init": str(trainer.init), "init_digest": trainer.parent_digest,
+                 "data": str(trainer.data), "world_size": trainer.world, "device": trainer.device.type,
+                 "trainable_parameters": trainer.param_counts["trainable"],
+                 "frozen_parameters": trainer.param_counts["frozen"],
+                 **{f"stage.{k}": v for k, v in flat.items() if k.startswith(f"train.stage{stage_n}.")},
+                 **trainer.plan.as_params()})
+    t.log_params(flat)
+    (out / "deepspeed.json").write_text(json.dumps(trainer.ds_config, indent=2))
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
-    tracker.log_artifact(out / "deepspeed.json")
-    tracker.log_artifact(out / "recipe.json")
-    index = json.loads((Path(data) / "index.json").read_text())
+    t.log_artifact(out / "deepspeed.json")
+    t.log_artifact(out / "recipe.json")
+    index = trainer.index_doc
     rows = [{"shard": s["name"], "records": s["records"], "images": s["images"]} for s in index["shards"]]
-    tracker.log_dataset(f"pretokenized:{Path(data).name}", data_digest[:16], str(Path(data).resolve()), rows)
-    tracker.set_tags({"unitoken.data_digest": data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],
-                      "unitoken.train_records": str(len(dataset))})
+    t.log_dataset(f"pretokenized:{trainer.data.name}", trainer.data_digest[:16], str(trainer.data.resolve()), rows)
+    t.set_tags({"unitoken.data_digest": trainer.data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],
+                "unitoken.train_records": str(len(trainer.dataset))})
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str) -> Path:

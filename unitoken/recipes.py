@@ -68,7 +68,9 @@ def paper_stages(batch_size: int, max_steps: tuple[int, int, int]) -> TrainConfi
 def unitoken_7b() -> Recipe:
     # 2.5M captions / 20M pairs / 523K samples at batch 128, one epoch each.
     vq = VQConfig(num_codes=8192, embed_dim=256, latent_channels=256, base_channels=128,
-                  channel_multiplier=(1, 1, 2, 2, 4), resolution=512, num_res_blocks=2)
+                  channel_multiplier=(1, 1, 2, 2, 4), resolution=512, num_res_blocks=2,
+                  # bf16 at pre-tokenisation and inference alike: ~4x fp32 on the GPU (docs/performance.md)
+                  encode_dtype="bfloat16")
     model = ModelConfig(
         llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                       num_kv_heads=32, vocab_size=65536, max_position_embeddings=4096),

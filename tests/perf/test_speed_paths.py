@@ -145,18 +145,6 @@ def test_varlen_trains_with_residual_dropout():
     assert torch.isfinite(loss)
 
 
-def test_checkpoint_layers_follow_the_memory_budget():
-    """Fewer checkpointed layers with more memory; none when everything fits, all when nothing does."""
-    from unitoken.train.train import ACT_BYTES_PER_TOKEN_HIDDEN, checkpoint_layers_for_budget
-
-    per_layer = ACT_BYTES_PER_TOKEN_HIDDEN * 4096 * 16384
-    assert checkpoint_layers_for_budget(32, 4096, 16384, 40 * per_layer) == 0
-    assert checkpoint_layers_for_budget(32, 4096, 16384, 0) == 32
-    few = checkpoint_layers_for_budget(32, 4096, 16384, 20 * per_layer)
-    more = checkpoint_layers_for_budget(32, 4096, 16384, 10 * per_layer)
-    assert 0 < few < more < 32
-
-
 def test_varlen_collate_packs_one_unpadded_row():
     """With varlen attention the training collate puts every sample in one row, nothing padded."""
     from types import SimpleNamespace

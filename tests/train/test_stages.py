@@ -116,8 +116,9 @@ def test_mlflow_has_params_metrics_inputs_and_digest(stack, work):
 @pytest.mark.faults
 def test_sigkill_then_resume_matches_uninterrupted_run(stack, work):
     """Kill stage 2 mid-run (after a checkpoint), resume: same losses per step and same final weights."""
+    # micro-batches of one packed row with accumulation, and one kept checkpoint: resume stays exact
     args = ["train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--init", "s1/handoff", "--max-steps", "30",
-            "--no-track"]
+            "--no-track", "--set", "train.micro_batch_tokens=512", "--set", "train.keep_checkpoints=1"]
     unitoken(stack, *args, "--out", "ref")
     out = work / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "unitoken.cli", *args, "--out", "killed"], cwd=work, env=_env(stack),
@@ -134,6 +135,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stack, work):
     a = load_file(str(work / "ref" / "handoff" / "model.safetensors"))
     b = load_file(str(out / "handoff" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert max(r["micro_batches"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())) >= 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000020"]
 
 
 def test_resume_never_refuses_existing_checkpoints(stack, work):

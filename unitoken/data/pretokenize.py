@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,12 +54,26 @@ def _tiles_uint8(tiles: torch.Tensor) -> torch.Tensor:
     return ((tiles + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _encode(vq, pixels: list[torch.Tensor], batch_size: int, device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        batch = torch.stack(pixels[i : i + batch_size]).to(device)
-        # in the model's encode_dtype, exactly as evaluation, chat and serving encode (vq.encode)
+def _encode_as_decoded(vq, loaded: Iterator, batch_size: int, device: torch.device, keep: list) -> torch.Tensor:
+    """VQ-encode images batch by batch as the decoding threads deliver them, so that decoding the
+    next images overlaps encoding these (and only a batch of float pixels is held at a time).
+    ``loaded`` yields ``load_image`` results in order; each is appended to ``keep`` without its
+    pixels. Codes are computed in the model's encode_dtype, exactly as evaluation, chat and
+    serving encode (``vq.encode``)."""
+    out, pending = [], []
+
+    def flush() -> None:
+        batch = torch.stack(pending).to(device, non_blocking=True)
         out.append(vq.encode(batch).to(torch.int32).cpu())
+        pending.clear()
+
+    for pixels, *rest in loaded:
+        pending.append(pixels)
+        keep.append((None, *rest))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
     return torch.cat(out) if out else torch.zeros((0,), dtype=torch.int32)
 
 
@@ -84,11 +99,12 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
             distinct.setdefault(rel, len(distinct))
     # Decoding and resizing is the CPU side of a worker (~13 ms an image at 512/384 px on one
     # core, slower than the GPU's encode): on ``threads`` threads (PIL and torch release the GIL),
-    # in order, so the bytes do not depend on the thread count.
+    # in order, so the bytes do not depend on the thread count, and encoded batch by batch while
+    # the threads decode the next images.
     paths = [resolve_image(rel, root) for rel in distinct]
+    loaded: list = []
     with ThreadPoolExecutor(threads) as pool:
-        loaded = list(pool.map(lambda p: load_image(p, cfg), paths))
-    pixels = [x[0] for x in loaded]
+        codes = _encode_as_decoded(model.vq, pool.map(lambda p: load_image(p, cfg), paths), batch_size, device, loaded)
     slots, tiles, grids, sizes, image_offsets, tile_offsets = [], [], [], [], [0], [0]
     for rec in records:
         paths = rec.get("image", [])
@@ -102,7 +118,6 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
             tile_offsets.append(tile_offsets[-1] + t.shape[0])
         image_offsets.append(len(slots))
     s = cfg.vision.image_size
-    codes = _encode(model.vq, pixels, batch_size, device)
     return {
         "codes": codes[torch.tensor(slots, dtype=torch.long)].reshape(len(slots), cfg.vq.codes_per_side,
                                                                       cfg.vq.codes_per_side)

@@ -49,8 +49,12 @@ def varlen_metadata(position_ids: torch.Tensor) -> dict:
     cu = torch.cat([starts, total]).to(torch.int32)
     bounds = cu.tolist()  # one host sync per forward, not one per layer
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
-            "seq_bounds": bounds}
+    meta = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    if not (flat.is_cuda and _varlen_attn is not None and BACKEND == "auto"):
+        # the per-sample loop's spans, as Python ints; not passed to the CUDA kernel: a compiled
+        # layer would guard on the list and recompile for every micro-batch's sample count
+        meta["seq_bounds"] = bounds
+    return meta
 
 
 def _per_sample_sdpa(q, k, v, bounds, scale):

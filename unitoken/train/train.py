@@ -352,6 +352,7 @@ class Trainer:
                                source=source, free_bytes=free)
         if self.rank == 0:
             log.warning("stage %d memory plan: %s", self.stage_n, plan.describe(layers))
+            (self.out / "memory_plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=1) + "\n")
         return plan
 
     def _activation_budget(self) -> tuple[float | None, float | None, str]:

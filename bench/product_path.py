@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=600)
     ap.add_argument("--steps", type=int, default=10, help="steps of the timed stage-2 loop")
     ap.add_argument("--save-every", type=int, default=2)
+    ap.add_argument("--blocking-saves", action="store_true",
+                    help="also time saves with train.async_checkpoint=false (DeepSpeed's torch.save)")
     ap.add_argument("--compare-zero", type=int, nargs="*", default=[],
                     help="also time the loop with these train.zero_stage values")
     ap.add_argument("--device", default="cuda")
@@ -158,9 +160,15 @@ def main() -> None:
         params = {n: parameters(m) for n, m in models.items()}
         status.update("pretokenize (timed)")
         seconds = sh(*U, "data", "pretokenize", manifest, "--model", models[min(models)], "--out", w / "p",
-                     "--device", args.device, log=log)
-        doc["pretokenize"] = {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
+                     "--device", args.device, "--summary-json", w / "pretokenize.json", log=log)
+        inner = json.loads((w / "pretokenize.json").read_text())
+        # the command's own rate (distinct images decoded + encoded per second of its shard loop)
+        # and the wall time with start-up (Python, model load, CUDA init: ~30 s at 7B shapes)
+        doc["pretokenize"] = {"images": images, "seconds": round(seconds, 2), "wall_images_per_s": round(images / seconds, 1),
+                              "images_per_s": inner["images_per_s"], "loop_seconds": inner["seconds"],
+                              "distinct_images": inner["distinct_images"],
                               "source": "JPEG, 0.6x/1x/2.5x the VQ resolution, aspect 3:4 to 4:3"}
+        (out / "product_path.json").write_text(json.dumps(doc, indent=1))
         for n, m in models.items():  # stage 2 starts from a stage-1 hand-off: one step at the defaults makes one
             status.update(f"stage 1 hand-off, {n} layers")
             sh(*U, "train", "--stage", 1, "--recipe", args.recipe, "--data", w / "p", "--out", w / f"s1_{n}", "--init", m,
@@ -169,10 +177,11 @@ def main() -> None:
             shutil.rmtree(m)  # the disk holds a few 7B-shape copies at most (64 GiB on the GPU machine)
         # the loop at the recipe's defaults (only layers and steps given), then ZeRO variants, then saves
         runs = {"loop": (args.layers, args.steps, []),
-                f"loop_{args.ckpt_layers}_layers": (args.ckpt_layers, 3, []),
-                **{f"loop_zero{z}": (args.layers, args.steps, [f"train.zero_stage={z}"]) for z in args.compare_zero},
-                "ckpt_staged": (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=true"]),
-                "ckpt_blocking": (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=false"])}
+                # stage 2 at --ckpt-layers with periodic saves (the staged writer is the default)
+                "ckpt_staged": (args.ckpt_layers, 2 * args.save_every + 1, []),
+                **{f"loop_zero{z}": (args.layers, args.steps, [f"train.zero_stage={z}"]) for z in args.compare_zero}}
+        if args.blocking_saves:
+            runs["ckpt_blocking"] = (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=false"])
         for name, (n, steps, sets) in runs.items():
             status.update(f"stage 2: {name} ({n} layers, {steps} steps)")
             every = args.save_every if name.startswith("ckpt") else steps + 1
@@ -180,7 +189,8 @@ def main() -> None:
             sh(*U, "train", "--stage", 2, "--recipe", args.recipe, "--data", w / "p", "--out", w / name,
                "--init", w / f"s1_{n}" / "handoff", "--max-steps", steps, "--no-track", "--resume", "never",
                "--set", f"model.llm.num_layers={n}", *[x for s in sets for x in ("--set", s)], log=log)
-            doc[name] = save_numbers(w / name, params[n]) if name.startswith("ckpt") else loop_numbers(w / name)
+            doc[name] = {**save_numbers(w / name, params[n]), **loop_numbers(w / name)} if name.startswith("ckpt") \
+                else loop_numbers(w / name)
             (out / "product_path.json").write_text(json.dumps(doc, indent=1))  # what finished, if a limit cuts the rest
             shutil.rmtree(w / name / "handoff", ignore_errors=True)
             shutil.rmtree(w / name / "checkpoints", ignore_errors=True)
@@ -219,6 +229,8 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         out.append(("dynamo recompile-limit warnings in the log", "0", str(doc["recompile_limit_warnings"]),
                     "met" if doc["recompile_limit_warnings"] == 0 else "missed"))
     for name in ("ckpt_staged", "ckpt_blocking"):
+        if name not in doc:
+            continue
         c = doc[name]
         staged = name == "ckpt_staged"
         verdict = ("met" if c["max_blocking_s_7b_extrapolated"] <= TARGETS["blocking_s_7b"] else "missed") if staged else ""
@@ -227,7 +239,8 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{c['max_blocking_s']:.2f} s measured ({c['parameters']:,} params); "
                     f"{c['max_blocking_s_7b_extrapolated']} s extrapolated to 7B", verdict))
     out.append(("unitoken data pretokenize, mixed-size JPEGs", ">= 1,000 images/s",
-                f"{pre['images_per_s']:,.0f} images/s ({pre['images']} images, {pre['seconds']} s with start-up)",
+                f"{pre['images_per_s']:,.0f} images/s in its loop ({pre['distinct_images']} images, "
+                f"{pre['loop_seconds']} s); {pre['wall_images_per_s']:,.0f} with start-up ({pre['seconds']} s)",
                 "met" if pre["images_per_s"] >= TARGETS["pretokenize_images_per_s"] else "missed"))
     return out
 

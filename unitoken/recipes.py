@@ -116,8 +116,12 @@ def unitoken_7b_fast() -> Recipe:
     many layers as that needs. The paper's dropout 0.05 is residual dropout, so it goes with the
     varlen kernel (the speed measurements ran with dropout 0)."""
     base = unitoken_7b()
+    # ZeRO-2, not the paper's ZeRO-3: ZeRO-3 gathers parameters in hooks on every Linear, which
+    # break the compiled layers into pieces (dynamo hit its recompile limit in those hooks; 25k
+    # tokens/s, 29 % MFU on one H100, docs/performance.md). A 7B's ZeRO-2 state over 8 GPUs of one
+    # node is ~38 GB a GPU, which leaves the rest of an 80 GB card to the memory plan.
     train = dataclasses.replace(base.train, attention="varlen", ce_chunk=4096, packing=True,
-                                activation_checkpointing=True, compile=True)
+                                activation_checkpointing=True, compile=True, zero_stage=2)
     return dataclasses.replace(base, name="unitoken-7b-fast", train=train,
                                description="unitoken-7b with varlen packing, chunked CE and compiled layers")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from rich.table import Table
@@ -37,6 +39,7 @@ def register(sub) -> None:
     pre.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     pre.add_argument("--batch-size", type=int, default=64, help="images per VQ forward pass")
     pre.add_argument("--device", default="auto")
+    pre.add_argument("--summary-json", type=Path, help="also write the summary (counts, seconds, images/s) here")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -91,4 +94,6 @@ def cmd_data_pretokenize(args) -> int:
         table.add_column(key.replace("_", " "), justify="right")
     table.add_row(*[str(v) for v in summary.values()])
     console.print(table)
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
     return 0

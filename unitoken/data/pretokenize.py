@@ -88,7 +88,8 @@ def load_image(path: Path, cfg) -> tuple[torch.Tensor, torch.Tensor, tuple[int, 
 
 
 def _build_shard(records: list[dict], root: Path, model, batch_size: int, device: torch.device,
-                 threads: int = 1) -> dict:
+                 threads: int = 1) -> tuple[int, dict]:
+    """(distinct images decoded and encoded, the shard's tensors)."""
     cfg = model.config
     # Records of one scene share its image (caption, questions, prompt, dialogue): each distinct
     # path is decoded, resized and VQ-encoded once per shard, then stored for every record.
@@ -118,7 +119,7 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
             tile_offsets.append(tile_offsets[-1] + t.shape[0])
         image_offsets.append(len(slots))
     s = cfg.vision.image_size
-    return {
+    return len(distinct), {
         "codes": codes[torch.tensor(slots, dtype=torch.long)].reshape(len(slots), cfg.vq.codes_per_side,
                                                                       cfg.vq.codes_per_side)
         if slots else codes.reshape(0, cfg.vq.codes_per_side, cfg.vq.codes_per_side),
@@ -155,9 +156,10 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     the bytes do not depend on it.
 
     Returns:
-        summary {"records", "images", "shards", "skipped_shards", "encoded_images", "seconds",
-        "images_per_s", "first_shard", "last_shard", "fetched_images"}; "records"/"images" count
-        this worker's shards.
+        summary {"records", "images", "shards", "skipped_shards", "encoded_images", "distinct_images",
+        "seconds", "images_per_s", "first_shard", "last_shard", "fetched_images"}; "records"/"images"
+        count this worker's shards, "encoded_images" the images stored (one per record that shows
+        it), "distinct_images" those decoded and VQ-encoded, which "images_per_s" is the rate of.
 
     Raises:
         ValueError: ``out`` holds a run with a different manifest, model or shard size.
@@ -198,7 +200,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     for stale in (out / "shards").glob(".tmp-*"):  # left by a killed run: never a shard
         shutil.rmtree(stale)
 
-    done_images, skipped, fetched, start = 0, 0, 0, time.perf_counter()
+    done_images, distinct, skipped, fetched, start = 0, 0, 0, 0, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unitoken-images-") as spool:
         for s in range(first, last):
             final = out / "shards" / f"shard_{s:05d}"
@@ -211,7 +213,8 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
                     fetched += fetch_images(location, _image_paths(chunk), root, client=s3_client)
                 else:
                     root = Path(location)
-                tensors = _build_shard(chunk, root, model, batch_size, dev, threads)
+                decoded, tensors = _build_shard(chunk, root, model, batch_size, dev, threads)
+                distinct += decoded
                 if root != Path(location):
                     shutil.rmtree(root, ignore_errors=True)
                 tmp = out / "shards" / f".tmp-{s:05d}-{os.getpid()}"
@@ -227,8 +230,10 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
     if num_workers == 1:
         write_index(out)
     return {"records": sum(c[0] for c in counts), "images": sum(c[1] for c in counts), "shards": last - first,
-            "skipped_shards": skipped, "encoded_images": done_images, "seconds": round(seconds, 3),
-            "images_per_s": round(done_images / seconds, 1) if seconds > 0 and done_images else 0.0,
+            "skipped_shards": skipped, "encoded_images": done_images, "distinct_images": distinct,
+            "seconds": round(seconds, 3),
+            # the work done: each distinct image of a shard is decoded and encoded once
+            "images_per_s": round(distinct / seconds, 1) if seconds > 0 and distinct else 0.0,
             "first_shard": first, "last_shard": last, "fetched_images": fetched}
 
 

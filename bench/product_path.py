@@ -153,7 +153,7 @@ def main() -> None:
         sh(*U, "data", "synth", "--out", w / "d", "--n", args.scenes, "--size", resolution, log=log)
         manifest, images = as_mixed_jpegs(w / "d", w / "j", resolution)
         models = {}
-        for n in sorted({args.layers, args.ckpt_layers}):
+        for n in dict.fromkeys((args.layers, args.ckpt_layers)):
             status.update(f"model init, {n} layers")
             models[n] = w / f"m{n}"
             sh(*U, "model", "init", "--recipe", args.recipe, "--out", models[n], "--set", f"model.llm.num_layers={n}", log=log)
@@ -169,12 +169,6 @@ def main() -> None:
                               "distinct_images": inner["distinct_images"],
                               "source": "JPEG, 0.6x/1x/2.5x the VQ resolution, aspect 3:4 to 4:3"}
         (out / "product_path.json").write_text(json.dumps(doc, indent=1))
-        for n, m in models.items():  # stage 2 starts from a stage-1 hand-off: one step at the defaults makes one
-            status.update(f"stage 1 hand-off, {n} layers")
-            sh(*U, "train", "--stage", 1, "--recipe", args.recipe, "--data", w / "p", "--out", w / f"s1_{n}", "--init", m,
-               "--max-steps", 1, "--no-track", "--set", f"model.llm.num_layers={n}", log=log)
-            doc[f"stage1_{n}_layers"] = loop_numbers(w / f"s1_{n}")
-            shutil.rmtree(m)  # the disk holds a few 7B-shape copies at most (64 GiB on the GPU machine)
         # the loop at the recipe's defaults (only layers and steps given), then ZeRO variants, then saves
         runs = {"loop": (args.layers, args.steps, []),
                 # stage 2 at --ckpt-layers with periodic saves (the staged writer is the default)
@@ -183,6 +177,13 @@ def main() -> None:
         if args.blocking_saves:
             runs["ckpt_blocking"] = (args.ckpt_layers, 2 * args.save_every + 1, ["train.async_checkpoint=false"])
         for name, (n, steps, sets) in runs.items():
+            if models.get(n) is not None:  # stage 2 starts from a stage-1 hand-off: one step at the defaults
+                status.update(f"stage 1 hand-off, {n} layers")
+                sh(*U, "train", "--stage", 1, "--recipe", args.recipe, "--data", w / "p", "--out", w / f"s1_{n}",
+                   "--init", models[n], "--max-steps", 1, "--no-track", "--set", f"model.llm.num_layers={n}", log=log)
+                doc[f"stage1_{n}_layers"] = loop_numbers(w / f"s1_{n}")
+                shutil.rmtree(models[n])  # the disk holds a few 7B-shape copies at most (64 GiB on the GPU machine)
+                models[n] = None
             status.update(f"stage 2: {name} ({n} layers, {steps} steps)")
             every = args.save_every if name.startswith("ckpt") else steps + 1
             sets = sets + ([f"train.save_every={every}"] if name.startswith("ckpt") else [])

@@ -117,14 +117,20 @@ def main() -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
-    table = Table(title="targets vs measured (issue 8: benchmarks; issue 23: the product path, last)")
+    table = Table(title="targets vs measured (benchmarks; the product path, issue 32, last)")
     for c in ("what", "target", "measured", "verdict"):
         table.add_column(c)
     for row in headline(args.dir):
         table.add_row(*row)
     product = _load(args.dir, "product_path.json")
     if product:  # issue 23: the commands users run, beside the benchmarks above
+        from product_path import bench_tokens_per_s
         from product_path import rows as product_rows  # bench/ is the script's directory
+
+        bench = bench_tokens_per_s(args.dir)
+        loop = product.get("loop", {})
+        if bench and "median_tokens_per_s" in loop and "vs_bench" not in loop:  # a run cut off before its end
+            loop.update(bench_tokens_per_s=bench, vs_bench=round(loop["median_tokens_per_s"] / bench, 3))
 
         table.add_section()
         for row in product_rows(product):

@@ -115,12 +115,32 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
+class Unreachable(ConnectionError):
+    """The Kubeflow Pipelines API did not answer."""
+
+
 def _client(host: str, client=None):
+    """A KFP client for ``host`` (its constructor calls the API's healthz).
+
+    Raises:
+        Unreachable: nothing answers at ``host``, in one line naming it and the fix (urllib3's
+            retry warnings and the MaxRetryError traceback are not shown).
+    """
     if client is not None:
         return client
-    import kfp
+    import logging
 
-    return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+    import kfp
+    import urllib3
+
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one warning per retry otherwise
+    try:
+        return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise Unreachable(f"the Kubeflow Pipelines API at {host} does not answer ({type(reason).__name__}); "
+                          "fix: check --host (e.g. `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80` "
+                          "and --host http://127.0.0.1:8080)") from None
 
 
 def submit(host: str, package: Path, params: dict, experiment: str = "unitoken", run_name: str | None = None,

@@ -265,8 +265,23 @@ def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dic
     # What MLflow's own register_model writes: the model page lists its versions; the note is its description.
     client.set_logged_model_tags(lm.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(mv.version)}]),
                                                "mlflow.note.content": mv.description})
-    client.set_registered_model_alias(name, "challenger", mv.version)
+    _register_challenger(client, name, str(mv.version))
     return mv
+
+
+def _register_challenger(client, name: str, version: str, attempts: int = 3) -> dict:
+    """Move ``challenger`` to a new version as a recorded move (action "register"), by the same
+    claim -> move -> record as ``promote``; a registration racing another retries on fresh state."""
+    for attempt in range(attempts):
+        ledger = _ledger(client, name)
+        seq = _settle(client, name, "challenger", ledger)
+        current = _holder(client, name, "challenger")
+        try:
+            return _move(client, name, "challenger", version, current, "register", "registered", ledger, seq)
+        except ConflictError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _mlflow_model(lm, run_id: str):
@@ -644,9 +659,16 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
             reason: str = "", action: str = "promote") -> dict:
     """Move ``alias`` to ``version`` if (and only if) it is where the caller expects.
 
-    ``expect_current``: None skips the check; ``"none"`` requires the alias to be unset.
-    Steps: settle earlier claims -> verify the version -> claim move n on the ledger (the CAS) ->
-    move the alias -> record move n. A kill between any two leaves a state the next call settles.
+    ``expect_current``: the version the caller expects the alias at (``"none"``: unset); None
+    compare-and-swaps against the holder read just before the move (``checked`` in the result
+    says which). A move to the version the alias already holds moves nothing and records
+    nothing (``action`` "none"). Steps: settle earlier claims -> verify the version -> claim move
+    n on the ledger (the CAS) -> move the alias -> record move n. A kill between any two leaves a
+    state the next call settles.
+
+    Raises:
+        ConflictError: the alias is not where ``expect_current`` says, or another promotion won.
+        RegistryError: the version does not verify against its passport.
     """
     client = _client()
     version = str(version)
@@ -654,12 +676,13 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
     ledger = _ledger(client, name)
     seq = _settle(client, name, alias, ledger)
     current = _holder(client, name, alias)
-    if current == version and expect_current is None:  # e.g. the re-run of a promotion a kill interrupted
-        return {"seq": seq - 1, "action": "none", "alias": alias, "from": current, "to": version,
-                "note": f"{name}@{alias} already holds version {version}; nothing moved"}
     if expect_current is not None and str(expect_current).lower() != str(current).lower():
         raise ConflictError(f"alias {alias!r} of {name} is held by version {current}, not {expect_current}; "
                             "re-read it (unitoken registry history) and retry")
+    checked = "--expect-current" if expect_current is not None else "the holder read before the move"
+    if current == version:  # e.g. the re-run of a promotion a kill interrupted, or a repeated command
+        return {"seq": None, "action": "none", "alias": alias, "from": current, "to": version, "checked": checked,
+                "note": f"{name}@{alias} already holds version {version}; nothing moved, nothing recorded"}
     paths = fetch(mv, client)
     try:
         problems = verify_version(mv, paths, client)
@@ -667,6 +690,13 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
         shutil.rmtree(paths["root"], ignore_errors=True)
     if problems:
         raise RegistryError(f"refusing to promote {name} v{version}: {problems[0]}")
+    return {**_move(client, name, alias, version, current, action, reason, ledger, seq), "checked": checked}
+
+
+def _move(client, name: str, alias: str, version: str, current: str | None, action: str, reason: str,
+          ledger: str, seq: int) -> dict:
+    """Claim move ``seq`` on the ledger (the compare-and-swap against ``current``), move the alias,
+    record the move; the recorded entry."""
     entry = {"seq": seq, "action": action, "alias": alias, "from": current, "to": version,
              "who": os.environ.get("UNITOKEN_ACTOR") or getpass.getuser(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason[:1000],
@@ -681,7 +711,7 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
             _record(client, name, alias, {**entry, "status": "abandoned",
                                           "note": "the alias moved during the promotion"})
             raise ConflictError(f"alias {alias!r} of {name} changed during the promotion")
-        client.set_registered_model_alias(name, alias, mv.version)
+        client.set_registered_model_alias(name, alias, version)
         if seq in _records(client, name, alias):  # settled by another promoter while this one stalled
             raise ConflictError(f"promotion #{seq} of {name}@{alias} took longer than the lease and was settled by "
                                 "another promotion; read `unitoken registry history` before retrying")
@@ -690,12 +720,22 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
 
 
 def rollback(name: str, alias: str = "champion", reason: str = "rollback") -> dict:
+    """Move ``alias`` back to the version it held before its last move.
+
+    Raises:
+        RegistryError: the model has no such alias, or no earlier holder was recorded.
+    """
     client = _client()
-    moves = history(name, alias, client)
     current = _holder(client, name, alias)
+    if current is None:
+        aliases = sorted(client.get_registered_model(name).aliases)
+        raise RegistryError(f"{name} has no alias {alias!r} (its aliases: {', '.join(aliases) or 'none'}); "
+                            f"nothing to roll back; fix: name one with --alias")
+    moves = history(name, alias, client)
     if not moves or moves[-1]["from"] is None:
-        raise RegistryError(f"{name}@{alias} has no previous holder to roll back to")
-    return promote(name, moves[-1]["from"], alias, expect_current=current or "none", reason=reason, action="rollback")
+        raise RegistryError(f"{name}@{alias} (version {current}) has no earlier holder; nothing to roll back to; "
+                            f"fix: move it with `unitoken registry promote {name} --version N --alias {alias}`")
+    return promote(name, moves[-1]["from"], alias, expect_current=current, reason=reason, action="rollback")
 
 
 # --------------------------------------------------------------------------- lineage

@@ -31,7 +31,10 @@ hand-offs) catch that, and ``unitoken lineage`` / every CLI ``models:/`` load ru
 
 **Bad input** (unknown task, empty prompt, an image that does not decode) raises an
 ``MlflowException`` naming the row: the scoring server answers that request with HTTP 400 and
-goes on serving.
+goes on serving. **Request limits** (``Limits``: prompt tokens, image pixels and bytes,
+``max_new_tokens``) are checked before any tensor is built, from the image's header and the
+prompt's length; a request over one is a 400 naming the row, the limit and the value. Their
+defaults come from the model's config and the model config of the MLflow model overrides them.
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ import binascii
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 TASKS = ("understand", "generate")
 PARAMS = {"cfg": 3.0, "top_k": 0, "temperature": 1.0, "text_temperature": 0.0, "seed": 0, "max_new_tokens": 64}
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096  # a 16-megapixel photo; the VQ and SigLIP inputs are far smaller
+MAX_NEW_TOKENS = 512
+CHARS_PER_TOKEN_BOUND = 16  # a prompt longer than this many characters per allowed token is refused untokenised
 BATCH = 16  # rows per forward batch within one request
 ENTRY = Path(__file__).with_name("serving_entry.py")
 
@@ -152,8 +159,59 @@ def package(dest: Path, handoff: Path, evidence: Path, passport_sha256: str, mlf
         path=str(dest), python_model=str(ENTRY), artifacts={"handoff": str(handoff), "evidence": str(evidence)},
         signature=signature(handoff), input_example=(input_example(size), defaults(handoff)),
         pip_requirements=requirements(),
-        model_config={"passport_sha256": passport_sha256}, metadata=metadata, mlflow_model=mlflow_model)
+        # the request limits are model config too: visible in the MLmodel, overridable at load
+        model_config={"passport_sha256": passport_sha256, **default_limits(handoff).__dict__}, metadata=metadata,
+        mlflow_model=mlflow_model)
     return dest
+
+
+# --------------------------------------------------------------------------- request limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request row may ask for, checked before any tensor is built. Defaults come from
+    the model's config (``default_limits``); each can be set as MLflow model config
+    (``mlflow.pyfunc.load_model(uri, model_config={"max_prompt_tokens": 512})``)."""
+
+    max_prompt_tokens: int  # the prompt's tokens (the model's context less an image and the answer)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height, read from the header before decoding
+    max_image_bytes: int = MAX_IMAGE_BYTES  # the decoded base64 payload
+    max_new_tokens: int = MAX_NEW_TOKENS  # the largest ``max_new_tokens`` param accepted
+
+    @classmethod
+    def from_config(cls, handoff: Path, overrides: dict | None = None) -> Limits:
+        base = default_limits(handoff)
+        fields = {f for f in cls.__dataclass_fields__}
+        given = {k: int(v) for k, v in (overrides or {}).items() if k in fields}
+        return cls(**{**base.__dict__, **given})
+
+
+def default_limits(handoff: Path) -> Limits:
+    """The limits of the model in ``handoff``: a prompt may take what the context
+    (``llm.max_position_embeddings``) leaves beside the largest input image, the longest answer
+    allowed and the conversation's markers."""
+    from unitoken.config import ModelConfig, from_dict
+    from unitoken.model.sequence import CONVERSATION_FRAME, image_block_len, max_input_image_tokens
+
+    cfg = from_dict(ModelConfig, json.loads((handoff / "config.json").read_text())["model"])
+    image = max(max_input_image_tokens(cfg), image_block_len(cfg, 0, as_output=True))
+    room = cfg.llm.max_position_embeddings - image - CONVERSATION_FRAME
+    new_tokens = min(MAX_NEW_TOKENS, room // 2)
+    return Limits(max_prompt_tokens=max(1, room - new_tokens), max_new_tokens=max(1, new_tokens))
+
+
+def check_prompts(rows: list[tuple[str, str, object]], tokenizer, limits: Limits) -> None:
+    """Refuse the first prompt over ``limits.max_prompt_tokens``, naming the row, the limit and the
+    count; a prompt too long to be within it at any tokenisation is refused without tokenising."""
+    for i, (_, prompt, _) in enumerate(rows):
+        if len(prompt) > CHARS_PER_TOKEN_BOUND * limits.max_prompt_tokens:
+            raise _bad(f"row {i}: prompt has {len(prompt):,} characters, more than max_prompt_tokens="
+                       f"{limits.max_prompt_tokens:,} tokens can hold; fix: shorten the prompt")
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n > limits.max_prompt_tokens:
+            raise _bad(f"row {i}: prompt has {n:,} tokens, more than max_prompt_tokens={limits.max_prompt_tokens:,}; "
+                       "fix: shorten the prompt")
 
 
 # --------------------------------------------------------------------------- the model
@@ -166,26 +224,37 @@ def _bad(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _decode_image(row: int, data) -> object:
+def _decode_image(row: int, data, limits: Limits | None = None) -> object:
+    """A row's base64 image -> PIL RGB; its bytes and its pixel count (from the header) are checked
+    against ``limits`` before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    max_bytes = limits.max_image_bytes if limits else MAX_IMAGE_BYTES
+    max_pixels = limits.max_image_pixels if limits else MAX_IMAGE_PIXELS
+    fix = "fix: send a smaller image (the model reads it at a few hundred pixels a side)"
     if not isinstance(data, str) or not data.strip():
         raise _bad(f"row {row}: task 'understand' needs an image (base64 PNG or JPEG in column 'image')")
-    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise _bad(f"row {row}: image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise _bad(f"row {row}: image has ~{len(data) * 3 // 4:,} bytes, more than max_image_bytes={max_bytes:,}; {fix}")
     try:
         raw = base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
+        with Image.open(io.BytesIO(raw)) as im:  # reads the header only
             if im.format not in ("PNG", "JPEG"):
                 raise _bad(f"row {row}: image is {im.format}, expected PNG or JPEG")
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _bad(f"row {row}: image is {w} x {h} = {w * h:,} pixels, more than max_image_pixels="
+                           f"{max_pixels:,}; {fix}")
             return im.convert("RGB")
     except (binascii.Error, ValueError) as err:
         raise _bad(f"row {row}: image is not valid base64 ({err})") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own guard, at twice its limit, came first
+        raise _bad(f"row {row}: image has more than max_image_pixels={max_pixels:,} pixels ({err}); {fix}") from None
+    except (UnidentifiedImageError, OSError) as err:
         raise _bad(f"row {row}: image does not decode as PNG or JPEG ({type(err).__name__}: {err})") from None
 
 
-def parse_rows(frame) -> list[tuple[str, str, object]]:
+def parse_rows(frame, limits: Limits | None = None) -> list[tuple[str, str, object]]:
     """Validate a request -> [(task, prompt, PIL image or None)]; the first bad row raises, naming it."""
     missing = [c for c in ("task", "prompt") if c not in frame.columns]
     if missing:
@@ -197,11 +266,14 @@ def parse_rows(frame) -> list[tuple[str, str, object]]:
             raise _bad(f"row {i}: unknown task {task!r}; expected one of {list(TASKS)}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise _bad(f"row {i}: empty prompt")
-        rows.append((task, prompt, _decode_image(i, rec.get("image")) if task == "understand" else None))
+        rows.append((task, prompt, _decode_image(i, rec.get("image"), limits) if task == "understand" else None))
     return rows
 
 
-def _params(params: dict | None) -> dict:
+def _params(params: dict | None, limits: Limits | None = None) -> dict:
+    """The request's params over the defaults. Unknown names are refused here; behind ``mlflow
+    models serve`` MLflow drops params its signature does not name before the model sees them
+    (logging a warning), so a misspelt param there takes its default."""
     p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
     unknown = sorted(set(p) - set(PARAMS))
     if unknown:
@@ -209,6 +281,10 @@ def _params(params: dict | None) -> dict:
     out = {k: type(PARAMS[k])(v) for k, v in p.items()}
     if out["max_new_tokens"] < 1 or out["top_k"] < 0 or out["temperature"] < 0 or out["text_temperature"] < 0:
         raise _bad("params: max_new_tokens must be >= 1, top_k, temperature and text_temperature >= 0")
+    cap = limits.max_new_tokens if limits else MAX_NEW_TOKENS
+    if out["max_new_tokens"] > cap:
+        raise _bad(f"params: max_new_tokens={out['max_new_tokens']:,} is more than the limit {cap:,}; "
+                   "fix: ask for fewer tokens")
     return out
 
 
@@ -239,13 +315,16 @@ class UniTokenModel(PythonModel):
                                + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
                                + "; it is not the model its passport describes. Re-download it, or register "
                                  "the hand-off again")
+        self.limits = Limits.from_config(handoff, context.model_config)
         self.model, tokenizer = load_model(handoff, device=_device())
         self.builder = SequenceBuilder(self.model.tokens, tokenizer, self.model.config)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from unitoken.model.generation import decode_images, generate_image_codes_batch, generate_text_batch
 
-        rows, p = parse_rows(model_input), _params(params)
+        p = _params(params, self.limits)
+        rows = parse_rows(model_input, self.limits)
+        check_prompts(rows, self.builder.tokenizer, self.limits)
         text, image = [""] * len(rows), [""] * len(rows)
         asks = [i for i, r in enumerate(rows) if r[0] == "understand"]
         draws = [i for i, r in enumerate(rows) if r[0] == "generate"]

@@ -119,3 +119,40 @@ def test_the_registry_lists_only_real_models_and_outside_moves_show_in_history(s
     ledgers = client.search_runs([client.get_experiment_by_name(registry.LEDGER_EXPERIMENT).experiment_id],
                                  f"tags.`unitoken.registered_model` = '{name}'")
     assert len(ledgers) == 1 and ledgers[0].data.params  # one ledger run, holding the claims
+
+
+def test_history_is_honest_about_register_no_ops_unchecked_promotes_and_missing_aliases(servers, registered,
+                                                                                        monkeypatch):
+    """`register` records its challenger moves (no "outside the CLI" rows); promoting to the holder
+    moves and records nothing; `promote` without --expect-current swaps against the holder it read
+    and says so; rolling back an alias that does not exist names the aliases there are; history
+    wraps its columns at 80 characters instead of cutting them, and shows "-" for an unset alias."""
+    from unitoken import registry
+
+    for k, v in _env(servers).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(servers["tmp"])
+    name = "honest"
+    v1, v2 = _two_versions(servers, name)
+    challenger = registry.history(name, "challenger")
+    assert [(m["action"], m["from"], m["to"]) for m in challenger] == [("register", None, v1), ("register", v1, v2)]
+
+    first = registry.promote(name, v1)
+    assert (first["action"], first["from"], first["to"]) == ("promote", None, v1)
+    assert first["checked"] == "the holder read before the move"
+    again = registry.promote(name, v1, expect_current=v1)
+    assert again["action"] == "none" and "nothing moved, nothing recorded" in again["note"]
+    out = run(servers, "registry", "promote", name, "--version", v2, "--reason", "a reason long enough to wrap " * 3,
+              inprocess=True).stdout
+    assert f"moved {v1} -> {v2} (compare-and-swap against {v1}: the holder read before the move)" in " ".join(out.split())
+    assert [(m["action"], m["from"], m["to"]) for m in registry.history(name)] == [("promote", None, v1),
+                                                                                 ("promote", v1, v2)]
+    back = registry.rollback(name)
+    assert (back["action"], back["from"], back["to"]) == ("rollback", v2, v1)
+
+    with pytest.raises(registry.RegistryError, match=r"honest has no alias 'staging' \(its aliases: challenger, champion\)"):
+        registry.rollback(name, alias="staging")
+    shown = run(servers, "registry", "history", name, inprocess=True).stdout  # rich's width off a terminal: 80
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    assert shown.count("wrap") == 3 and shown.count("enough") == 3  # the whole reason, wrapped, not cut
+    assert "None" not in shown and " - " in shown

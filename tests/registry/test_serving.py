@@ -127,6 +127,18 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
                              ([{"task": "understand", "prompt": "x", "image": "%%%"}], "image is not valid base64")):
             status, body = _post(port, {"dataframe_records": bad})
             assert status == 400 and message in body["message"], body
+        # request limits: a 1 MB prompt, a 20k x 20k image (its header; decoding it would take 1.2 GB)
+        # and an unbounded answer are refused before any tensor is built, with little memory
+        from tests.unit.test_serving_limits import png_header
+
+        huge = base64.b64encode(png_header(20_000, 20_000)).decode()
+        for bad, params, message in (
+                ([{"task": "generate", "prompt": "a red circle " * 80_000, "image": ""}], {}, "max_prompt_tokens="),
+                ([{"task": "understand", "prompt": "x", "image": huge}], {}, "more than max_image_pixels="),
+                ([{"task": "generate", "prompt": "x", "image": ""}], {"max_new_tokens": 10**9}, "is more than the limit")):
+            status, body = _post(port, {"dataframe_records": bad, "params": params})
+            assert status == 400 and message in body["message"] and body["message"].startswith(("row 0: ", "params: ")), body
+            assert _tree_rss(proc.pid) < 2 * 2**30
         status, again = _post(port, good)
         assert status == 200 and again["predictions"] == [understood, drawn]  # still serving, same answers
     finally:
@@ -134,6 +146,14 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its children (the scoring server's workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
 def test_a_tampered_model_is_refused_at_load(tracking, registered):

@@ -61,22 +61,28 @@ def cmd_registry(args) -> int:
         console.print(registry.registration_note(info))
         print(json.dumps(info))
         return 0
-    if args.registry_command == "promote":
-        entry = registry.promote(args.name, args.version, args.alias, args.expect_current, args.reason)
-        console.print(entry.get("note") or f"{args.name}@{args.alias}: {entry['from']} -> {entry['to']}")
-        return 0
-    if args.registry_command == "rollback":
-        entry = registry.rollback(args.name, args.alias, args.reason)
-        console.print(f"{args.name}@{args.alias}: rolled back {entry['from']} -> {entry['to']}")
+    if args.registry_command in ("promote", "rollback"):
+        if args.registry_command == "promote":
+            entry = registry.promote(args.name, args.version, args.alias, args.expect_current, args.reason)
+        else:
+            entry = registry.rollback(args.name, args.alias, args.reason)
+        verb = "rolled back" if args.registry_command == "rollback" else "moved"
+        console.print(entry.get("note") or f"{args.name}@{args.alias}: {verb} {_v(entry['from'])} -> {entry['to']} "
+                      f"(compare-and-swap against {_v(entry['from'])}: {entry['checked']})", soft_wrap=True)
         return 0
     moves = registry.history(args.name, args.alias)
     table = Table(title=f"{args.name}@{args.alias}")
     for col in ("#", "when", "action", "from", "to", "who", "reason"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrapped, never cut, at any terminal width
     for m in moves:
-        table.add_row(str(m["seq"]), m["when"], m["action"], str(m["from"]), str(m["to"]), m["who"], m["reason"])
+        table.add_row(str(m["seq"]), m["when"], m["action"], _v(m["from"]), _v(m["to"]), m["who"], m["reason"])
     console.print(table)
     return 0
+
+
+def _v(version) -> str:
+    """A version for people: "-" where the alias was unset."""
+    return "-" if version is None else str(version)
 
 
 def cmd_lineage(args) -> int:

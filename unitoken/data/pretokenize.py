@@ -77,6 +77,14 @@ def _encode_as_decoded(vq, loaded: Iterator, batch_size: int, device: torch.devi
     return torch.cat(out) if out else torch.zeros((0,), dtype=torch.int32)
 
 
+class ImageError(ValueError):
+    """An image of a record could not be read; pretokenize names the manifest line."""
+
+    def __init__(self, rel: str, err: Exception) -> None:
+        super().__init__(f"image {rel!r}: {type(err).__name__}: {err}")
+        self.rel, self.err = rel, err
+
+
 def load_image(path: Path, cfg) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
     """The CPU side of one image: (VQ pixels [3, r, r], SigLIP tiles uint8 [n, s, s, 3], AnyRes grid,
     original (width, height)) for a model config ``cfg``."""
@@ -102,10 +110,15 @@ def _build_shard(records: list[dict], root: Path, model, batch_size: int, device
     # core, slower than the GPU's encode): on ``threads`` threads (PIL and torch release the GIL),
     # in order, so the bytes do not depend on the thread count, and encoded batch by batch while
     # the threads decode the next images.
-    paths = [resolve_image(rel, root) for rel in distinct]
+    def load(rel: str):
+        try:
+            return load_image(resolve_image(rel, root), cfg)
+        except (OSError, ValueError) as err:  # missing, unreadable, escaping the data root
+            raise ImageError(rel, err) from err
+
     loaded: list = []
     with ThreadPoolExecutor(threads) as pool:
-        codes = _encode_as_decoded(model.vq, pool.map(lambda p: load_image(p, cfg), paths), batch_size, device, loaded)
+        codes = _encode_as_decoded(model.vq, pool.map(load, distinct), batch_size, device, loaded)
     slots, tiles, grids, sizes, image_offsets, tile_offsets = [], [], [], [], [0], [0]
     for rec in records:
         paths = rec.get("image", [])
@@ -213,7 +226,15 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
                     fetched += fetch_images(location, _image_paths(chunk), root, client=s3_client)
                 else:
                     root = Path(location)
-                decoded, tensors = _build_shard(chunk, root, model, batch_size, dev, threads)
+                try:
+                    decoded, tensors = _build_shard(chunk, root, model, batch_size, dev, threads)
+                except ImageError as err:
+                    at = next(j for j, r in enumerate(chunk) if err.rel in _image_paths([r]))
+                    n = s * shard_size + at + 1  # the record's number; its line in a .jsonl manifest
+                    where = f"{manifest}:{n}" if manifest.suffix != ".json" else f"{manifest} record {n}"
+                    raise ValueError(f"{where}: {err}; nothing of shard {s} was written; fix: run "
+                                     "`unitoken data validate` on the manifest first (it quarantines rows whose "
+                                     "image is missing or unreadable) and pre-tokenise its clean.jsonl") from None
                 distinct += decoded
                 if root != Path(location):
                     shutil.rmtree(root, ignore_errors=True)

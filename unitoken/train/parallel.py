@@ -16,6 +16,10 @@ import torch
 
 from unitoken.config import StageConfig, TrainConfig
 
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # what DeepSpeed would detect anyway, said up front: its detection warns on every CPU run
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 def ds_config(train: TrainConfig, stage: StageConfig, world_size: int = 1) -> dict:
     """DeepSpeed configuration for one stage (batch sizes are per optimizer step)."""

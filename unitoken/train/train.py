@@ -129,6 +129,13 @@ def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path
 
         init = load_uri(str(init))
     init = Path(init)
+    if not init.is_dir():
+        raise FileNotFoundError(f"--init {init}: no such directory; fix: pass `unitoken model init`'s --out for "
+                                "stage 1, or the handoff/ folder of the previous stage, e.g. runs/stage1/handoff")
+    if stage_n > 1 and not (init / ckpt.HANDOFF).is_file() and not (
+            recipe.model.encoder_mode == "discrete" and is_handoff_dir(init)):
+        raise ckpt.HandoffError(f"--init {init}: not a stage hand-off (no {ckpt.HANDOFF}); fix: pass the handoff/ "
+                                f"folder of a finished stage {stage_n - 1}, e.g. runs/stage{stage_n - 1}/handoff")
     if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / ckpt.HANDOFF).is_file() \
             and is_handoff_dir(init):
         # Stage 1 trains only the continuous path (vision + adapter), which a discrete-only model
@@ -143,7 +150,8 @@ def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path
         return init, ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
     if is_handoff_dir(init):
         return init, {"stage": 0, "files": {}}
-    raise FileNotFoundError(f"--init {init}: not a model directory; create one with `unitoken model init`")
+    raise FileNotFoundError(f"--init {init}: not a model directory (no config.json and weights); fix: create one "
+                            "with `unitoken model init --recipe R --out DIR` and pass DIR")
 
 
 # --------------------------------------------------------------------------- resume state

@@ -7,6 +7,7 @@ examples and returns a warning per missing file. ``check_overlay`` is the releas
 names every missing env file, placeholder value and placeholder image digest::
 
     python -m unitoken.pipeline.manifests k8s/overlays/prod --require-digests   # exit 1 on any problem
+    python -m unitoken.pipeline.manifests k8s/overlays/dev --generate-dev-secrets   # dev: random secrets
 """
 
 from __future__ import annotations
@@ -185,12 +186,53 @@ def check_overlay(overlay: Path, require_digests: bool = False) -> list[str]:
     return errors + check_images(render(overlay)[0], require_digests)
 
 
+def generate_dev_secrets(overlay: Path) -> list[Path]:
+    """Write the secret env files a development overlay lacks, from its ``.env.example`` files
+    with every secret value (password, secret key, access key, token) replaced by a fresh random
+    one; files that exist are left alone. Only for an overlay named ``dev``: production secrets come
+    from the operator's secret store and ``check_overlay`` refuses placeholders there.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: the overlay is not a ``dev`` overlay, or an example is missing.
+    """
+    import secrets
+
+    overlay = Path(overlay)
+    if overlay.resolve().name != "dev":
+        raise ValueError(f"{overlay}: not a dev overlay; fix: production secrets are yours to set (copy each "
+                         "secrets/*.env.example to *.env and fill it from your secret store)")
+    written = []
+    for path in secret_env_files(overlay.resolve()):
+        if path.exists():
+            continue
+        if not _example(path).exists():
+            raise ValueError(f"{_show(path)}: no {_example(path).name} to generate it from")
+        lines = []
+        for line in _example(path).read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.lstrip().startswith("#") and _SECRET_KEY.search(key):
+                value = secrets.token_urlsafe(24)
+            lines.append(f"{key}{sep}{value}" if sep else line)
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the problems of an overlay; exit 1 if there are any."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overlay", type=Path)
     parser.add_argument("--require-digests", action="store_true", help="refuse images pinned by tag only")
+    parser.add_argument("--generate-dev-secrets", action="store_true",
+                        help="first write the dev overlay's missing secret env files with random values")
     args = parser.parse_args(argv)
+    if args.generate_dev_secrets:
+        for path in generate_dev_secrets(args.overlay):
+            print(f"wrote {_show(path)} (random values, mode 600)")
     errors = check_overlay(args.overlay, args.require_digests)
     print("\n".join(errors) or f"{args.overlay}: ready to apply")
     return 1 if errors else 0

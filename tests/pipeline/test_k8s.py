@@ -18,7 +18,7 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from unitoken.pipeline.cluster import GPU_STEPS, load_cluster
-from unitoken.pipeline.manifests import check_images, check_secret_env, render, secret_env_files
+from unitoken.pipeline.manifests import check_images, check_overlay, check_secret_env, render, secret_env_files
 from unitoken.pipeline.podsecurity import restricted_violations
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -549,3 +549,25 @@ def test_the_champion_gets_one_gpu_in_prod_and_the_cpu_in_dev(rendered):
     pod, c = _champion(rendered["dev"])
     assert not [k for part in c["resources"].values() for k in part if k.endswith("/gpu")]
     assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+def test_dev_secrets_are_generated_and_the_dev_overlay_renders_as_the_readme_writes_it(tmp_path):
+    """`python -m unitoken.pipeline.manifests k8s/overlays/dev --generate-dev-secrets` (README) writes
+    the three env files with fresh random secrets, after which the dev overlay passes the secret
+    check and renders with no warning; a second run keeps them; prod refuses to be generated."""
+    from unitoken.pipeline.manifests import generate_dev_secrets, main
+
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("*.env"))
+    dev, prod = tmp_path / "k8s" / "overlays" / "dev", tmp_path / "k8s" / "overlays" / "prod"
+    assert main([str(dev), "--generate-dev-secrets"]) == 0
+    files = secret_env_files(dev)
+    assert all(p.is_file() and oct(p.stat().st_mode & 0o777) == "0o600" for p in files)
+    assert [e for p in files for e in check_secret_env(p)] == []
+    first = {p.name: p.read_text() for p in files}
+    assert generate_dev_secrets(dev) == [] and {p.name: p.read_text() for p in files} == first
+    assert first["postgres.env"].startswith("# ") and "username=mlflow" in first["postgres.env"]
+    docs, warnings = render(dev)
+    assert warnings == [] and {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} >= {"unitoken-s3"}
+    with pytest.raises(ValueError, match="not a dev overlay; fix: production secrets are yours to set"):
+        generate_dev_secrets(prod)
+    assert any("missing" in e for e in check_overlay(prod))

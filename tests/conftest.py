@@ -19,6 +19,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Local state (the default MLflow store, the local pipeline's root) in each test's working
+# directory, as a relative UNITOKEN_HOME resolves: tests stay apart from each other and from ~/.unitoken.
+os.environ.setdefault("UNITOKEN_HOME", ".unitoken")
 torch.set_num_threads(2)
 
 

@@ -27,7 +27,6 @@ from rich.console import Console
 
 console = Console()
 NAME = "unitoken"
-STATE = Path(".unitoken")
 PROMPT = "a red circle"
 SCENES = 500  # ~300 test questions: enough for a 95 % interval that can clear chance (0.26)
 
@@ -39,12 +38,14 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from unitoken.cli import main as unitoken
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(STATE / 'mlflow.db').resolve()}")
+    from unitoken.files import unitoken_home
+
+    state = unitoken_home()  # the checkout's .unitoken/ when `make demo` runs it
     start = time.perf_counter()
     code = unitoken(["pipeline", "run", "--local", "--recipe", "demo", "--scenes", str(SCENES), "--name", NAME,
                      "--promote"])
     if code == 1:
-        console.print(f"[red]demo stopped: the pipeline failed (its log is {STATE}/pipeline/pipeline.log)")
+        console.print(f"[red]demo stopped: the pipeline failed (its log is {state}/pipeline/pipeline.log)")
         return 1
     if code == 3:
         console.print("[yellow]the gate refused the new model (reasons above); the champion stays as it was")
@@ -55,8 +56,8 @@ def main() -> int:
         console.print("[red]no model is registered: nothing to ask")
         return code or 1
     uri = f"models:/{NAME}@{'champion' if 'champion' in aliases else 'challenger'}"
-    question, image = first_test_question(STATE / "pipeline" / "data")
-    generated = STATE / "demo" / "generated.png"
+    question, image = first_test_question(state / "pipeline" / "data")
+    generated = state / "demo" / "generated.png"
     steps = (["lineage", uri],
              ["chat", "--model", uri, "--image", str(image), "--prompt", question["question"], "--max-new-tokens", "8"],
              ["generate", "--model", uri, "--prompt", PROMPT, "--out", str(generated)])
@@ -75,7 +76,7 @@ def main() -> int:
             console.print(f"answer: [bold]{answer or '(empty)'}[/]   (the test set's answer: {question['answer']})",
                           highlight=False)
     console.print(f"generated image ({PROMPT!r}): {generated.resolve()}", highlight=False)
-    report = _newest(STATE / "pipeline" / "artifacts", "evaluate-3/evaluation/report.html")
+    report = _newest(state / "pipeline" / "artifacts", "evaluate-3/evaluation/report.html")
     if report is not None:
         console.print(f"every evaluated answer and image of stage 3: {report.resolve()}", highlight=False)
     console.rule(f"[green]demo finished in {time.perf_counter() - start:.0f}s")

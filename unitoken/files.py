@@ -48,3 +48,19 @@ def scoped_env(name: str, value: str | None) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+def unitoken_home() -> Path:
+    """Where local state lives (the default MLflow store, the local pipeline's root, caches):
+    ``UNITOKEN_HOME`` (a relative value resolves against the working directory), else the
+    ``.unitoken/`` of the unitoken checkout the working directory is in, else ``~/.unitoken``.
+    One store per checkout or user, wherever a command is run from (before: ``./.unitoken`` of the
+    working directory, so a command run from /tmp wrote a second, empty store there)."""
+    if os.environ.get("UNITOKEN_HOME"):
+        return Path(os.environ["UNITOKEN_HOME"]).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() and (d / "unitoken" / "__init__.py").is_file():
+            return d / ".unitoken"
+    return Path.home() / ".unitoken"
+

@@ -461,7 +461,9 @@ def load_uri(uri: str) -> Path:
     """Fetch and verify ``models:/...`` and return a local model directory (for every command)."""
     client = _client()
     mv = resolve(uri, client)
-    paths = fetch(mv, client, Path(".unitoken") / "cache" / f"{mv.name}-v{mv.version}")
+    from unitoken.files import unitoken_home
+
+    paths = fetch(mv, client, unitoken_home() / "cache" / f"{mv.name}-v{mv.version}")
     problems = verify_version(mv, paths, client)
     if problems:
         raise RegistryError(f"{uri} (version {mv.version}) fails verification: {problems[0]}")

@@ -2,7 +2,7 @@
 
 ``run --local`` is the embedded default (``make demo``): synthetic data, the whole pipeline
 through ``kfp.local`` (one subprocess per step, the same components as on a cluster), a
-sqlite-backed MLflow under ``./.unitoken/``, then a summary read back from MLflow.
+sqlite-backed MLflow under ``unitoken_home()`` (the checkout's ``.unitoken/``), then a summary read back from MLflow.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from unitoken.cli.common import Group
 
 console = Console()
 
-LOCAL_ROOT = Path(".unitoken/pipeline")
+
+
+def local_root() -> Path:
+    """The local pipeline's root: artifacts, checkpoints, logs (``unitoken_home()/pipeline``)."""
+    from unitoken.files import unitoken_home
+
+    return unitoken_home() / "pipeline"
+
 DEFAULT_OVERLAY = Path("k8s/overlays/prod")
 # Laptop-sized defaults of `run --local` (the pipeline's own defaults are sized for a GPU);
 # any of them can be overridden with --param. The VQ-GAN trains on 2 CPU cores in ~1 min
@@ -54,7 +61,8 @@ def register(sub) -> None:
     run.add_argument("--name", default="unitoken", help="registered model name")
     run.add_argument("--base-model", default="", help="models:/NAME@ALIAS to start from (stage-scoped retraining)")
     run.add_argument("--promote", action="store_true", help="move the champion alias to the model if the gate passes")
-    run.add_argument("--root", type=Path, default=LOCAL_ROOT, help="artifacts, checkpoints and logs")
+    run.add_argument("--root", type=Path, help="artifacts, checkpoints and logs (default: .unitoken/pipeline of "
+                     "the checkout, ~/.unitoken/pipeline elsewhere, or $UNITOKEN_HOME/pipeline)")
     run.add_argument("--pretokenize-workers", type=int, default=1,
                      help="pre-tokenisation workers (a ParallelFor; kfp.local runs at most 2 at a time)")
     common(run)
@@ -72,7 +80,7 @@ def register(sub) -> None:
     common(reh, params=False)
     cache = pl.command("cache", "list the step cache's entries; --prune-gib: evict the least recently used",
                        ["unitoken pipeline cache", "unitoken pipeline cache --prune-gib 50"], cmd_pipeline)
-    cache.add_argument("--root", type=Path, default=LOCAL_ROOT / "checkpoints" / "cache",
+    cache.add_argument("--root", type=Path,
                        help="the cache directory (a cluster: <checkpoint volume>/cache, e.g. from a pod mounting it)")
     cache.add_argument("--prune-gib", type=float, metavar="GIB",
                        help="delete entries, least recently used first, until the rest total at most GIB")
@@ -110,7 +118,7 @@ def cmd_pipeline(args) -> int:
     from unitoken.pipeline.cluster import load_cluster
 
     if args.pipeline_command == "cache":
-        return _cache(args.root, args.prune_gib)
+        return _cache(args.root or local_root() / "checkpoints" / "cache", args.prune_gib)
     stages = _stages(args.stages)
     if args.pipeline_command == "run":
         return _run_local(args, stages)
@@ -128,7 +136,7 @@ def cmd_pipeline(args) -> int:
         params["use_cache"] = False
     if "data_uri" not in params:
         raise ValueError("--param data_uri=URI is required (s3://bucket/prefix or a path on a shared volume)")
-    package = LOCAL_ROOT / f"{args.pipeline_command}-{int(time.time())}.yaml"
+    package = local_root() / f"{args.pipeline_command}-{int(time.time())}.yaml"
     launch.compile_pipeline(package, stages, cluster)
     account = args.service_account or cluster.service_account
     if args.pipeline_command == "submit":
@@ -175,9 +183,10 @@ def _cache(root: Path, prune_gib: float | None) -> int:
 def _run_local(args, stages: tuple[int, ...]) -> int:
     from pipelines import launch
 
-    root = Path(args.root)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('.unitoken/mlflow.db').resolve()}")
-    Path(".unitoken").mkdir(exist_ok=True)
+    from unitoken.train.tracking import default_tracking_uri
+
+    root = Path(args.root or local_root())
+    os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()  # the steps' processes use the same store
     data = args.data
     if data is None:
         from unitoken.data.synth import synthesize

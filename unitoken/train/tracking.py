@@ -24,11 +24,12 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unitoken.files import scoped_env
+from unitoken.files import scoped_env, unitoken_home
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -148,23 +149,33 @@ def log_batched(client, run_id: str, params: dict[str, Any] | None = None, tags:
         ps, ts, ms = ps[100:], ts[100:], ms[800:]
 
 
+_announced: set[str] = set()
+
+
 def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the sqlite store in ``unitoken_home()``, which is said once per
+    process on stderr (a command run from another directory must not silently start a new store)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(".unitoken").resolve()
+    root = unitoken_home()
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    if uri not in _announced:
+        _announced.add(uri)
+        print(f"MLflow tracking store: {uri} (set MLFLOW_TRACKING_URI or UNITOKEN_HOME for another)",
+              file=sys.stderr)
+    return uri
 
 
 def ensure_experiment(client, name: str = "unitoken") -> str:
-    """Experiment id; created on first use, with artifacts under ./.unitoken/ for the local store."""
+    """Experiment id; created on first use, with artifacts under ``unitoken_home()`` for the local store."""
     exp = client.get_experiment_by_name(name)
     if exp:
         return exp.experiment_id
     location = None
     if client.tracking_uri == default_tracking_uri() and client.tracking_uri.startswith("sqlite:"):
-        location = (Path(".unitoken") / "artifacts").resolve().as_uri()
+        location = (unitoken_home() / "artifacts").as_uri()
     from mlflow.exceptions import MlflowException
 
     try:

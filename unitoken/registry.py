@@ -545,6 +545,19 @@ def _records(client, name: str, alias: str) -> dict[int, dict]:
 
 def _record(client, name: str, alias: str, entry: dict) -> None:
     client.set_registered_model_tag(name, f"{HISTORY}.{alias}.{entry['seq']:06d}", json.dumps(entry))
+    client.update_registered_model(name, description=history_markdown(client.get_registered_model(name).tags))
+
+
+def history_markdown(tags: dict[str, str]) -> str:
+    """The registered model's description: every recorded alias move as a Markdown table, newest
+    first (the MLflow UI shows no alias history of its own; the records are the model's tags)."""
+    moves = [json.loads(v) for k, v in tags.items() if k.startswith(f"{HISTORY}.")]
+    moves = sorted((m for m in moves if m.get("status", "done") in MOVED), key=lambda m: m.get("t", 0), reverse=True)
+    rows = [f"| {m['when']} | {m['alias']} | {m['action']} | {m['from'] or '-'} | {m['to']} | {m['who']} | "
+            f"{str(m.get('reason', '')).replace('|', '/')} |" for m in moves]
+    return "\n".join(["**Alias history** (recorded by `unitoken registry`; moves made elsewhere show in "
+                      "`unitoken registry history`)", "", "| when | alias | action | from | to | who | reason |",
+                      "|---|---|---|---|---|---|---|", *rows])
 
 
 def history(name: str, alias: str = "champion", client=None) -> list[dict]:

@@ -58,3 +58,30 @@ def test_the_mlflow_ui_shows_the_champion_with_its_metrics_signature_and_lineage
     run_page = _browse(f"{base}/#/experiments/{lm.experiment_id}/runs/{run_id}", tmp_path / "run.png")
     for text in ("validated-manifest", "Registered models", f"v{champion}", "Metrics (", "shapes-vqa/overall"):
         assert text in run_page, (text, run_page[:3000])
+
+
+@needs_browser
+def test_the_experiment_opens_on_its_runs_and_the_pipeline_run_links_the_version(servers, champion, tmp_path):
+    """Issue 37: the experiment is tagged as model development (MLflow 3's UI then opens on the runs,
+    not the GenAI overview), the pipeline run has a readable name, a description linking the
+    registered version, the logged model, each stage run and the gate, and the headline scores as
+    metrics; the registered model's description is its alias history."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=servers["uri"])
+    exp = client.get_experiment_by_name("unitoken")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.search_runs([exp.experiment_id], "tags.`unitoken.kind` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert re.fullmatch(r"training \d\d-\d\d \d\d:\d\d:\d\d", parent.info.run_name), parent.info.run_name
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"#/models/{NAME}/versions/" in note and "stage 3" in note and "**Gate**" in note
+    assert "shapes-vqa/overall" in parent.data.metrics
+    base = servers["uri"]
+    experiment_page = _browse(f"{base}/#/experiments/{exp.experiment_id}", tmp_path / "experiment.png")
+    assert parent.info.run_name in experiment_page and "No data available" not in experiment_page, experiment_page[:3000]
+    run_page = _browse(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}", tmp_path / "pipeline.png")
+    for text in ("Registered", f"{NAME} v", "stage 1", "stage 3", "Gate", "shapes-vqa/overall"):
+        assert text in run_page, (text, run_page[:3000])
+    model_page = _browse(f"{base}/#/models/{NAME}", tmp_path / "registered.png")
+    assert "Alias history" in model_page and "champion" in model_page, model_page[:3000]

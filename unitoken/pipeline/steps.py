@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,9 +98,17 @@ def open_pipeline_run(job: str, job_name: str, params: dict[str, Any]) -> str:
     run = _find_pipeline_run(client, exp_id, job)
     if run is not None:
         return run.info.run_id
-    run_id = client.create_run(exp_id, run_name=job_name or job, tags=tags).info.run_id
+    run_id = client.create_run(exp_id, run_name=readable_run_name(job_name or job), tags=tags).info.run_id
     log_batched(client, run_id, params=params)
     return run_id
+
+
+def readable_run_name(job_name: str) -> str:
+    """A pipeline run's name as the MLflow UI's run list can show it whole: KFP's
+    ``unitoken-training-2026-12-06-17-19-38-925963`` -> ``training 12-06 17:19:38`` (the full
+    name stays in the tag ``unitoken.pipeline_name``); other names as they are."""
+    m = re.fullmatch(r"(?:unitoken-)?(.+?)-\d{4}-(\d{2}-\d{2})-(\d{2})-(\d{2})-(\d{2})(?:-\d+)?", job_name)
+    return f"{m[1]} {m[2]} {m[3]}:{m[4]}:{m[5]}" if m else job_name
 
 
 def pipeline_run_id(job: str) -> str:
@@ -739,7 +748,34 @@ def register(model_dir: Path, eval_dir: Path, decision: Path, model_name: str, p
             info["alias"] = "champion"
         else:
             info["alias"] = "challenger"
+    summarise_pipeline_run(parent_run_id, info, Path(model_dir), Path(eval_dir), Path(decision))
     return info
+
+
+def summarise_pipeline_run(parent_run_id: str, info: dict, model_dir: Path, eval_dir: Path, decision: Path) -> None:
+    """What the pipeline run's page in the MLflow UI says first: a Markdown description linking the
+    registered version, its logged model, each stage's run and the gate's verdict, and the
+    evaluation's headline scores as the run's metrics."""
+    from unitoken.train.checkpoint import ancestry
+
+    client = _client()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    gate = json.loads(decision.read_text())
+    report = json.loads((eval_dir / "report.json").read_text())
+    scores = {k: float(v) for k, v in report.get("metrics", {}).items() if k.endswith("/overall")}
+    version, name = info["version"], info["name"]
+    lines = [f"**Registered**: [{name} v{version}](#/models/{name}/versions/{version})"
+             + (f" (alias {info['alias']})" if info.get("alias") else " (already registered: nothing new)"),
+             f"**Logged model**: [{info.get('model_id')}](#/experiments/{exp}/models/{info.get('model_id')})"
+             if info.get("model_id") else "**Logged model**: -",
+             "**Stages**: " + ", ".join(
+                 f"[stage {a['stage']}](#/experiments/{exp}/runs/{a['mlflow_run_id']})" if a.get("mlflow_run_id")
+                 else f"stage {a['stage']}" for a in ancestry(model_dir) if a.get("stage")),
+             f"**Gate**: {'passed' if gate.get('passed') else 'failed'}"
+             + (f" ({'; '.join(gate.get('reasons', []))})" if gate.get("reasons") else ""),
+             "", "| score | value |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in sorted(scores.items()))]
+    log_batched(client, parent_run_id, metrics={k: v for k, v in scores.items()},
+                tags={"mlflow.note.content": "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[5:])})
 
 
 # --------------------------------------------------------------------------- multi-node stages

@@ -150,6 +150,9 @@ def log_batched(client, run_id: str, params: dict[str, Any] | None = None, tags:
 
 
 _announced: set[str] = set()
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is tagged as model development
+# (the runs table then comes first)
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri() -> str:
@@ -172,6 +175,8 @@ def ensure_experiment(client, name: str = "unitoken") -> str:
     """Experiment id; created on first use, with artifacts under ``unitoken_home()`` for the local store."""
     exp = client.get_experiment_by_name(name)
     if exp:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:  # made before the tag existed
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return exp.experiment_id
     location = None
     if client.tracking_uri == default_tracking_uri() and client.tracking_uri.startswith("sqlite:"):
@@ -179,7 +184,8 @@ def ensure_experiment(client, name: str = "unitoken") -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
     except MlflowException as err:  # a parallel step (a pre-tokenisation worker) created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:

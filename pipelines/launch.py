@@ -87,6 +87,7 @@ def summarize(job: str, model_name: str) -> dict:
                 model_uri = f"models:/{model_name}/{mv[0].version}"
     return {"job": job, "state": parent.data.tags.get("unitoken.pipeline_state", parent.info.status),
             "error": parent.data.tags.get("unitoken.pipeline_error"), "parent_run_id": parent.info.run_id,
+            "experiment_id": exp,
             "steps": steps, "scores": scores, "heldout": heldout, "gate": gate, "model_uri": model_uri,
             "duplicate_of": duplicate_of}
 

@@ -62,8 +62,8 @@ def test_the_mlflow_ui_shows_the_champion_with_its_metrics_signature_and_lineage
 
 @needs_browser
 def test_the_experiment_opens_on_its_runs_and_the_pipeline_run_links_the_version(servers, champion, tmp_path):
-    """Issue 37: the experiment is tagged as model development (MLflow 3's UI then opens on the runs,
-    not the GenAI overview), the pipeline run has a readable name, a description linking the
+    """Issue 37: the experiment is tagged as model development and opened as model training, it
+    lists its runs (not the GenAI overview); the pipeline run has a readable name, a description linking the
     registered version, the logged model, each stage run and the gate, and the headline scores as
     metrics; the registered model's description is its alias history."""
     from mlflow import MlflowClient
@@ -78,9 +78,13 @@ def test_the_experiment_opens_on_its_runs_and_the_pipeline_run_links_the_version
     assert f"#/models/{NAME}/versions/" in note and "stage 3" in note and "**Gate**" in note
     assert "shapes-vqa/overall" in parent.data.metrics
     base = servers["uri"]
-    experiment_page = _browse(f"{base}/#/experiments/{exp.experiment_id}", tmp_path / "experiment.png")
+    # MLflow 3.17's UI picks GenAI or model training by a switch it keeps in the browser (default
+    # GenAI), not by the experiment's tag; the links unitoken prints carry the workflow type
+    ml = "?workflowType=machine_learning"
+    experiment_page = _browse(f"{base}/#/experiments/{exp.experiment_id}{ml}", tmp_path / "experiment.png")
     assert parent.info.run_name in experiment_page and "No data available" not in experiment_page, experiment_page[:3000]
-    run_page = _browse(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}", tmp_path / "pipeline.png")
+    run_page = _browse(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}{ml}",
+                       tmp_path / "pipeline.png")
     for text in ("Registered", f"{NAME} v", "stage 1", "stage 3", "Gate", "shapes-vqa/overall"):
         assert text in run_page, (text, run_page[:3000])
     model_page = _browse(f"{base}/#/models/{NAME}", tmp_path / "registered.png")

@@ -293,6 +293,11 @@ def _print_summary(result: dict, name: str) -> None:
         console.print(f"model: {result['model_uri'] or 'not registered'}")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     console.print(f"\nbrowse runs and lineage:  .venv/bin/mlflow ui --backend-store-uri {uri}")
+    if result.get("experiment_id"):
+        # MLflow 3.17's UI opens experiments on its GenAI overview unless told the workflow type
+        console.print(f"  then open http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/"
+                      f"{result['parent_run_id']}?workflowType=machine_learning  (this run: what it registered, "
+                      "its stages, the gate, the scores)", highlight=False, soft_wrap=True)
     if result["model_uri"]:
         console.print(f"                          .venv/bin/unitoken lineage {result['model_uri']}")
         console.print(f"                          .venv/bin/unitoken lineage models:/{name}@champion")

@@ -137,7 +137,9 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
                 ([{"task": "understand", "prompt": "x", "image": huge}], {}, "more than max_image_pixels="),
                 ([{"task": "generate", "prompt": "x", "image": ""}], {"max_new_tokens": 10**9}, "is more than the limit")):
             status, body = _post(port, {"dataframe_records": bad, "params": params})
-            assert status == 400 and message in body["message"] and body["message"].startswith(("row 0: ", "params: ")), body
+            # MLflow prefixes the model's message with "Failed to predict data '<the frame>'... Error: "
+            assert status == 400 and message in body["message"], body
+            assert ("row 0: " in body["message"] or "params: " in body["message"]) and "fix:" in body["message"]
             assert _tree_rss(proc.pid) < 2 * 2**30
         status, again = _post(port, good)
         assert status == 200 and again["predictions"] == [understood, drawn]  # still serving, same answers

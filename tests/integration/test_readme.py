@@ -40,12 +40,12 @@ def _drop_comment(line: str) -> str:
     return line
 
 
-def run_as_written(commands: list[str], cwd: Path) -> None:
+def run_as_written(commands: list[str], cwd: Path, extra_env: dict | None = None) -> None:
     """Each command in bash with the venv activated, as the README's set-up says; the first failure
     raises, naming the command."""
     activate = Path(sys.executable).parent / "activate"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(PYTHONWARNINGS="ignore", MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}")
+    env.update({"PYTHONWARNINGS": "ignore", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(extra_env or {})})
     for command in commands:
         proc = subprocess.run(["bash", "-c", f"source {activate} && {command}"], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=600)

@@ -184,3 +184,31 @@ def test_a_tampered_model_is_refused_at_load(tracking, registered):
         finally:
             s3.put_object(Bucket="mlflow", Key=key, Body=original)
     assert mlflow.pyfunc.load_model(f"models:/{name}/{version}").metadata.signature is not None
+
+
+def test_the_readmes_use_the_champion_runs_as_written(tracking, champion, tmp_path):
+    """README "Use the champion", as written, against the champion on the test server: the Python
+    block, then the local serving lines of the bash block (the server in the background, the curl
+    request through jq and base64). The deploy lines after the blank line need a cluster."""
+    import shutil
+
+    from tests.integration.test_readme import ROOT, _drop_comment, run_as_written
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Use the champion\n", 1)[1].split("\n## ", 1)[0]
+    python = section.split("```python\n", 1)[1].split("```", 1)[0]
+    serving = section.split("```bash\n", 1)[1].split("```", 1)[0].split("\n\n", 1)[0]
+    shutil.copyfile(tracking["tmp"] / "d" / "images" / "train" / "s000000.png", tmp_path / "question.png")
+    (tmp_path / "use.py").write_text(python)
+    env = {"MLFLOW_TRACKING_URI": tracking["uri"], "UNITOKEN_DEVICE": "cpu"}
+    run_as_written(["python use.py"], tmp_path, env)
+    first, request = serving.split("\n", 1)  # the server, then the request (as bash reads it, newlines and all)
+    serve = _drop_comment(first).strip()
+    assert serve.startswith("mlflow models serve -m models:/unitoken@champion") and "-p 5001" in serve
+    assert request.startswith("curl ") and "| jq -r '.predictions[0].image' | base64 -d > red-circle.png" in request
+    run_as_written([f"(setsid {serve} > serve.log 2>&1 &) ; for i in $(seq 240); do curl -sf 127.0.0.1:5001/ping "
+                    "&& exit 0; sleep 1; done; exit 1", request], tmp_path, env)
+    try:
+        assert _png(base64.b64encode((tmp_path / "red-circle.png").read_bytes()).decode()).size[0] > 0
+    finally:
+        subprocess.run(["pkill", "-f", "mlflow models serve -m models:/unitoken@champion --env-manager local -p 5001"])

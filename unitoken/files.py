@@ -63,4 +63,3 @@ def unitoken_home() -> Path:
         if (d / "pyproject.toml").is_file() and (d / "unitoken" / "__init__.py").is_file():
             return d / ".unitoken"
     return Path.home() / ".unitoken"
-

@@ -272,16 +272,15 @@ def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dic
 def _register_challenger(client, name: str, version: str, attempts: int = 3) -> dict:
     """Move ``challenger`` to a new version as a recorded move (action "register"), by the same
     claim -> move -> record as ``promote``; a registration racing another retries on fresh state."""
-    for attempt in range(attempts):
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+    def once() -> dict:
         ledger = _ledger(client, name)
         seq = _settle(client, name, "challenger", ledger)
         current = _holder(client, name, "challenger")
-        try:
-            return _move(client, name, "challenger", version, current, "register", "registered", ledger, seq)
-        except ConflictError:
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+        return _move(client, name, "challenger", version, current, "register", "registered", ledger, seq)
+
+    return Retrying(retry=retry_if_exception_type(ConflictError), stop=stop_after_attempt(attempts), reraise=True)(once)
 
 
 def _mlflow_model(lm, run_id: str):

@@ -44,6 +44,7 @@ import binascii
 import io
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def package(dest: Path, handoff: Path, evidence: Path, passport_sha256: str, mlf
         signature=signature(handoff), input_example=(input_example(size), defaults(handoff)),
         pip_requirements=requirements(),
         # the request limits are model config too: visible in the MLmodel, overridable at load
-        model_config={"passport_sha256": passport_sha256, **default_limits(handoff).__dict__}, metadata=metadata,
+        model_config={"passport_sha256": passport_sha256, **dataclasses.asdict(default_limits(handoff))}, metadata=metadata,
         mlflow_model=mlflow_model)
     return dest
 
@@ -181,10 +182,10 @@ class Limits:
 
     @classmethod
     def from_config(cls, handoff: Path, overrides: dict | None = None) -> Limits:
-        base = default_limits(handoff)
-        fields = {f for f in cls.__dataclass_fields__}
-        given = {k: int(v) for k, v in (overrides or {}).items() if k in fields}
-        return cls(**{**base.__dict__, **given})
+        """The model's defaults with the limits named in ``overrides`` (MLflow model config)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return dataclasses.replace(default_limits(handoff),
+                                   **{k: int(v) for k, v in (overrides or {}).items() if k in names})
 
 
 def default_limits(handoff: Path) -> Limits:
@@ -224,13 +225,12 @@ def _bad(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _decode_image(row: int, data, limits: Limits | None = None) -> object:
+def _decode_image(row: int, data, limits: Limits) -> object:
     """A row's base64 image -> PIL RGB; its bytes and its pixel count (from the header) are checked
     against ``limits`` before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    max_bytes = limits.max_image_bytes if limits else MAX_IMAGE_BYTES
-    max_pixels = limits.max_image_pixels if limits else MAX_IMAGE_PIXELS
+    max_bytes, max_pixels = limits.max_image_bytes, limits.max_image_pixels
     fix = "fix: send a smaller image (the model reads it at a few hundred pixels a side)"
     if not isinstance(data, str) or not data.strip():
         raise _bad(f"row {row}: task 'understand' needs an image (base64 PNG or JPEG in column 'image')")
@@ -254,7 +254,7 @@ def _decode_image(row: int, data, limits: Limits | None = None) -> object:
         raise _bad(f"row {row}: image does not decode as PNG or JPEG ({type(err).__name__}: {err})") from None
 
 
-def parse_rows(frame, limits: Limits | None = None) -> list[tuple[str, str, object]]:
+def parse_rows(frame, limits: Limits) -> list[tuple[str, str, object]]:
     """Validate a request -> [(task, prompt, PIL image or None)]; the first bad row raises, naming it."""
     missing = [c for c in ("task", "prompt") if c not in frame.columns]
     if missing:
@@ -270,7 +270,7 @@ def parse_rows(frame, limits: Limits | None = None) -> list[tuple[str, str, obje
     return rows
 
 
-def _params(params: dict | None, limits: Limits | None = None) -> dict:
+def _params(params: dict | None, limits: Limits) -> dict:
     """The request's params over the defaults. Unknown names are refused here; behind ``mlflow
     models serve`` MLflow drops params its signature does not name before the model sees them
     (logging a warning), so a misspelt param there takes its default."""
@@ -281,9 +281,8 @@ def _params(params: dict | None, limits: Limits | None = None) -> dict:
     out = {k: type(PARAMS[k])(v) for k, v in p.items()}
     if out["max_new_tokens"] < 1 or out["top_k"] < 0 or out["temperature"] < 0 or out["text_temperature"] < 0:
         raise _bad("params: max_new_tokens must be >= 1, top_k, temperature and text_temperature >= 0")
-    cap = limits.max_new_tokens if limits else MAX_NEW_TOKENS
-    if out["max_new_tokens"] > cap:
-        raise _bad(f"params: max_new_tokens={out['max_new_tokens']:,} is more than the limit {cap:,}; "
+    if out["max_new_tokens"] > limits.max_new_tokens:
+        raise _bad(f"params: max_new_tokens={out['max_new_tokens']:,} is more than the limit {limits.max_new_tokens:,}; "
                    "fix: ask for fewer tokens")
     return out
 

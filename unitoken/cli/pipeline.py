@@ -20,15 +20,6 @@ from rich.table import Table
 from unitoken.cli.common import Group
 
 console = Console()
-
-
-
-def local_root() -> Path:
-    """The local pipeline's root: artifacts, checkpoints, logs (``unitoken_home()/pipeline``)."""
-    from unitoken.files import unitoken_home
-
-    return unitoken_home() / "pipeline"
-
 DEFAULT_OVERLAY = Path("k8s/overlays/prod")
 # Laptop-sized defaults of `run --local` (the pipeline's own defaults are sized for a GPU);
 # any of them can be overridden with --param. The VQ-GAN trains on 2 CPU cores in ~1 min
@@ -111,6 +102,13 @@ def _stages(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
         raise ValueError(f"--stages {text!r}: a comma list such as 1,2,3 or 3") from None
+
+
+def local_root() -> Path:
+    """The local pipeline's root: artifacts, checkpoints, logs (``unitoken_home()/pipeline``)."""
+    from unitoken.files import unitoken_home
+
+    return unitoken_home() / "pipeline"
 
 
 def cmd_pipeline(args) -> int:

@@ -764,7 +764,7 @@ def summarise_pipeline_run(parent_run_id: str, info: dict, model_dir: Path, eval
     report = json.loads((eval_dir / "report.json").read_text())
     scores = {k: float(v) for k, v in report.get("metrics", {}).items() if k.endswith("/overall")}
     version, name = info["version"], info["name"]
-    lines = [f"**Registered**: [{name} v{version}](#/models/{name}/versions/{version})"
+    facts = [f"**Registered**: [{name} v{version}](#/models/{name}/versions/{version})"
              + (f" (alias {info['alias']})" if info.get("alias") else " (already registered: nothing new)"),
              f"**Logged model**: [{info.get('model_id')}](#/experiments/{exp}/models/{info.get('model_id')})"
              if info.get("model_id") else "**Logged model**: -",
@@ -772,10 +772,10 @@ def summarise_pipeline_run(parent_run_id: str, info: dict, model_dir: Path, eval
                  f"[stage {a['stage']}](#/experiments/{exp}/runs/{a['mlflow_run_id']})" if a.get("mlflow_run_id")
                  else f"stage {a['stage']}" for a in ancestry(model_dir) if a.get("stage")),
              f"**Gate**: {'passed' if gate.get('passed') else 'failed'}"
-             + (f" ({'; '.join(gate.get('reasons', []))})" if gate.get("reasons") else ""),
-             "", "| score | value |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in sorted(scores.items()))]
-    log_batched(client, parent_run_id, metrics={k: v for k, v in scores.items()},
-                tags={"mlflow.note.content": "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[5:])})
+             + (f" ({'; '.join(gate.get('reasons', []))})" if gate.get("reasons") else "")]
+    table = ["| score | value |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in sorted(scores.items()))]
+    log_batched(client, parent_run_id, metrics=scores,
+                tags={"mlflow.note.content": "\n\n".join(facts) + "\n\n" + "\n".join(table)})
 
 
 # --------------------------------------------------------------------------- multi-node stages

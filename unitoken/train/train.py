@@ -343,14 +343,17 @@ class Trainer:
         cfg, stage, layers = self.cfg, self.stage, self.recipe.model.llm.num_layers
         share = math.ceil(stage.batch_size / self.world) * stage.max_seq_len  # every sample fills a row
         tokens = None if cfg.micro_batch_tokens == "auto" else int(cfg.micro_batch_tokens)
-        pinned = 0 if not cfg.activation_checkpointing else None if cfg.checkpoint_layers == "auto" else \
-            layers if cfg.checkpoint_layers == -1 else min(int(cfg.checkpoint_layers), layers)
+        if not cfg.activation_checkpointing:
+            pinned = 0
+        elif cfg.checkpoint_layers == "auto":
+            pinned = None  # the plan chooses (every layer where no plan is made)
+        else:
+            pinned = layers if cfg.checkpoint_layers == -1 else min(int(cfg.checkpoint_layers), layers)
         budget, free, source = self._activation_budget()
         act = ActivationModel.for_stage(self.recipe, stage)
         if budget is None or (tokens is not None and pinned is not None):
             tokens, n = tokens or share, layers if pinned is None else pinned
-            plan = MemoryPlan(tokens, n, source if budget is not None else "fixed",
-                              None if budget is None else round(budget / GIB, 2),
+            plan = MemoryPlan(tokens, n, source, None if budget is None else round(budget / GIB, 2),
                               round(act.bytes(tokens, n) / GIB, 2), None if free is None else round(free / GIB, 2))
         else:
             varlen = cfg.packing and cfg.attention == "varlen"

@@ -27,8 +27,10 @@ run throughput-7b-compile 130 bench/train_throughput.py --shape 7b --layers 8 --
 # unitoken-7b-fast at 8 layers with nothing set but layers and steps (memory plan, ZeRO-2, compile),
 # staged saves at 1 layer. Sized from the H100 calls of 2026-12-06 (8-layer init + stage-1 hand-off
 # ~2 min, the 6-step loop ~1.5 min); the whole step was not yet timed inside one call.
-run product-path 420 bench/product_path.py --out "$OUT" --layers 8 --ckpt-layers 1 --steps 6 --scenes 400
-# the rest only while the budget allows (BENCH_BUDGET_S)
+run product-path 420 bench/product_path.py --out "$OUT" --layers 8 --ckpt-layers 1 --steps 6 --scenes 400 --profile-step 3
+# the rest only while the budget allows (BENCH_BUDGET_S): first the train/serve skew check of the
+# 7B encoder (stored codes == inference codes on 256 images at 512 px, bf16, compiled)
+optional gpu-skew 150 -m pytest -q -s -m gpu tests/gpu -k "codes_equal" -p no:cacheprovider
 optional throughput-7b 150 bench/train_throughput.py --shape 7b --layers 8 --steps 3 --warmup 1 \
     --variants reference,ours,ours-nochunk,ours-sdpa,ours-ckpt-half,anchor-ckpt,anchor,anchor-ours \
     --out "$OUT/throughput_7b.json"

@@ -106,6 +106,7 @@ def merge_rate(shards: int, images: int, directory: Path) -> dict:
         (shard / "records.jsonl").write_text("".join(json.dumps({"id": f"{s}-{i}"}) + "\n" for i in range(images)))
         save_file({"codes": torch.zeros((images, 32, 32), dtype=torch.int32),
                    "tiles": torch.randint(0, 256, (images, 384, 384, 3), dtype=torch.uint8, generator=g),
+                   "image_slots": torch.arange(images, dtype=torch.int64),
                    "image_offsets": torch.arange(images + 1, dtype=torch.int64)}, str(shard / "images.safetensors"))
     nbytes = sum(p.stat().st_size for part in parts for p in part.rglob("*") if p.is_file())
     start = time.perf_counter()

@@ -48,14 +48,20 @@ FULL_7B = 7.01e9  # LLM + head parameters of unitoken-7b (bench/checkpoint_io.py
 TARGETS = {"tokens_vs_bench": 0.90, "mfu": 0.50, "blocking_s_7b": 10.0, "pretokenize_images_per_s": 1000.0}
 
 
-def sh(*args, log: Path) -> float:
+WALL: dict[str, float] = {}  # seconds of each command, by what it was (written into the JSON)
+
+
+def sh(*args, log: Path, what: str = "") -> float:
     """Run a CLI command, its output appended to ``log``; the wall seconds."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(map(str, args))}\n")
         f.flush()
         subprocess.run([str(a) for a in args], check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if what:
+        WALL[what] = round(seconds, 1)
+    return seconds
 
 
 def as_mixed_jpegs(data: Path, out: Path, resolution: int, seed: int = 0) -> tuple[Path, int]:
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--compare-zero", type=int, nargs="*", default=[],
                     help="also time the loop with these train.zero_stage values")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="profile this step of the stage-2 loop (train.profile_step; keep it in the first half)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/unitoken-product-path"))
     args = ap.parse_args()
     out, w = args.out, args.work
@@ -150,23 +158,25 @@ def main() -> None:
     console = Console()
 
     with console.status("synthetic scenes, mixed-size JPEGs") as status:
-        sh(*U, "data", "synth", "--out", w / "d", "--n", args.scenes, "--size", resolution, log=log)
+        sh(*U, "data", "synth", "--out", w / "d", "--n", args.scenes, "--size", resolution, log=log, what="synth")
         manifest, images = as_mixed_jpegs(w / "d", w / "j", resolution)
         models = {}
         for n in dict.fromkeys((args.layers, args.ckpt_layers)):
             status.update(f"model init, {n} layers")
             models[n] = w / f"m{n}"
-            sh(*U, "model", "init", "--recipe", args.recipe, "--out", models[n], "--set", f"model.llm.num_layers={n}", log=log)
+            sh(*U, "model", "init", "--recipe", args.recipe, "--out", models[n], "--set", f"model.llm.num_layers={n}",
+               log=log, what=f"model init, {n} layers")
         params = {n: parameters(m) for n, m in models.items()}
         status.update("pretokenize (timed)")
         seconds = sh(*U, "data", "pretokenize", manifest, "--model", models[min(models)], "--out", w / "p",
-                     "--device", args.device, "--summary-json", w / "pretokenize.json", log=log)
+                     "--device", args.device, "--summary-json", w / "pretokenize.json", log=log, what="pretokenize")
         inner = json.loads((w / "pretokenize.json").read_text())
         # the command's own rate (distinct images decoded + encoded per second of its shard loop)
         # and the wall time with start-up (Python, model load, CUDA init: ~30 s at 7B shapes)
         doc["pretokenize"] = {"images": images, "seconds": round(seconds, 2), "wall_images_per_s": round(images / seconds, 1),
                               "images_per_s": inner["images_per_s"], "loop_seconds": inner["seconds"],
-                              "distinct_images": inner["distinct_images"],
+                              "distinct_images": inner["distinct_images"], "records": inner["records"],
+                              "compile_s": inner.get("compile_s"),
                               "source": "JPEG, 0.6x/1x/2.5x the VQ resolution, aspect 3:4 to 4:3"}
         (out / "product_path.json").write_text(json.dumps(doc, indent=1))
         # the loop at the recipe's defaults (only layers and steps given), then ZeRO variants, then saves
@@ -180,22 +190,30 @@ def main() -> None:
             if models.get(n) is not None:  # stage 2 starts from a stage-1 hand-off: one step at the defaults
                 status.update(f"stage 1 hand-off, {n} layers")
                 sh(*U, "train", "--stage", 1, "--recipe", args.recipe, "--data", w / "p", "--out", w / f"s1_{n}",
-                   "--init", models[n], "--max-steps", 1, "--no-track", "--set", f"model.llm.num_layers={n}", log=log)
+                   "--init", models[n], "--max-steps", 1, "--no-track", "--set", f"model.llm.num_layers={n}", log=log,
+                   what=f"stage 1, {n} layers, 1 step")
                 doc[f"stage1_{n}_layers"] = loop_numbers(w / f"s1_{n}")
                 shutil.rmtree(models[n])  # the disk holds a few 7B-shape copies at most (64 GiB on the GPU machine)
                 models[n] = None
             status.update(f"stage 2: {name} ({n} layers, {steps} steps)")
             every = args.save_every if name.startswith("ckpt") else steps + 1
             sets = sets + ([f"train.save_every={every}"] if name.startswith("ckpt") else [])
+            if name == "loop" and args.profile_step:  # in the first half: not in the medians
+                sets.append(f"train.profile_step={args.profile_step}")
             sh(*U, "train", "--stage", 2, "--recipe", args.recipe, "--data", w / "p", "--out", w / name,
                "--init", w / f"s1_{n}" / "handoff", "--max-steps", steps, "--no-track", "--resume", "never",
-               "--set", f"model.llm.num_layers={n}", *[x for s in sets for x in ("--set", s)], log=log)
-            doc[name] = {**save_numbers(w / name, params[n]), **loop_numbers(w / name)} if name.startswith("ckpt") \
-                else loop_numbers(w / name)
+               "--set", f"model.llm.num_layers={n}", *[x for s in sets for x in ("--set", s)], log=log,
+               what=f"stage 2 {name}, {n} layers, {steps} steps")
+            for prof in (w / name).glob("profile_step*.txt"):
+                shutil.copy(prof, out / f"{name}_{prof.name}")
+            doc[name] = {**save_numbers(w / name, params[n]), **loop_numbers(w / name), "layers": n} \
+                if name.startswith("ckpt") else {**loop_numbers(w / name), "layers": n}
+            doc["wall_s"] = WALL
             (out / "product_path.json").write_text(json.dumps(doc, indent=1))  # what finished, if a limit cuts the rest
             shutil.rmtree(w / name / "handoff", ignore_errors=True)
             shutil.rmtree(w / name / "checkpoints", ignore_errors=True)
     doc["recompile_limit_warnings"] = log.read_text().count("recompile_limit")
+    doc["wall_s"] = WALL
     bench = bench_tokens_per_s(out)
     if bench:
         doc["loop"]["bench_tokens_per_s"] = bench
@@ -226,6 +244,12 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
                         f"peak {run.get('peak_gib')} GiB, {run.get('micro_batches')} micro-batches of <= "
                         f"{plan.get('micro_batch_tokens', '?')} tokens, {plan.get('checkpoint_layers', '?')} layers "
                         "checkpointed", "ran"))
+    if "ckpt_staged" in doc and "median_tokens_per_s" in doc["ckpt_staged"]:
+        c = doc["ckpt_staged"]
+        out.append((f"stage 2, {c.get('layers', '?')} layer(s) at the recipe's defaults (saves every few steps)",
+                    "runs, no OOM", f"{c['median_tokens_per_s']:,.0f} tok/s, peak {c.get('peak_gib')} GiB, "
+                    f"{c.get('micro_batches')} micro-batches of <= {c.get('memory_plan', {}).get('micro_batch_tokens', '?')} "
+                    "tokens", "ran"))
     if "recompile_limit_warnings" in doc:
         out.append(("dynamo recompile-limit warnings in the log", "0", str(doc["recompile_limit_warnings"]),
                     "met" if doc["recompile_limit_warnings"] == 0 else "missed"))

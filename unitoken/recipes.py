@@ -70,7 +70,7 @@ def unitoken_7b() -> Recipe:
     vq = VQConfig(num_codes=8192, embed_dim=256, latent_channels=256, base_channels=128,
                   channel_multiplier=(1, 1, 2, 2, 4), resolution=512, num_res_blocks=2,
                   # bf16 at pre-tokenisation and inference alike: ~4x fp32 on the GPU (docs/performance.md)
-                  encode_dtype="bfloat16")
+                  encode_dtype="bfloat16", encode_compiled=True)
     model = ModelConfig(
         llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                       num_kv_heads=32, vocab_size=65536, max_position_embeddings=4096),

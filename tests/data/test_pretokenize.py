@@ -58,6 +58,42 @@ def test_shards_roundtrip_into_samples(prepared, tmp_path):
     torch.testing.assert_close(sample.images.pixel_values, cont.pixel_values, atol=1 / 127.5, rtol=0)
 
 
+def test_shards_store_each_image_once_and_format_2_reads_the_same(prepared, tmp_path):
+    """A shard holds each distinct image once (records of a scene point at it), and a shard of
+    format 2 (every record's images stored again) gives the same samples."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d, model, builder = prepared
+    summary = pretokenize(d / "v" / "clean.jsonl", model, tmp_path / "p", shard_size=500)
+    shard = tmp_path / "p" / "shards" / "shard_00000"
+    t = load_file(str(shard / "images.safetensors"))
+    records = [json.loads(x) for x in (shard / "records.jsonl").read_text().splitlines()]
+    distinct = {rel for r in records for rel in r.get("image", [])}
+    assert t["codes"].shape[0] == t["grids"].shape[0] == len(distinct) == summary["distinct_images"]
+    assert t["image_slots"].shape[0] == summary["encoded_images"] == sum(len(r.get("image", [])) for r in records)
+    assert len(distinct) < len(records)  # the synthetic scenes share images: something was saved
+    v3 = ShardDataset(tmp_path / "p", builder, splits=None)
+    # the same shard as format 2 wrote it: every record image's tensors in record order
+    shutil.copytree(tmp_path / "p", tmp_path / "v2")
+    slots = t["image_slots"]
+    tiles = [t["tiles"][t["tile_offsets"][k]: t["tile_offsets"][k + 1]] for k in slots.tolist()]
+    save_file({"codes": t["codes"][slots], "grids": t["grids"][slots], "sizes": t["sizes"][slots],
+               "tiles": torch.cat(tiles), "image_offsets": t["image_offsets"],
+               "tile_offsets": torch.tensor([0] + [sum(x.shape[0] for x in tiles[: i + 1]) for i in range(len(tiles))])},
+              str(tmp_path / "v2" / "shards" / "shard_00000" / "images.safetensors"))
+    index = json.loads((tmp_path / "v2" / "index.json").read_text())
+    (tmp_path / "v2" / "index.json").write_text(json.dumps({**index, "format_version": 2}))
+    v2 = ShardDataset(tmp_path / "v2", builder, splits=None)
+    for i in range(len(v3)):
+        a, b = v3[i], v2[i]
+        assert a.encoded.input_ids == b.encoded.input_ids and a.encoded.labels == b.encoded.labels
+        assert (a.images is None) == (b.images is None)
+        if a.images is not None:
+            assert torch.equal(a.images.pixel_values, b.images.pixel_values) and a.images.grids == b.images.grids
+
+
 def test_generation_records_have_no_continuous_inputs(prepared, tmp_path):
     d, model, builder = prepared
     pretokenize(d / "v" / "clean.jsonl", model, tmp_path / "p", shard_size=500)
@@ -150,7 +186,7 @@ def test_anyres_refuses_shards_of_format_1(photos, tmp_path):
     shutil.copytree(d / "p", tmp_path / "p")
     index = json.loads((tmp_path / "p" / "index.json").read_text())
     (tmp_path / "p" / "index.json").write_text(json.dumps({**index, "format_version": 1}))
-    with pytest.raises(ValueError, match=r"format_version 1; this unitoken reads 2 \(and 1 without AnyRes\)"):
+    with pytest.raises(ValueError, match=r"format_version 1; this unitoken reads 3 and 2 \(and 1 without AnyRes\)"):
         ShardDataset(tmp_path / "p", builder)
 
 

@@ -55,9 +55,10 @@ class ShardDataset:
                              "pre-tokenise again with this model")
         version = self.index.get("format_version")
         # Version 1 stretched AnyRes tiles and kept no image sizes; its base-only tiles are the same.
-        if version != FORMAT_VERSION and (version != 1 or cfg.vision.anyres):
+        # Version 2 stored every record's images (no image_slots); they read the same.
+        if version not in (FORMAT_VERSION, 2) and (version != 1 or cfg.vision.anyres):
             raise ValueError(f"{self.root} has shard format_version {version}; this unitoken reads "
-                             f"{FORMAT_VERSION} (and 1 without AnyRes): pre-tokenise again")
+                             f"{FORMAT_VERSION} and 2 (and 1 without AnyRes): pre-tokenise again")
         self.records: list[tuple[int, int, dict]] = []  # (shard, position in shard, record)
         for s, shard in enumerate(self.index["shards"]):
             with open(self.root / "shards" / shard["name"] / "records.jsonl") as fh:
@@ -88,10 +89,11 @@ class ShardDataset:
         lo, hi = int(t["image_offsets"][j]), int(t["image_offsets"][j + 1])
         inputs, tiles, grids, sizes = [], [], [], []
         answer_images = sum(turn["value"].count("<|image|>") for turn in rec["conversations"] if turn["from"] == "gpt")
-        for k in range(lo, hi):
+        slots = t["image_slots"][lo:hi].tolist() if "image_slots" in t else range(lo, hi)  # format 2: one each
+        for n, k in enumerate(slots):
             grid = tuple(int(x) for x in t["grids"][k])
             size = tuple(int(x) for x in t["sizes"][k]) if "sizes" in t else (0, 0)  # v1: base-only, unused
-            is_output = k >= hi - answer_images  # images in gpt turns are generated, never read
+            is_output = lo + n >= hi - answer_images  # images in gpt turns are generated, never read
             n_cont = 0 if is_output or cfg.encoder_mode == "discrete" else \
                 num_continuous_features(grid, size, cfg.vision)
             inputs.append(ImageInput(codes=t["codes"][k].long(), num_continuous=n_cont))

@@ -151,6 +151,17 @@ class UniToken(nn.Module):
                 # the layer (``layer.compile()``), dynamo re-traced them for every layer and hit
                 # its recompile limit in _pre_backward_module_hook (issue 32).
                 layer.forward = torch.compile(layer.forward)
+            # the SigLIP tower too (its layers run forward and backward on every understanding
+            # sample); the number of tiles changes per micro-batch: one dynamic recompile
+            for layer in self.vision_layers():
+                layer.forward = torch.compile(layer.forward)
+
+    def vision_layers(self) -> list[nn.Module]:
+        """The SigLIP tower's encoder layers (none without a tower); found by type, as the
+        attribute path differs between transformers releases."""
+        if self.vision is None:
+            return []
+        return [m for m in self.vision.modules() if type(m).__name__.endswith("EncoderLayer")]
 
     def set_checkpoint_layers(self, checkpoint_layers: int) -> None:
         """Recompute the activations of the first n decoder layers in backward (-1 = all, 0 = none)."""

@@ -60,6 +60,7 @@ from unitoken.train.memory import (
     measure_free_bytes,
     plan_memory,
 )
+from unitoken.train.profiling import profiled
 from unitoken.train.tracking import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
@@ -420,7 +421,8 @@ class Trainer:
             for step in range(self.state.step + 1, self.stage.max_steps + 1):
                 t0 = time.perf_counter()
                 drawn = prefetch.get()
-                row = self.train_step(drawn, step, t0)
+                with profiled(self.out / f"profile_step{step}.txt", step == self.cfg.profile_step and self.rank == 0):
+                    row = self.train_step(drawn, step, t0)
                 self.state.step, self.state.draws, self.state.sampler = step, drawn.draws, drawn.sampler_state
                 losses.append(row["loss"])
                 self._record(row, drawn, metrics_file)

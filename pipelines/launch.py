@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from pipelines.unitoken_training import build_pipeline, compile_pipeline
+from pipelines.unitoken_training import build_pipeline, compile_pipeline  # noqa: F401  (the CLI compiles through launch)
 
 
 def run_local(data_uri: str, root: Path, params: dict, stages: tuple[int, ...] = (1, 2, 3),
@@ -50,11 +50,11 @@ def _job_name(artifacts: Path) -> str:
 def summarize(job: str, model_name: str) -> dict:
     """What a pipeline job recorded in MLflow, found by the job's name on its parent run
     (kfp.local names every job <pipeline>-<timestamp>: unique here, unlike a server's display names)."""
-    from unitoken.pipeline.steps import PIPELINE_NAME_TAG, _client
-    from unitoken.train.tracking import ensure_experiment
+    from unitoken.pipeline.steps import PIPELINE_NAME_TAG
+    from unitoken.tracking import store as tracking
 
-    client = _client()
-    exp = ensure_experiment(client)
+    client = tracking.client()
+    exp = tracking.ensure_experiment(client)
     parents = client.search_runs([exp], filter_string=f"tags.`{PIPELINE_NAME_TAG}` = '{job}'", max_results=1)
     if not parents:
         return {"job": job, "state": "NOT STARTED", "steps": [], "scores": {}, "heldout": {}, "gate": None,

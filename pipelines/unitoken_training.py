@@ -29,7 +29,12 @@ from components.register_model.component import register_model
 from components.train_stage.component import train_stage
 from components.train_tokenizer.component import train_tokenizer
 from components.validate_data.component import validate_data
-from unitoken.pipeline.cluster import TRAIN_STEPS, ClusterConfig, PretokenizeConfig, validate_cluster
+from unitoken.pipeline.cluster import (
+    TRAIN_STEPS,
+    ClusterConfig,
+    PretokenizeConfig,
+    validate_cluster,
+)
 
 # A run is keyed by its id (unique); its display name (PIPELINE_JOB_NAME_PLACEHOLDER on a KFP
 # server) is not, and keys the MLflow parent run's name only, never a directory or object name.

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from unitoken.layout import max_input_image_tokens, min_seq_len
+
 ENCODER_MODES = ("dual", "discrete", "continuous")
 FREEZE_PREFIXES = ("vision", "adapter", "llm", "lm_head")
 ANYRES_GRIDS = ((2, 2), (1, 2), (1, 3), (2, 1), (3, 1))  # UniToken tech report, AnyRes
@@ -379,9 +381,6 @@ class Recipe:
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
-        # Imported here: the token arithmetic lives beside the sequence builder (model code).
-        from unitoken.model.sequence import max_input_image_tokens, min_seq_len
-
         need = min_seq_len(self.model)
         for n in (1, 2, 3):
             have = self.train.stage(n).max_seq_len

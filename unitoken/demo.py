@@ -37,7 +37,6 @@ def main() -> int:
     # (a tokenizer step on 2 shared cores: 2.8 s with 2 threads, 0.7 s with 1; docs/results.md).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from unitoken.cli import main as unitoken
-
     from unitoken.files import unitoken_home
 
     state = unitoken_home()  # the checkout's .unitoken/ when `make demo` runs it

@@ -28,8 +28,7 @@ from unitoken.config import (
     VQConfig,
     apply_overrides,
 )
-from unitoken.model.sequence import max_input_image_tokens
-from unitoken.model.tokens import min_vocab_size
+from unitoken.layout import max_input_image_tokens, min_vocab_size
 
 ALL = ("vision", "adapter", "llm", "lm_head")
 # Stage data of the synthetic shapes set (`unitoken data synth`): captions to align vision;

@@ -37,9 +37,14 @@ import time
 import uuid
 from pathlib import Path
 
-from unitoken.train.checkpoint import HANDOFF, ancestry, handoff_digest, verify_handoff
-from unitoken.train.tracking import (ArtifactLogError, _fail_fast_http, default_tracking_uri, experiment_for,
-                                     with_artifact_retries)
+from unitoken.model.handoff import HANDOFF, ancestry, handoff_digest, verify_handoff
+from unitoken.tracking import store as tracking
+from unitoken.tracking.store import (
+    ArtifactLogError,
+    default_tracking_uri,
+    experiment_for,
+    with_artifact_retries,
+)
 
 ZERO = "0" * 64
 HISTORY = "unitoken.history"
@@ -57,14 +62,6 @@ class RegistryError(RuntimeError):
 
 class ConflictError(RegistryError):
     """Another promotion moved the alias first (or the alias is not where the caller expected)."""
-
-
-def _client():
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=default_tracking_uri())
 
 
 def _sha(data: bytes) -> str:
@@ -125,7 +122,7 @@ def _git_commit() -> str:
 
 
 def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: dict, forced: str | None,
-                   client) -> list[dict]:
+                   client, pipeline_run_id: str | None = None) -> list[dict]:
     stages = _stage_chain(model_dir)
     if not stages:
         raise RegistryError(f"{model_dir}: not a stage hand-off (no {HANDOFF}); register the output of `unitoken train`")
@@ -154,7 +151,7 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
     from importlib.metadata import version
 
     entries.append({"kind": "build", "package_version": version("unitoken"), "git_commit": _git_commit(),
-                    "pipeline_run_id": os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")})
+                    "pipeline_run_id": pipeline_run_id})
     return chain(entries)
 
 
@@ -162,8 +159,9 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
 
 
 def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force: bool = False,
-             reason: str | None = None) -> dict:
+             reason: str | None = None, parent_run_id: str | None = None) -> dict:
     """Log the model (pyfunc LoggedModel + registered version), its evidence and passport; alias challenger.
+    The registration run nests under ``parent_run_id`` (the pipeline run), which the passport names.
 
     A hand-off that ``name`` already has as a version (the same hand-off digest: the same
     weights from the same stage chain, e.g. a re-run whose steps were all cache hits) registers
@@ -177,7 +175,7 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
             raise RegistryError(f"{gate_file}: the gate did not pass ({'; '.join(decision.get('reasons', []))}); "
                                 "register anyway only with --force --reason TEXT")
     verify_handoff(model_dir)
-    client = _client()
+    client = tracking.client()
     digest = handoff_digest(model_dir)
     existing = version_of_handoff(client, name, digest)
     if existing is not None:
@@ -186,10 +184,10 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
                 "model_id": existing.tags.get("unitoken.logged_model"),
                 "passport_sha256": existing.tags.get("unitoken.passport_sha256"), "handoff_sha256": digest,
                 "duplicate": True}
-    passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client)
+    parent = parent_run_id
+    passport = build_passport(model_dir, eval_dir, gate_file, decision, reason if force else None, client, parent)
     passport_sha = canonical_sha({"passport": passport})
     tags = {"unitoken.kind": "registration"}
-    parent = os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
     exp_id = experiment_for(client, parent)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -398,7 +396,7 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def resolve(uri: str, client=None):
-    client = client or _client()
+    client = client or tracking.client()
     name, version, alias = parse_uri(uri)
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -412,7 +410,7 @@ def fetch(mv, client=None, dest: Path | None = None) -> dict[str, Path]:
     whole artifact for versions registered before the pyfunc packaging)."""
     import mlflow.artifacts
 
-    client = client or _client()
+    client = client or tracking.client()
     if dest is None:
         dest = Path(tempfile.mkdtemp(prefix=f"unitoken-{mv.name}-v{mv.version}-"))
     else:
@@ -458,7 +456,7 @@ def packaged_artifact(mlflow_model: Path, key: str) -> Path:
 
 def load_uri(uri: str) -> Path:
     """Fetch and verify ``models:/...`` and return a local model directory (for every command)."""
-    client = _client()
+    client = tracking.client()
     mv = resolve(uri, client)
     from unitoken.files import unitoken_home
 
@@ -467,6 +465,13 @@ def load_uri(uri: str) -> Path:
     if problems:
         raise RegistryError(f"{uri} (version {mv.version}) fails verification: {problems[0]}")
     return paths["model"]
+
+
+def model_dir(arg: str | Path) -> Path:
+    """A command's model argument as a local directory: ``models:/NAME/V`` and ``models:/NAME@ALIAS``
+    are fetched and verified (``load_uri``), anything else is a path. Commands resolve URIs where
+    they start; the model, data and training code take directories."""
+    return load_uri(str(arg)) if str(arg).startswith("models:/") else Path(arg)
 
 
 def verify_evidence(passport: list[dict], model_dir: Path, eval_dir: Path, gate_file: Path,
@@ -504,9 +509,9 @@ def verify_version(mv, paths: dict[str, Path], client) -> list[str]:
     problems += verify_evidence(passport, paths["model"], paths["eval"], paths["gate"])
     packaged = paths.get("mlflow_model")
     if packaged is not None and (packaged / "MLmodel").is_file():
-        from unitoken.serving import verify_packaged
-
         import yaml
+
+        from unitoken.serving import verify_packaged
 
         config = yaml.safe_load((packaged / "MLmodel").read_text()).get("flavors", {}).get(
             "python_function", {}).get("config") or {}
@@ -565,7 +570,7 @@ def history(name: str, alias: str = "champion", client=None) -> list[dict]:
     start where the previous one ended, or the alias is not where the last one left it. (A move
     whose promoter was killed after moving the alias shows that way too, until the next
     ``promote`` settles its claim as completed.)"""
-    client = client or _client()
+    client = client or tracking.client()
     moves = [e for _, e in sorted(_records(client, name, alias).items()) if e.get("status", "done") in MOVED]
     out, at = [], None
     for m in moves:
@@ -684,7 +689,7 @@ def promote(name: str, version: str, alias: str = "champion", expect_current: st
         ConflictError: the alias is not where ``expect_current`` says, or another promotion won.
         RegistryError: the version does not verify against its passport.
     """
-    client = _client()
+    client = tracking.client()
     version = str(version)
     mv = resolve(f"models:/{name}/{version}", client)
     ledger = _ledger(client, name)
@@ -718,7 +723,7 @@ def _move(client, name: str, alias: str, version: str, current: str | None, acti
     # Claim -> move -> record with one HTTP attempt per call (MLflow's own retries can stall a
     # call for minutes): the window another promoter could take for a killed one stays far
     # inside the lease.
-    with _fail_fast_http():
+    with tracking.fail_fast_http():
         if not _claim_param(client, ledger, f"{alias}.{seq:06d}", json.dumps(entry, ensure_ascii=False)):
             raise ConflictError(f"another promotion of {name}@{alias} moved first (move #{seq}); re-read and retry")
         if _holder(client, name, alias) != current:  # moved outside the CLI since we read it
@@ -739,7 +744,7 @@ def rollback(name: str, alias: str = "champion", reason: str = "rollback") -> di
     Raises:
         RegistryError: the model has no such alias, or no earlier holder was recorded.
     """
-    client = _client()
+    client = tracking.client()
     current = _holder(client, name, alias)
     if current is None:
         aliases = sorted(client.get_registered_model(name).aliases)
@@ -757,7 +762,7 @@ def rollback(name: str, alias: str = "champion", reason: str = "rollback") -> di
 
 def lineage(uri: str) -> dict:
     """The lineage tree of a version, every digest re-verified; ``ok`` False on any broken link."""
-    client = _client()
+    client = tracking.client()
     mv = resolve(uri, client)
     paths = fetch(mv, client)
     try:

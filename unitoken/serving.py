@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
-import os
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,12 +286,6 @@ def _params(params: dict | None, limits: Limits) -> dict:
     return out
 
 
-def _device() -> str:
-    import torch
-
-    return os.environ.get("UNITOKEN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 try:
     import pandas as pd
     from mlflow.pyfunc import PythonModel
@@ -304,6 +297,7 @@ class UniTokenModel(PythonModel):
     """MLflow pyfunc over a verified hand-off (see the module docstring for the contract)."""
 
     def load_context(self, context) -> None:
+        from unitoken.model.devices import pick_device
         from unitoken.model.io import load_model
         from unitoken.model.sequence import SequenceBuilder
 
@@ -315,11 +309,15 @@ class UniTokenModel(PythonModel):
                                + "; it is not the model its passport describes. Re-download it, or register "
                                  "the hand-off again")
         self.limits = Limits.from_config(handoff, context.model_config)
-        self.model, tokenizer = load_model(handoff, device=_device())
+        self.model, tokenizer = load_model(handoff, device=pick_device())
         self.builder = SequenceBuilder(self.model.tokens, tokenizer, self.model.config)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from unitoken.model.generation import decode_images, generate_image_codes_batch, generate_text_batch
+        from unitoken.model.generation import (
+            decode_images,
+            generate_image_codes_batch,
+            generate_text_batch,
+        )
 
         p = _params(params, self.limits)
         rows = parse_rows(model_input, self.limits)

@@ -27,12 +27,9 @@ def train_stage(stage: int, recipe: str, overrides_json: str, mixture_ratio: str
     root = Path(checkpoint_root) if checkpoint_root else Path(handoff.path).parent / "work"
     work = root / steps.dns_name(job) / f"stage{stage}"
     cache = StepCache(Path(checkpoint_root) / "cache" if checkpoint_root else None, use_cache)
-    args = (stage, recipe, overrides, Path(tokens.path), Path(init.path), Path(handoff.path), work, parent_run_id)
-    if num_nodes > 1:
-        info = steps.train_stage_on_trainer(*args, job=job, cluster_doc=json.loads(cluster_json), max_steps=max_steps,
-                                             cache=cache)
-    else:
-        info = steps.train_stage(*args, max_steps=max_steps, cache=cache, gpus=gpus)
+    runs_on = steps.RunsOn.pod(num_nodes, gpus, job, json.loads(cluster_json) if num_nodes > 1 else None)
+    info = steps.train_stage(stage, recipe, overrides, Path(tokens.path), Path(init.path), Path(handoff.path), work,
+                             parent_run_id, runs_on, max_steps=max_steps, cache=cache)
     handoff.metadata.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
     for key in ("final_loss", "first_loss", "seconds"):
         if isinstance(info.get(key), (int, float)):

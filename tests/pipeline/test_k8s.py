@@ -18,7 +18,13 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from unitoken.pipeline.cluster import GPU_STEPS, load_cluster
-from unitoken.pipeline.manifests import check_images, check_overlay, check_secret_env, render, secret_env_files
+from unitoken.pipeline.manifests import (
+    check_images,
+    check_overlay,
+    check_secret_env,
+    render,
+    secret_env_files,
+)
 from unitoken.pipeline.podsecurity import restricted_violations
 
 ROOT = Path(__file__).resolve().parents[2]

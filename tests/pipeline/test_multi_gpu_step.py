@@ -10,7 +10,7 @@ from unitoken.pipeline import steps
 
 
 def test_a_two_gpu_step_trains_with_two_ranks(work, tmp_path, monkeypatch):  # noqa: F811
-    """steps.train_stage(gpus=2): two ranks under torchrun (the stage's MLflow run says
+    """steps.train_stage on RunsOn("torchrun", gpus=2): two ranks under torchrun (the stage's MLflow run says
     world_size 2), the per-step log is the global one, the hand-off is verified and published."""
     from mlflow import MlflowClient
 
@@ -19,7 +19,7 @@ def test_a_two_gpu_step_trains_with_two_ranks(work, tmp_path, monkeypatch):  # n
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     parent = steps.open_pipeline_run("uuid-multi-gpu", "two ranks", {})
     info = steps.train_stage(1, "tiny", ["train.dropout=0"], work / "p", work / "m", tmp_path / "handoff",
-                             tmp_path / "work", parent, max_steps=2, gpus=2)
+                             tmp_path / "work", parent, steps.RunsOn("torchrun", gpus=2), max_steps=2)
     assert info["processes"] == 2 and info["steps"] == 2 and info["stage"] == 1
     assert (tmp_path / "handoff" / "handoff.json").is_file()
     ds = json.loads((tmp_path / "work" / "deepspeed.json").read_text())

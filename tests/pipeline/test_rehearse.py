@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,18 @@ def _example() -> dict:
     return yaml.safe_load(EXAMPLE.read_text())["cluster"]
 
 
+def _rehearse(cluster, overlay: Path | None, package: Path | None = None):
+    """``rehearse`` as the CLI runs it: on ``package``, else on the pipeline compiled for ``cluster``."""
+    from pipelines.unitoken_training import compile_pipeline
+
+    if package is not None:
+        return rehearse(cluster, overlay, package)
+    with tempfile.TemporaryDirectory() as tmp:
+        return rehearse(cluster, overlay, compile_pipeline(Path(tmp) / "pipeline.yaml", (1, 2, 3), cluster))
+
+
 def _failures(doc: dict, overlay: Path | None = OVERLAY, package: Path | None = None) -> list:
-    found, _ = rehearse(cluster_from_dict(doc), overlay, package=package)
+    found, _ = _rehearse(cluster_from_dict(doc), overlay, package)
     return [f for f in found if not f.ok]
 
 
@@ -145,7 +156,7 @@ def test_pod_security_checker_on_known_pods():
 def test_without_manifests_the_pipeline_side_is_still_rehearsed():
     """No overlay: task pods, TrainJob structure and run keys are still checked, and nothing fails
     for want of the manifests (the TrainingRuntime-dependent rows are notes)."""
-    found, _ = rehearse(cluster_from_dict(_example()), None)
+    found, _ = _rehearse(cluster_from_dict(_example()), None)
     assert not [f for f in found if not f.ok]
     assert {"schema", "restricted", "fit", "launcher", "run-key"} <= {f.rule for f in found}
     assert any(f.warning and "no --k8s overlay" in f.detail for f in found)

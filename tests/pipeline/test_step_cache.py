@@ -230,7 +230,7 @@ def test_stage_rerun_reuses_the_handoff_and_a_changed_override_retrains(tmp_path
     same tokenizer, the same scores and the same verified hand-off without computing (its MLflow run points at the training run, which the hand-off also names, so the
     registry's lineage is intact); another override trains again."""
     from unitoken.data.synth import synthesize
-    from unitoken.train.checkpoint import verify_handoff
+    from unitoken.model.handoff import verify_handoff
 
     synthesize(tmp_path / "data", 12)
     cache = tmp_path / "cache"

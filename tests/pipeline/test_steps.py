@@ -162,7 +162,9 @@ def test_kfp_mlflow_integration_parent_run_is_reused(s3_env, monkeypatch):
 def test_a_step_with_no_parent_run_id_touches_no_mlflow(monkeypatch):
     """parent_run_id None (the small study on a machine without MLflow): the step's run records
     nothing and no MLflow client is made."""
-    monkeypatch.setattr(steps, "_client", lambda: pytest.fail("an MLflow client was made"))
+    from unitoken.tracking import store
+
+    monkeypatch.setattr(store, "client", lambda *a: pytest.fail("an MLflow client was made"))
     with steps.step_run("validate", None, {"x": 1}) as run:
         run.params({"y": 2})
         run.metrics({"a/b": 1.0})

@@ -222,8 +222,8 @@ def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
     """The multi-node step copies its inputs to the shared volume and launches `unitoken train` with
     arguments the CLI accepts; without a hand-off on the volume afterwards it fails, never publishes."""
     from unitoken.cli import build_parser
+    from unitoken.model.handoff import HandoffError
     from unitoken.pipeline import steps
-    from unitoken.train.checkpoint import HandoffError
 
     (tmp_path / "tokens").mkdir()
     (tmp_path / "tokens" / "index.json").write_text("{}")
@@ -237,10 +237,10 @@ def test_stage_on_trainer_stages_inputs_and_runs_a_valid_command(tmp_path):
             return body["metadata"]["name"] + "-a1", "JobSetCompleted"
 
     with pytest.raises(HandoffError):
-        steps.train_stage_on_trainer(2, "tiny", ["train.seed=3"], tmp_path / "tokens", tmp_path / "init",
-                                     tmp_path / "out", tmp_path / "pvc" / "job" / "stage2", "run123",
-                                     "0b6f7e3c-3d1a-4a57-9a43-5bd1f0c2e8aa", CLUSTER.to_json(), max_steps=5,
-                                     launcher=FakeLauncher())
+        runs_on = steps.RunsOn("trainjob", job="0b6f7e3c-3d1a-4a57-9a43-5bd1f0c2e8aa", cluster_doc=CLUSTER.to_json(),
+                               launcher=FakeLauncher())
+        steps.train_stage(2, "tiny", ["train.seed=3"], tmp_path / "tokens", tmp_path / "init", tmp_path / "out",
+                          tmp_path / "pvc" / "job" / "stage2", "run123", runs_on, max_steps=5)
     cmd = seen["body"]["spec"]["trainer"]["command"]
     assert cmd[:3] == ["torchrun", "-m", "unitoken.cli"]
     args = build_parser().parse_args(cmd[3:])

@@ -37,7 +37,7 @@ def distinct_handoff(servers, label: str) -> str:
     names no training run (stage 3's run records the original's digest), so its lineage shows
     stage 3 without a run. Returns its path relative to the servers' directory."""
     from unitoken.files import write_json
-    from unitoken.train.checkpoint import HANDOFF, handoff_digest
+    from unitoken.model.handoff import HANDOFF, handoff_digest
 
     src, rel = servers["tmp"] / "s3" / "handoff", f"copies/{label}"
     dst = servers["tmp"] / rel

@@ -63,7 +63,7 @@ def test_pipeline_and_training_tracking_authenticate_from_the_environment(as_use
     from mlflow import MlflowClient
 
     from unitoken.pipeline import steps
-    from unitoken.train.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker
 
     parent = steps.open_pipeline_run("job-basic-auth", "basic auth", {"recipe": "tiny"})
     with steps.step_run("validate", parent, {"rows": 3}) as run:
@@ -83,7 +83,7 @@ def test_wrong_password_fails_clearly(as_user, monkeypatch, tmp_path):
     """A pipeline step fails with the server's 401; training keeps going and queues its tracking
     to pending.jsonl (the documented outage policy) instead of dying mid-stage."""
     from unitoken.pipeline import steps
-    from unitoken.train.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
     with pytest.raises(Exception, match="401|[Uu]nauthori|credentials"):

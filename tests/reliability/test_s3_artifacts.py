@@ -165,9 +165,9 @@ def _candidate(tmp: Path) -> tuple[Path, Path, Path]:
     """A stage-1 hand-off of a fresh tiny model, an evaluation and a passing gate decision (no
     training: registration reads only these files)."""
     from unitoken.config import config_hash
+    from unitoken.model.handoff import write_handoff
     from unitoken.model.io import init_model, save_model
     from unitoken.recipes import get_recipe
-    from unitoken.train.checkpoint import write_handoff
 
     _candidates[0] += 1
     model_dir = tmp / f"handoff{_candidates[0]}"
@@ -214,7 +214,7 @@ def test_short_s3_outage_during_registration_is_ridden_out(env, cut_at, tmp_path
     from unitoken import registry
 
     uploads = cut_at(6, restore_after_s=1.5)
-    with caplog.at_level(logging.WARNING, logger="unitoken.train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="unitoken.tracking.store"):
         info = registry.register(*_candidate(tmp_path), name="riding")
     assert any("retrying in" in r.getMessage() for r in caplog.records)
     assert len(uploads) > 6 + 1  # the cut upload was tried again (with the rest of the model files)
@@ -254,7 +254,7 @@ def test_persistent_s3_outage_registers_nothing_and_says_what_to_do(env, cut_at,
 def test_training_keeps_logging_metrics_while_s3_is_down_and_stores_artifacts_when_back(env, tmp_path):
     """The training tracker: an artifact S3 refuses is set aside, metrics keep arriving, the
     artifact is stored once S3 answers again, then the run is FINISHED."""
-    from unitoken.train.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker
 
     curve = tmp_path / "metrics.jsonl"
     curve.write_text("".join(json.dumps({"step": i, "loss": 3 - i / 10}) + "\n" for i in range(50)))
@@ -280,7 +280,7 @@ def test_training_artifacts_outlasting_the_stage_go_to_pending_and_replay(env, t
     """S3 down past the end of the stage: metrics are delivered, the artifact and the run's end
     go to pending.jsonl; a replay while S3 is still down keeps exactly those two calls (nothing
     sent twice); once S3 is back the replay stores the artifact and finishes the run."""
-    from unitoken.train.tracking import MLflowTracker, replay
+    from unitoken.tracking import MLflowTracker, replay
 
     handoff = tmp_path / "handoff.json"
     handoff.write_text('{"stage": 2}\n')
@@ -328,7 +328,7 @@ def test_model_download_rides_out_a_short_s3_outage_and_fails_clearly_on_a_long_
     info = registry.register(*_candidate(tmp_path), name="fetched")
     env["relay"].down()
     threading.Timer(1.5, env["relay"].up).start()
-    with caplog.at_level(logging.WARNING, logger="unitoken.train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="unitoken.tracking.store"):
         model_dir = registry.load_uri(info["uri"])
     assert any("retrying in" in r.getMessage() for r in caplog.records)  # the outage was met, and ridden out
     assert (model_dir / "model.safetensors").is_file()

@@ -15,7 +15,13 @@ from unitoken.data.dataset import Sample
 from unitoken.model.sequence import Encoded
 from unitoken.recipes import get_recipe
 from unitoken.train.batching import slots, split_micro_batches
-from unitoken.train.memory import GIB, ActivationModel, MemoryPlanError, activation_budget, plan_memory
+from unitoken.train.memory import (
+    GIB,
+    ActivationModel,
+    MemoryPlanError,
+    activation_budget,
+    plan_memory,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,5 @@
 """Training building blocks: DeepSpeed config, optimizer groups and schedule, checkpoints, tracking."""
 
-import json
 import os
 import socket
 import subprocess
@@ -135,7 +134,7 @@ def test_tracking_survives_server_outage(tmp_path):
     """Server killed mid-stage: logging never raises; metrics arrive, in order, once it is back."""
     from mlflow import MlflowClient
 
-    from unitoken.train.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -160,7 +159,7 @@ def test_tracking_survives_server_outage(tmp_path):
 def test_unreachable_tracking_writes_pending_then_replays(tmp_path):
     from mlflow import MlflowClient
 
-    from unitoken.train.tracking import MLflowTracker, replay
+    from unitoken.tracking import MLflowTracker, replay
 
     dead = f"http://127.0.0.1:{_free_port()}"
     tracker = MLflowTracker("stage1", tmp_path, tracking_uri=dead, final_wait_s=0.5, min_flush_interval_s=0)
@@ -180,7 +179,7 @@ def test_unreachable_tracking_writes_pending_then_replays(tmp_path):
 def test_stage_run_nests_under_pipeline_parent(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from unitoken.train.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -197,7 +196,7 @@ def test_replay_sends_every_section_of_a_pending_file(tmp_path):
     replay delivers both, not only the last."""
     from mlflow import MlflowClient
 
-    from unitoken.train.tracking import MLflowTracker, replay
+    from unitoken.tracking import MLflowTracker, replay
 
     dead = f"http://127.0.0.1:{_free_port()}"
     for loss in (1.5, 1.25):

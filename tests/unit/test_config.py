@@ -6,7 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from unitoken.config import ConfigError, LLMConfig, Recipe, StageConfig, OptimConfig, apply_overrides, from_dict, to_dict
+from unitoken.config import (
+    ConfigError,
+    LLMConfig,
+    OptimConfig,
+    Recipe,
+    StageConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
 from unitoken.recipes import RECIPES, get_recipe
 
 
@@ -142,7 +151,11 @@ def test_anyres_recipe_rows_fit_every_grid(name):
     rows together with the text room the paper's 4,096-token rows leave beside a base image."""
     from unitoken.model.sequence import ImageInput, SequenceBuilder, max_input_image_tokens
     from unitoken.model.tokens import SpecialTokens, build_tokenizer
-    from unitoken.model.vision import num_continuous_features, preprocess_continuous, select_anyres_grid
+    from unitoken.model.vision import (
+        num_continuous_features,
+        preprocess_continuous,
+        select_anyres_grid,
+    )
 
     cfg = get_recipe(name).model
     base = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, anyres=False))

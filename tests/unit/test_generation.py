@@ -2,7 +2,13 @@
 
 import torch
 
-from unitoken.model.generation import cfg_logits, decode_image, generate_image_codes, generate_text, sample_token
+from unitoken.model.generation import (
+    cfg_logits,
+    decode_image,
+    generate_image_codes,
+    generate_text,
+    sample_token,
+)
 
 
 def test_cfg_scale_one_is_conditional():

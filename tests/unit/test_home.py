@@ -7,7 +7,7 @@ from unitoken.files import unitoken_home
 
 
 def test_the_store_follows_the_checkout_not_the_working_directory(tmp_path, monkeypatch, capsys):
-    from unitoken.train import tracking
+    from unitoken.tracking import store as tracking
 
     monkeypatch.delenv("UNITOKEN_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -51,11 +51,11 @@ def add_overrides(parser: argparse.ArgumentParser, help: str = "recipe override 
 
 
 def device(name: str) -> str:
-    import torch
+    """``--device``: ``auto`` as ``unitoken.model.devices.pick_device`` decides (imported when a
+    command needs it: torch is not loaded for ``--help``)."""
+    from unitoken.model.devices import pick_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return pick_device(name)
 
 
 def progress(description: str):

@@ -82,8 +82,9 @@ def cmd_data_validate(args) -> int:
 def cmd_data_pretokenize(args) -> int:
     from unitoken.data.pretokenize import pretokenize
     from unitoken.model.io import load_model
+    from unitoken.registry import model_dir
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(model_dir(args.model))
     bar, update = progress("pre-tokenising shards")
     with bar:
         summary = pretokenize(args.manifest, model, args.out, shard_size=args.shard_size,

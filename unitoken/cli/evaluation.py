@@ -49,12 +49,13 @@ def register(sub) -> None:
 
 def cmd_eval(args) -> int:
     from unitoken.eval.runner import evaluate
+    from unitoken.registry import model_dir
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit {args.limit}: must be >= 1")
     if args.heldout_limit < 1:
         raise UsageError(f"--heldout-limit {args.heldout_limit}: must be >= 1")
-    report = evaluate(args.model, [s.strip() for s in args.suite.split(",") if s.strip()], args.out, data=args.data,
+    report = evaluate(model_dir(args.model), [s.strip() for s in args.suite.split(",") if s.strip()], args.out, data=args.data,
                       limit=args.limit, mc_file=args.mc_file, circular=args.circular,
                       geneval_metadata=args.geneval_metadata, detector=args.detector, cfg_scale=args.cfg,
                       top_k=args.top_k, temperature=args.temperature, seed=args.seed, device=device(args.device),

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from rich.table import Table
 
-from unitoken.cli.common import Group, add_overrides, command, console, count_table, device, err_console, progress
+from unitoken.cli.common import (
+    Group,
+    add_overrides,
+    command,
+    console,
+    count_table,
+    device,
+    err_console,
+    progress,
+)
 
 RECIPES = "tiny | small | unitoken-7b | unitoken-7b-anyres | unitoken-7b-fast"
 
@@ -137,11 +146,12 @@ def cmd_generate(args) -> int:
     from rich.progress import Progress
 
     from unitoken.model.generation import decode_image, generate_image_codes
-    from unitoken.model.io import load_model, local_dir
+    from unitoken.model.io import load_model
     from unitoken.model.sequence import SequenceBuilder
     from unitoken.recipes import sampling_defaults
+    from unitoken.registry import model_dir
 
-    path = local_dir(args.model)
+    path = model_dir(args.model)
     model, tokenizer = load_model(path, device=device(args.device))
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
     sampling, source = sampling_defaults(path)
@@ -169,6 +179,7 @@ def cmd_chat(args) -> int:
     from unitoken.model.generation import generate_text
     from unitoken.model.io import load_model
     from unitoken.model.sequence import SequenceBuilder
+    from unitoken.registry import model_dir
 
     images = []
     for path in args.image:
@@ -176,7 +187,7 @@ def cmd_chat(args) -> int:
             raise FileNotFoundError(f"--image {path}: no such file")
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
-    model, tokenizer = load_model(args.model, device=device(args.device))
+    model, tokenizer = load_model(model_dir(args.model), device=device(args.device))
     builder = SequenceBuilder(model.tokens, tokenizer, model.config)
     answer = generate_text(model, builder, args.prompt, images, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed)

@@ -122,9 +122,13 @@ def cmd_pipeline(args) -> int:
         return _run_local(args, stages)
     cluster = load_cluster(args.cluster)
     if args.pipeline_command == "rehearse":
+        import tempfile
+
         from unitoken.pipeline.rehearse import print_findings, rehearse
 
-        found, warnings = rehearse(cluster, args.k8s, stages, args.package)
+        with tempfile.TemporaryDirectory() as tmp:
+            package = args.package or launch.compile_pipeline(Path(tmp) / "pipeline.yaml", stages, cluster)
+            found, warnings = rehearse(cluster, args.k8s, package, stages)
         return print_findings(found, warnings, console)
     if args.pipeline_command == "compile":
         console.print(f"compiled {launch.compile_pipeline(args.out, stages, cluster)} (stages {args.stages})")
@@ -180,8 +184,7 @@ def _cache(root: Path, prune_gib: float | None) -> int:
 
 def _run_local(args, stages: tuple[int, ...]) -> int:
     from pipelines import launch
-
-    from unitoken.train.tracking import default_tracking_uri
+    from unitoken.tracking import default_tracking_uri
 
     root = Path(args.root or local_root())
     os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri()  # the steps' processes use the same store

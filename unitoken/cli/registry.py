@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from unitoken.cli.common import Group, UsageError, command, console
+from unitoken.tracking.store import parent_run_from_env
 
 
 def register(sub) -> None:
@@ -57,7 +58,8 @@ def cmd_registry(args) -> int:
     if args.registry_command == "register":
         if args.force and not args.reason:
             raise UsageError("--force needs --reason TEXT (it is recorded in the passport)")
-        info = registry.register(args.model, args.eval, args.gate, args.name, force=args.force, reason=args.reason)
+        info = registry.register(args.model, args.eval, args.gate, args.name, force=args.force, reason=args.reason,
+                                 parent_run_id=parent_run_from_env())
         console.print(registry.registration_note(info))
         print(json.dumps(info))
         return 0

@@ -44,8 +44,12 @@ def cmd_train(args) -> int:
     from unitoken.train.train import main as train_stage
 
     try:
-        result = train_stage(args.stage, recipe, args.data, args.out, args.init, resume=args.resume,
-                             max_steps=args.max_steps, track=not args.no_track)
+        from unitoken.registry import model_dir
+        from unitoken.tracking.store import parent_run_from_env
+
+        # the pipeline's step launcher, torchrun or a TrainJob pod passes the parent run in the environment
+        result = train_stage(args.stage, recipe, args.data, args.out, model_dir(args.init), resume=args.resume,
+                             max_steps=args.max_steps, track=not args.no_track, parent_run_id=parent_run_from_env())
     except Stopped as stop:
         err_console.print(f"[yellow]stopped:[/yellow] {stop}", highlight=False, soft_wrap=True)
         return 143  # 128 + SIGTERM, as if the signal had ended the process

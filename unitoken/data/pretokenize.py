@@ -43,6 +43,7 @@ from unitoken.config import config_hash
 from unitoken.data.manifest import data_location, load_records, read_rows, resolve_image
 from unitoken.data.remote import fetch_images
 from unitoken.files import sha256_file, write_json
+from unitoken.model.devices import pick_device
 from unitoken.model.vision import preprocess_continuous, vq_pixels
 
 FORMAT = "unitoken-shards"
@@ -185,8 +186,7 @@ def pretokenize(manifest: str | Path, model, out: str | Path, shard_size: int = 
         raise ValueError(f"--shard-size {shard_size}: must be >= 1")
     if not 0 <= worker < num_workers:
         raise ValueError(f"worker={worker}: must be in [0, num_workers={num_workers})")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(pick_device(device))
     threads = threads or min(16, os.cpu_count() or 1)
     model.vq.to(dev)
     compile_s = model.vq.warm_up(dev)  # a compiled encoder (cfg.vq.encode_compiled) compiles once, here

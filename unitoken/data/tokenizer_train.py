@@ -31,6 +31,7 @@ from PIL import Image
 from unitoken.config import VQConfig
 from unitoken.data.manifest import data_location, load_records, resolve_image
 from unitoken.data.remote import RemoteDataError, fetch_images
+from unitoken.model.devices import pick_device
 from unitoken.model.vision import to_pil, vq_pixels
 from unitoken.model.vq import VQTokenizer
 
@@ -104,8 +105,7 @@ def train_tokenizer(data: str | Path, out: str | Path, cfg: VQConfig, steps: int
     """Train a VQ-GAN on the train split of ``data`` (a directory with manifest.jsonl, or a manifest)."""
     data, out = Path(data), Path(out)
     manifest = data / "manifest.jsonl" if data.is_dir() else data
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(pick_device(device))
     torch.manual_seed(seed)
     rng = random.Random(seed)
     train_x, _ = _images(manifest, "train", cfg.resolution)

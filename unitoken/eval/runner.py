@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import base64
-from contextlib import nullcontext
 import io
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from unitoken.eval.summary import summarize
@@ -37,7 +37,7 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
     ``cfg_scale`` / ``top_k`` left at None take the model's recipe's (``sampling_defaults``)."""
     from unitoken.eval import generation as gen
     from unitoken.eval import understanding as und
-    from unitoken.model.io import load_model, local_dir
+    from unitoken.model.io import load_model
     from unitoken.model.sequence import SequenceBuilder
     from unitoken.recipes import sampling_defaults
 
@@ -48,7 +48,7 @@ def evaluate(model_path: str | Path, suites: list[str], out: str | Path, data: P
         raise ValueError("the shapes suites need --data (a directory made by `unitoken data synth`)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = local_dir(model_path)
+    model_path = Path(model_path)
     sampling, _ = sampling_defaults(model_path)
     cfg_scale = sampling.cfg if cfg_scale is None else cfg_scale
     top_k = sampling.top_k if top_k is None else top_k

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from unitoken.config import LLMConfig, ModelConfig, VisionConfig, from_dict, to_dict
+from unitoken.config import LLMConfig, ModelConfig, from_dict, to_dict
 from unitoken.model.tokens import build_tokenizer
 from unitoken.model.unitoken import UniToken
 from unitoken.model.vq import at_resolution, load_taming_state_dict, vq_config_from_taming_yaml
@@ -83,25 +83,18 @@ def load_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def local_dir(path: str | Path) -> Path:
-    """A model directory, or the local copy of a registry URI (models:/NAME/V, models:/NAME@ALIAS),
-    fetched and verified."""
-    if str(path).startswith("models:/"):
-        from unitoken.registry import load_uri
-
-        return load_uri(str(path))
-    return Path(path)
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[UniToken, object]:
-    """Load a hand-off directory or a registry URI (models:/NAME/V, models:/NAME@ALIAS) -> (model, tokenizer).
+    """Load a model directory (a hand-off, ``unitoken model init``'s output) -> (model, tokenizer).
+    Registry URIs are resolved where a command starts (``unitoken.registry.model_dir``).
 
     Raises:
         FileNotFoundError / ValueError: not a hand-off dir, wrong format version, missing or
             unexpected weights (names listed).
     """
-    path = local_dir(path)
+    if str(path).startswith("models:/"):
+        raise ValueError(f"{path}: a registry URI; fetch it first with unitoken.registry.model_dir")
+    path = Path(path)
     if not is_handoff_dir(path):
         raise FileNotFoundError(f"{path}: not a unitoken model directory (no config.json with "
                                 f"format={FORMAT!r}); create one with `unitoken model init`")

@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from unitoken.config import ModelConfig
+from unitoken.layout import (  # noqa: F401  (the layout arithmetic, also imported from here)
+    CONVERSATION_FRAME,
+    image_block_len,
+    max_input_image_tokens,
+    min_seq_len,
+)
 from unitoken.model.tokens import IMAGE_PLACEHOLDER, SpecialTokens
-from unitoken.model.vision import max_continuous_features
 
 IGNORE = -100
 T2I_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
@@ -146,34 +151,6 @@ class SequenceBuilder:
 
 
 # --------------------------------------------------------------------------- length budget
-
-# [BOS] human-turn [EOT] gpt-turn [EOT] [EOS]: the tokens a conversation adds around its content
-CONVERSATION_FRAME = 4
-
-
-def image_block_len(cfg: ModelConfig, num_continuous: int, as_output: bool = False) -> int:
-    """Tokens of one image block from ``SequenceBuilder.image`` for the config's square VQ grid."""
-    c = cfg.vq.codes_per_side
-    discrete = 2 + c * (c + 1)  # [H][W], then each row of codes + [NL]
-    if as_output or cfg.encoder_mode == "discrete":
-        return 1 + discrete + 1
-    if cfg.encoder_mode == "continuous":
-        return 1 + num_continuous + 1
-    return 1 + discrete + 1 + num_continuous + 1  # [BOI] discrete [SEP] continuous [EOI]
-
-
-def max_input_image_tokens(cfg: ModelConfig) -> int:
-    """Tokens of the longest input-image block ``cfg`` can produce: with AnyRes, the allowed
-    grid with the most features for an image of that grid's aspect ratio (unitoken-7b-anyres:
-    1,060 discrete + [SEP] + 3,699 continuous = 4,760; unitoken-7b: 1,790)."""
-    return image_block_len(cfg, max_continuous_features(cfg.vision))
-
-
-def min_seq_len(cfg: ModelConfig) -> int:
-    """The shortest row that holds a one-image conversation with a one-token answer for ``cfg``:
-    a max_seq_len below it cannot train on every image the config accepts."""
-    return max_input_image_tokens(cfg) + CONVERSATION_FRAME + 1
-
 
 def pad_batch(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample: input_ids/labels/attention_mask [b, T]."""

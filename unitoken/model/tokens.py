@@ -33,17 +33,8 @@ from functools import cached_property
 import torch
 from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 
-TOKEN_NAMES = {
-    "bos": "<s>",
-    "eos": "</s>",
-    "pad": "<pad>",
-    "boi": "<racm3:break>",
-    "eoi": "<eoss>",
-    "sep": "<sentinel:0>",
-    "newline": "<reserved08799>",
-    "end_of_turn": "<reserved08706>",
-    "continuous": "<reserved08707>",
-}
+from unitoken.layout import TOKEN_NAMES, min_vocab_size  # noqa: F401
+
 # Other names a token goes by in released vocabularies: transformers' convert_chameleon_weights_to_hf
 # renames <reserved08707> to <image> ("use a reserved token instead of adding a new one").
 TOKEN_ALIASES = {"continuous": ("<image>",)}
@@ -192,8 +183,3 @@ def build_tokenizer(vocab_size: int, num_codes: int, max_grid: int):
         eos_token=TOKEN_NAMES["eos"],
         pad_token=TOKEN_NAMES["pad"],
     )
-
-
-def min_vocab_size(num_codes: int, max_grid: int) -> int:
-    """Smallest ``vocab_size`` that ``build_tokenizer`` accepts."""
-    return len(TOKEN_NAMES) + max_grid + 256 + num_codes

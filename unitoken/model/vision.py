@@ -21,6 +21,7 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from unitoken.config import VisionConfig
+from unitoken.layout import feature_crop, max_continuous_features, num_continuous_features  # noqa: F401
 
 
 def siglip_config(cfg: VisionConfig) -> SiglipVisionConfig:
@@ -131,47 +132,6 @@ def preprocess_continuous(image: Image.Image, cfg: VisionConfig) -> tuple[torch.
     tiles = big.unfold(1, s, s).unfold(2, s, s)  # [3, rows, cols, s, s]
     tiles = tiles.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, s, s)
     return torch.cat([base.unsqueeze(0), tiles]), (rows, cols)
-
-
-def feature_crop(grid: tuple[int, int], image_size: tuple[int, int], p: int) -> tuple[slice, slice]:
-    """(rows, cols) slices of a grid's [rows*p, cols*p] feature map that cover the image and not
-    the padding around it (LLaVA-NeXT's ``unpad_image``, in feature units).
-
-    Args:
-        grid: (rows, cols) of tiles; image_size: the original (width, height); p: patches per side.
-    """
-    h, w = grid[0] * p, grid[1] * p
-    img_w, img_h = image_size
-    if img_w / img_h > w / h:  # wider than the canvas: the padding is above and below
-        pad = (h - int(img_h * (w / img_w))) // 2
-        return slice(pad, h - pad), slice(0, w)
-    pad = (w - int(img_w * (h / img_h))) // 2
-    return slice(0, h), slice(pad, w - pad)
-
-
-def num_continuous_features(grid: tuple[int, int], image_size: tuple[int, int], cfg: VisionConfig) -> int:
-    """Embeddings one image contributes to the sequence: p*p base features, then for an AnyRes
-    grid the unpadded feature rows, each with one end-of-row marker.
-
-    Args:
-        grid: (rows, cols) from ``preprocess_continuous``; (0, 0) = base only.
-        image_size: the original (width, height) of the image (unused for (0, 0)).
-    """
-    p = cfg.patches_per_side
-    if not grid[0] * grid[1]:
-        return p * p
-    rows, cols = feature_crop(grid, image_size, p)
-    return p * p + (rows.stop - rows.start) * (cols.stop - cols.start + 1)
-
-
-def max_continuous_features(cfg: VisionConfig) -> int:
-    """The most embeddings one image can contribute under ``cfg``: an image with its grid's
-    exact aspect ratio loses nothing to unpadding, so the largest allowed canvas decides
-    (unitoken-7b-anyres: 729 + 54 * 55 = 3,699 for the 2x2 grid)."""
-    s = cfg.image_size
-    if not cfg.anyres:
-        return num_continuous_features((0, 0), (s, s), cfg)
-    return max(num_continuous_features(g, (g[1] * s, g[0] * s), cfg) for g in cfg.allowed_grids)
 
 
 def arrange_features(

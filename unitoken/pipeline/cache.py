@@ -137,7 +137,7 @@ def dataset_digest(dataset: Path) -> str:
 
 def model_digest(model_dir: Path) -> str:
     """A hand-off's digest (its handoff.json lists every file's sha256), else every file's sha256."""
-    from unitoken.train.checkpoint import HANDOFF, handoff_digest, verify_handoff
+    from unitoken.model.handoff import HANDOFF, handoff_digest, verify_handoff
 
     if (Path(model_dir) / HANDOFF).is_file():
         verify_handoff(model_dir)  # the digest must stand for the files that are there

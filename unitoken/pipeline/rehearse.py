@@ -24,7 +24,6 @@ Argo configuration (``third-party/argo/.../workflow-controller-configmap-patch.y
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -379,11 +378,10 @@ def _executors(ir: dict, platform: dict) -> list[tuple[str, str, dict, dict]]:
     return out
 
 
-def rehearse(cluster: ClusterConfig, overlay: Path | None, stages: tuple[int, ...] = (1, 2, 3),
-             package: Path | None = None) -> tuple[list[Finding], list[str]]:
-    """Every finding for one run of the pipeline (compiled now for ``cluster``, or ``package``),
-    and the warnings of rendering ``overlay``."""
-    from pipelines.unitoken_training import compile_pipeline
+def rehearse(cluster: ClusterConfig, overlay: Path | None, package: Path,
+             stages: tuple[int, ...] = (1, 2, 3)) -> tuple[list[Finding], list[str]]:
+    """Every finding for one run of the pipeline ``package`` (compiled for ``cluster``, with
+    ``stages``), and the warnings of rendering ``overlay``."""
     from unitoken.pipeline.steps import dns_name, run_label, train_command, trainjob_name
     from unitoken.pipeline.trainjob import JOB_LABEL, trainjob_body
 
@@ -393,12 +391,7 @@ def rehearse(cluster: ClusterConfig, overlay: Path | None, stages: tuple[int, ..
         from unitoken.pipeline.manifests import render
 
         objects, warnings = render(Path(overlay))
-    if package is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            package = compile_pipeline(Path(tmp) / "pipeline.yaml", stages, cluster)
-            docs = list(yaml.safe_load_all(Path(package).read_text()))
-    else:
-        docs = list(yaml.safe_load_all(Path(package).read_text()))
+    docs = list(yaml.safe_load_all(Path(package).read_text()))
     ir = docs[0]
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
     pools = cluster.node_pools

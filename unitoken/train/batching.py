@@ -20,7 +20,14 @@ from typing import NamedTuple
 
 import torch
 
-from unitoken.data.dataset import Sample, ShardDataset, check_fits, pack_samples, pad_samples, sample_loss_weights
+from unitoken.data.dataset import (
+    Sample,
+    ShardDataset,
+    check_fits,
+    pack_samples,
+    pad_samples,
+    sample_loss_weights,
+)
 from unitoken.model.sequence import IGNORE, T2I_TEMPLATE
 from unitoken.train import parallel
 

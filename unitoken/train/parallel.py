@@ -115,7 +115,6 @@ def _safe_globals() -> list:
     """The non-tensor classes DeepSpeed puts into its checkpoints (loss scalers, ZeRO metadata),
     allowed for ``torch.load(weights_only=True)``; anything else in a checkpoint is refused."""
     from deepspeed.runtime.fp16 import loss_scaler
-
     from deepspeed.utils.tensor_fragment import fragment_address
 
     allowed = [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, fragment_address]

@@ -34,8 +34,10 @@ import torch
 from unitoken.config import Recipe, StageConfig, config_hash, to_dict
 from unitoken.data.dataset import MixtureSampler, ShardDataset
 from unitoken.files import sha256_file
+from unitoken.model import handoff as handoff_fmt
 from unitoken.model.io import is_handoff_dir, load_model, save_model
 from unitoken.model.sequence import SequenceBuilder
+from unitoken.tracking import MLflowTracker, NullTracker
 from unitoken.train import checkpoint as ckpt
 from unitoken.train import parallel
 from unitoken.train.batching import (
@@ -61,7 +63,6 @@ from unitoken.train.memory import (
     plan_memory,
 )
 from unitoken.train.profiling import profiled
-from unitoken.train.tracking import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +126,15 @@ def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path
         FileNotFoundError: ``init`` is no model directory.
         HandoffError: a hand-off of the wrong stage or config, or with a changed file.
     """
-    if str(init).startswith("models:/"):  # a registered model: fetched and verified first
-        from unitoken.registry import load_uri
-
-        init = load_uri(str(init))
     init = Path(init)
     if not init.is_dir():
         raise FileNotFoundError(f"--init {init}: no such directory; fix: pass `unitoken model init`'s --out for "
                                 "stage 1, or the handoff/ folder of the previous stage, e.g. runs/stage1/handoff")
-    if stage_n > 1 and not (init / ckpt.HANDOFF).is_file() and not (
+    if stage_n > 1 and not (init / handoff_fmt.HANDOFF).is_file() and not (
             recipe.model.encoder_mode == "discrete" and is_handoff_dir(init)):
-        raise ckpt.HandoffError(f"--init {init}: not a stage hand-off (no {ckpt.HANDOFF}); fix: pass the handoff/ "
+        raise handoff_fmt.HandoffError(f"--init {init}: not a stage hand-off (no {handoff_fmt.HANDOFF}); fix: pass the handoff/ "
                                 f"folder of a finished stage {stage_n - 1}, e.g. runs/stage{stage_n - 1}/handoff")
-    if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / ckpt.HANDOFF).is_file() \
+    if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / handoff_fmt.HANDOFF).is_file() \
             and is_handoff_dir(init):
         # Stage 1 trains only the continuous path (vision + adapter), which a discrete-only model
         # lacks: its stage 2 starts from the initialisation (the Table 5 ablation).
@@ -145,10 +142,10 @@ def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path
     if stage_n > 1:
         # Stage N starts from stage N-1; re-running stage N on new data from a stage-N model (e.g. a
         # registered champion, stage-scoped retraining) is allowed too.
-        return init, ckpt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
+        return init, handoff_fmt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
                                          expect_config_hash=config_hash(recipe.model))
-    if (init / ckpt.HANDOFF).is_file():
-        return init, ckpt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
+    if (init / handoff_fmt.HANDOFF).is_file():
+        return init, handoff_fmt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
     if is_handoff_dir(init):
         return init, {"stage": 0, "files": {}}
     raise FileNotFoundError(f"--init {init}: not a model directory (no config.json and weights); fix: create one "
@@ -270,7 +267,8 @@ class Trainer:
     """One stage: ``Trainer(stage_n, recipe, data, out, init).train()``."""
 
     def __init__(self, stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
-                 max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> None:
+                 max_steps: int | None = None, track: bool = True, show_progress: bool = True,
+                 parent_run_id: str | None = None) -> None:
         self.stage_n, self.recipe, self.cfg = stage_n, recipe, recipe.train
         self.stage = recipe.train.stage(stage_n)
         if max_steps is not None:
@@ -285,7 +283,7 @@ class Trainer:
             torch.set_num_threads(min(4, torch.get_num_threads()))
         self.out.mkdir(parents=True, exist_ok=True)
         self.init, self.parent = starting_point(stage_n, recipe, init)
-        self.parent_digest = ckpt.handoff_digest(self.init)
+        self.parent_digest = handoff_fmt.handoff_digest(self.init)
         self._build_model()
         self._build_data()
         opt, sched = build_optimizer(self.model, self.stage)
@@ -303,7 +301,7 @@ class Trainer:
         if client is not None:
             self.state = TrainState.restore(client, self.device)
             self.sampler.load_state_dict(self.state.sampler)
-        self._start_tracking(track)
+        self._start_tracking(track, parent_run_id)
 
     # ----------------------------------------------------------------------- construction
 
@@ -380,10 +378,11 @@ class Trainer:
         grads = trainable * 4 / (self.world if self.cfg.zero_stage >= 2 else 1)
         return activation_budget(free, total, grads), free, "measured"
 
-    def _start_tracking(self, track: bool) -> None:
+    def _start_tracking(self, track: bool, parent_run_id: str | None) -> None:
         if self.rank != 0 or not track:
             return
         self.tracker = MLflowTracker(f"stage{self.stage_n}", self.out, run_id=self.state.mlflow_run_id,
+                                     parent_run_id=parent_run_id,
                                      tags={"unitoken.stage": str(self.stage_n), "unitoken.recipe": self.recipe.name})
         self.checkpoints.tracker = self.tracker
         if self.state.mlflow_run_id is None:  # a resumed run has its params already
@@ -529,16 +528,16 @@ class Trainer:
         handoff = self.out / "handoff"
         if self.rank == 0:
             save_model(self.model, self.tokenizer, handoff, state=state, recipe=self.recipe.name)
-            doc = ckpt.write_handoff(handoff, self._handoff_info(), state,
+            doc = handoff_fmt.write_handoff(handoff, self._handoff_info(), state,
                                      [n for n, p in self.model.named_parameters() if p.requires_grad])
             curve = plot_losses(metrics_path, self.out / "loss.png", f"stage {self.stage_n} ({self.recipe.name})")
             t = self.tracker
             t.log_metrics({f"{self.device.type}_hours": seconds * self.world / 3600,
                            "final_loss": losses[-1] if losses else float("nan")}, step=self.stage.max_steps)
             t.set_tags({"unitoken.handoff_uri": handoff.resolve().as_uri(),
-                        "unitoken.handoff_sha256": ckpt.handoff_digest(handoff),
+                        "unitoken.handoff_sha256": handoff_fmt.handoff_digest(handoff),
                         "unitoken.trainable_digest": doc["trainable_digest"], "unitoken.frozen_digest": doc["frozen_digest"]})
-            t.log_artifact(handoff / ckpt.HANDOFF, "handoff")
+            t.log_artifact(handoff / handoff_fmt.HANDOFF, "handoff")
             t.log_artifact(curve)
             t.log_artifact(metrics_path)
             t.close("FINISHED")
@@ -554,13 +553,14 @@ class Trainer:
                 "parent_digest": self.parent_digest, "mlflow_run_id": self.tracker.run_id,
                 "trainable": list(self.stage.trainable), "manifest_sha256": self.index_doc.get("manifest_sha256"),
                 "validation_report_sha256": self.index_doc.get("validation_report_sha256"),
-                "ancestors": ckpt.ancestry(self.init)}
+                "ancestors": handoff_fmt.ancestry(self.init)}
 
 
 def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",
-         max_steps: int | None = None, track: bool = True, show_progress: bool = True) -> StageResult:
+         max_steps: int | None = None, track: bool = True, show_progress: bool = True,
+         parent_run_id: str | None = None) -> StageResult:
     """Run one stage end to end and write ``out/handoff``."""
-    return Trainer(stage_n, recipe, data, out, init, resume, max_steps, track, show_progress).train()
+    return Trainer(stage_n, recipe, data, out, init, resume, max_steps, track, show_progress, parent_run_id).train()
 
 
 # --------------------------------------------------------------------------- helpers

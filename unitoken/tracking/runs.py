@@ -1,205 +1,38 @@
-"""Experiment tracking: a Null tracker and an MLflow tracker that survives outages.
+"""Experiment tracking of a training stage: a Null tracker and an MLflow tracker that survives
+outages.
 
 Only rank 0 tracks. The MLflow tracker queues every call (run creation, params, metrics with
 ``step=``, artifacts, dataset inputs) and flushes in order; when the server cannot be reached
 the queue is kept and retried on the next call, so training never stops for tracking. At the
 end of a stage ``close`` retries for ``final_wait_s``; whatever still cannot be sent is written
-to ``pending.jsonl`` next to the stage output (documented policy, tested) and a warning says so.
+to ``pending.jsonl`` next to the stage output (documented policy, tested) and a warning says so
+(``python -m unitoken.tracking replay OUT/pending.jsonl`` sends it later).
 
-The pipeline's parent run comes from ``MLFLOW_PARENT_RUN_ID`` or ``MLFLOW_RUN_ID``; the stage's
-run is created as its child (``mlflow.parentRunId``).
-
-**Artifact store (S3) errors.** The tracking server can be up while its artifact store (S3)
-fails. Training's artifacts are then *deferred*: the tracker keeps them aside, params and
-metrics keep flowing, and each deferred artifact is retried with exponential backoff (2 s to
-60 s) until it is stored, at the latest during ``close``; what is still not stored goes to
-``pending.jsonl`` like every other undelivered call. Code that must not go on without its
-artifact (registration, pipeline steps) calls ``with_artifact_retries``: a bounded number of
-attempts with exponential backoff, then ``ArtifactLogError`` naming the artifact and the run.
+The stage's run is created as a child (``mlflow.parentRunId``) of ``parent_run_id``. Artifacts
+the artifact store refuses are *deferred*: params and metrics keep flowing, and each deferred
+artifact is retried with exponential backoff (2 s to 60 s) until it is stored, at the latest
+during ``close``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from unitoken.files import scoped_env, unitoken_home
-
-if TYPE_CHECKING:
-    from tenacity import RetryCallState
+from unitoken.tracking.store import (
+    client,
+    default_tracking_uri,
+    experiment_for,
+    fail_fast_http,
+    first_line,
+    log_batched,
+    stale_connection,
+)
 
 log = logging.getLogger(__name__)
-
-
-class ArtifactLogError(RuntimeError):
-    """MLflow could not store an artifact after every retry (its artifact store keeps failing)."""
-
-
-# 4xx answers other than 429 mean the request itself is wrong (or not allowed): not retried.
-_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST",
-                    "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
-
-
-def _transient(err: BaseException) -> bool:
-    if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
-        return False  # a local file problem: retrying cannot help
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(status, int):
-        return status >= 500 or status == 429
-    return getattr(err, "error_code", None) not in _PERMANENT_CODES
-
-
-def _first_line(err: BaseException, limit: int) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else ""
-
-
-@contextlib.contextmanager
-def _single_http_attempt():
-    """MLflow's own HTTP retries back off for minutes on a 500; tenacity is the only retry layer.
-    Scoped to one attempt: other MLflow calls in this process keep MLflow's defaults."""
-    with scoped_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"):
-        yield
-
-
-def with_artifact_retries(what: str, upload, attempts: int | None = None, backoff_s: float | None = None,
-                          action: str = "storing it in"):
-    """Run ``upload()`` (an MLflow artifact call: an upload, or a download with ``action="reading it
-    from"``) up to ``attempts`` times, waiting ``backoff_s``, then twice as long after each failure
-    (defaults: ``UNITOKEN_ARTIFACT_ATTEMPTS`` = 5 and ``UNITOKEN_ARTIFACT_BACKOFF_S`` = 2, i.e. up
-    to 2+4+8+16 = 30 s of waiting). A connection the server closed during a failed upload fails
-    at most the next attempt, which is retried like any transient error.
-
-    Raises:
-        ArtifactLogError: still failing after the last attempt, or a permanent error (4xx, a
-            missing local file); the message names ``what`` and the last error.
-    """
-    # tenacity comes with the [pipeline] extra, like MLflow; training imports this module without them
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
-    attempts = attempts or int(os.environ.get("UNITOKEN_ARTIFACT_ATTEMPTS", "5"))
-    delay = float(os.environ.get("UNITOKEN_ARTIFACT_BACKOFF_S", "2")) if backoff_s is None else backoff_s
-
-    def once():
-        with _single_http_attempt():
-            return upload()
-
-    def warn(state: RetryCallState) -> None:
-        err = state.outcome.exception()
-        log.warning("%s: artifact store error (%s: %s); attempt %d/%d, retrying in %.0f s", what, type(err).__name__,
-                    _first_line(err, 300), state.attempt_number, attempts, state.upcoming_sleep)
-
-    retrying = Retrying(stop=stop_after_attempt(attempts), wait=wait_exponential(multiplier=delay, exp_base=2),
-                        # Exception only: KeyboardInterrupt and SystemExit stop at once
-                        retry=retry_if_exception(lambda err: isinstance(err, Exception) and _transient(err)),
-                        before_sleep=warn, reraise=True)
-    start = time.monotonic()
-    try:
-        return retrying(once)
-    except Exception as err:  # noqa: BLE001 - re-raised with the artifact's name
-        kind = "failed" if _transient(err) else "was refused (not retried)"
-        raise ArtifactLogError(
-            f"{what}: {action} MLflow's artifact store {kind} after {retrying.statistics['attempt_number']} "
-            f"attempt(s) over {time.monotonic() - start:.0f} s (last error {type(err).__name__}: "
-            f"{_first_line(err, 300)})") from err
-
-
-@contextlib.contextmanager
-def _fail_fast_http():
-    """The tracker's own sends: one HTTP attempt, 10 s timeout (its queue does the retrying;
-    MLflow's default backs off for minutes), unless the environment sets either. Scoped, so the
-    registry and pipeline steps in the same process keep MLflow's defaults."""
-    with (scoped_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "0"),
-          scoped_env("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or "10")):
-        yield
-
-
-def _stale_connection(err: BaseException) -> bool:
-    """The request died on a pooled keep-alive connection the server had closed (it may close one
-    after failing an upload, and MLflow's retries are 0 in our scopes): worth one more try at
-    once, on a fresh connection. A refused connection or an HTTP error is not this."""
-    from urllib3.exceptions import ProtocolError
-
-    while err is not None:
-        reason = getattr(err.args[0], "reason", None) if err.args else None  # requests wraps urllib3's MaxRetryError
-        if isinstance(err, ProtocolError) or isinstance(reason, ProtocolError):
-            return True
-        err = err.__cause__ or err.__context__  # MLflow re-raises requests' error without `from`
-    return False
-
-
-def log_batched(client, run_id: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                metrics: dict[str, float] | None = None, step: int = 0) -> None:
-    """A run's params, tags and metrics in as few ``log_batch`` calls as MLflow's limits allow
-    (100 params, 100 tags, 1,000 entries per call). Params are cut at 6,000 characters."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    now = int(time.time() * 1000)
-    ps = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
-    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    ms = [Metric(k, float(v), now, int(step)) for k, v in sorted((metrics or {}).items())]
-    while ps or ts or ms:
-        client.log_batch(run_id, params=ps[:100], tags=ts[:100], metrics=ms[:800])
-        ps, ts, ms = ps[100:], ts[100:], ms[800:]
-
-
-_announced: set[str] = set()
-# MLflow 3's UI opens an experiment on its GenAI overview unless it is tagged as model development
-# (the runs table then comes first)
-EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
-
-
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the sqlite store in ``unitoken_home()``, which is said once per
-    process on stderr (a command run from another directory must not silently start a new store)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    root = unitoken_home()
-    root.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    if uri not in _announced:
-        _announced.add(uri)
-        print(f"MLflow tracking store: {uri} (set MLFLOW_TRACKING_URI or UNITOKEN_HOME for another)",
-              file=sys.stderr)
-    return uri
-
-
-def ensure_experiment(client, name: str = "unitoken") -> str:
-    """Experiment id; created on first use, with artifacts under ``unitoken_home()`` for the local store."""
-    exp = client.get_experiment_by_name(name)
-    if exp:
-        if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:  # made before the tag existed
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
-        return exp.experiment_id
-    location = None
-    if client.tracking_uri == default_tracking_uri() and client.tracking_uri.startswith("sqlite:"):
-        location = (unitoken_home() / "artifacts").as_uri()
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.create_experiment(name, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
-    except MlflowException as err:  # a parallel step (a pre-tokenisation worker) created it first
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        log.info("experiment %s was created concurrently (%s)", name, err.error_code)
-        return exp.experiment_id
-
-
-def experiment_for(client, parent_run_id: str | None, name: str = "unitoken") -> str:
-    """Where a run goes: its parent's experiment (a nested run beside its parent, also when the
-    parent is KFP's own pipeline run in KFP's experiment), else ours, created on first use."""
-    if parent_run_id:
-        return client.get_run(parent_run_id).info.experiment_id
-    return ensure_experiment(client, name)
 
 
 class NullTracker:
@@ -222,14 +55,11 @@ class MLflowTracker(NullTracker):
     def __init__(self, run_name: str, out_dir: Path, experiment: str = "unitoken", tracking_uri: str | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  final_wait_s: float = 30.0, min_flush_interval_s: float = 2.0) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow import MlflowClient
-
         self.uri = tracking_uri or default_tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = client(self.uri)
         self.out_dir = Path(out_dir)
         self.run_name, self.experiment = run_name, experiment
-        self.parent = parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
+        self.parent = parent_run_id
         self.tags = dict(tags or {})
         self.run_id = run_id  # resuming an interrupted stage continues its run
         self.queue: list[tuple[str, tuple, float]] = []
@@ -273,10 +103,10 @@ class MLflowTracker(NullTracker):
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
 
     def _send(self, op: str, args: tuple, stamp: float) -> None:
-        """One queued call, sent again at once if it met a stale pooled connection (``_stale_connection``)."""
+        """One queued call, sent again at once if it met a stale pooled connection (``stale_connection``)."""
         from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-        Retrying(stop=stop_after_attempt(2), retry=retry_if_exception(_stale_connection), reraise=True)(
+        Retrying(stop=stop_after_attempt(2), retry=retry_if_exception(stale_connection), reraise=True)(
             self._send_once, op, args, stamp)
 
     def _send_once(self, op: str, args: tuple, stamp: float) -> None:
@@ -316,7 +146,7 @@ class MLflowTracker(NullTracker):
             return not self.queue and not self.deferred
         self._last_flush = now
         try:
-            with _fail_fast_http():
+            with fail_fast_http():
                 self._ensure_run()
                 self._retry_deferred(force)
                 while self.queue:
@@ -343,7 +173,7 @@ class MLflowTracker(NullTracker):
     def _defer(self, args: tuple, stamp: float, err: Exception, delay: float = 2.0) -> None:
         self.deferred.append([args, stamp, time.monotonic() + delay, delay])
         log.warning("artifact %s not stored (%s: %s); training continues, retrying in %.0f s", args[0],
-                    type(err).__name__, _first_line(err, 200), delay)
+                    type(err).__name__, first_line(err, 200), delay)
 
     def _retry_deferred(self, force: bool) -> None:
         keep = []
@@ -377,7 +207,7 @@ class MLflowTracker(NullTracker):
                 for op, args, stamp in calls:
                     fh.write(json.dumps({"op": op, "args": args, "time": stamp}, default=str) + "\n")
             log.warning("MLflow (or its artifact store) stayed unreachable: %d calls (%d artifacts) written to %s "
-                        "(replay with `python -m unitoken.train.tracking replay %s`)", len(calls),
+                        "(replay with `python -m unitoken.tracking replay %s`)", len(calls),
                         sum(op == "artifact" for op, _, _ in calls), pending, pending)
             self.queue.clear()
             self.deferred.clear()
@@ -417,13 +247,3 @@ def replay(pending: Path, tracking_uri: str | None = None) -> int:
                               f"{len(left_lines) - sum(x['op'] == 'run' for x in left_lines)} calls kept in {pending}")
     Path(pending).unlink()
     return sent
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) == 3 and sys.argv[1] == "replay":
-        print(f"replayed {replay(Path(sys.argv[2]))} calls")
-    else:
-        print("usage: python -m unitoken.train.tracking replay PENDING_JSONL")
-        sys.exit(2)

@@ -48,7 +48,7 @@ def main() -> int:
         return 1
     if code == 3:
         console.print("[yellow]the gate refused the new model (reasons above); the champion stays as it was")
-    from unitoken.registry import _client
+    from unitoken.tracking.store import client as _client
 
     aliases = _client().get_registered_model(NAME).aliases if _registered(NAME) else {}
     if not aliases:
@@ -98,7 +98,7 @@ def first_test_question(data: Path) -> tuple[dict, Path]:
 
 
 def _registered(name: str) -> bool:
-    from unitoken.registry import _client
+    from unitoken.tracking.store import client as _client
 
     return bool(_client().search_registered_models(f"name = '{name}'"))
 

@@ -81,10 +81,10 @@ def test_a_promoter_killed_at_any_step_leaves_a_state_the_next_promote_settles(s
     assert client.get_registered_model(name).aliases["champion"] == v2
     moves = registry.history(name)
     assert [(m["from"], m["to"]) for m in moves] == [(None, v1), (v1, v2)]
-    records = registry._records(client, name, "champion")
+    records = registry.aliases._records(client, name, "champion")
     assert [r.get("status") for _, r in sorted(records.items())] == (["done", status, "done"] if status == "rolled back"
                                                                     else ["done"] + ([status] if status else ["done"]))
-    assert all(m["action"] != registry.OUTSIDE for m in moves)
+    assert all(m["action"] != registry.common.OUTSIDE for m in moves)
     # settled: the next promotion within the default lease is not blocked
     monkeypatch.delenv("UNITOKEN_PROMOTION_LEASE_S")
     registry.promote(name, v1, expect_current=v2, reason="back")
@@ -105,18 +105,18 @@ def test_the_registry_lists_only_real_models_and_outside_moves_show_in_history(s
     registry.promote(name, v1, expect_current="none")
     client.set_registered_model_alias(name, "champion", v2)  # as the MLflow UI does
     moves = registry.history(name)
-    assert [(m["action"], m["from"], m["to"]) for m in moves] == [("promote", None, v1), (registry.OUTSIDE, v1, v2)]
+    assert [(m["action"], m["from"], m["to"]) for m in moves] == [("promote", None, v1), (registry.common.OUTSIDE, v1, v2)]
     shown = run(servers, "registry", "history", name, inprocess=True).stdout
     assert "outside the CLI" in " ".join(shown.split())
     with pytest.raises(registry.ConflictError, match=f"held by version {v2}, not {v1}"):
         registry.promote(name, v1, expect_current=v1)
     registry.promote(name, v1, expect_current=v2, reason="undo the UI's move")
     moves = registry.history(name)
-    assert [(m["action"], m["from"], m["to"]) for m in moves] == [("promote", None, v1), (registry.OUTSIDE, v1, v2),
+    assert [(m["action"], m["from"], m["to"]) for m in moves] == [("promote", None, v1), (registry.common.OUTSIDE, v1, v2),
                                                                   ("promote", v2, v1)]
     names = {m.name for m in client.search_registered_models()}
     assert not [n for n in names if ".lock." in n] and name in names
-    ledgers = client.search_runs([client.get_experiment_by_name(registry.LEDGER_EXPERIMENT).experiment_id],
+    ledgers = client.search_runs([client.get_experiment_by_name(registry.common.LEDGER_EXPERIMENT).experiment_id],
                                  f"tags.`unitoken.registered_model` = '{name}'")
     assert len(ledgers) == 1 and ledgers[0].data.params  # one ledger run, holding the claims
 

@@ -162,7 +162,7 @@ def _tree_rss(pid: int) -> int:
 def test_a_tampered_model_is_refused_at_load(tracking, registered):
     import mlflow.pyfunc
 
-    from unitoken.serving import ModelRefused
+    from unitoken.registry.serving import ModelRefused
 
     name = "tampered"
     version = _register(tracking, name)

@@ -11,7 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from tests.conftest import build_tiny
-from unitoken.serving import Limits, _params, check_prompts, default_limits, parse_rows
+from unitoken.registry.serving import Limits, _params, check_prompts, default_limits, parse_rows
 
 
 def png_header(width: int, height: int) -> bytes:

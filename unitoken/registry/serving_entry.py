@@ -6,6 +6,6 @@ package (our image, or ``pip install`` of this repository).
 
 from mlflow.models import set_model
 
-from unitoken.serving import UniTokenModel
+from unitoken.registry.serving import UniTokenModel
 
 set_model(UniTokenModel())

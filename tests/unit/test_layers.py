@@ -50,3 +50,15 @@ def test_a_planted_violation_fails_the_check(tmp_path, module, line, broken):
     done = _lint(root)
     assert done.returncode != 0
     assert f"{broken}" in done.stdout and "BROKEN" in done.stdout, done.stdout
+
+
+def test_the_declared_dependencies_match_the_imports(tmp_path):
+    """deptry: every package the code imports is declared (or first party), every declared one is
+    used; and it fails when a module imports something undeclared."""
+    done = subprocess.run([str(BIN / "deptry"), "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    root = _copy(tmp_path)
+    with open(root / "unitoken" / "files.py", "a") as f:
+        f.write("\n\ndef _planted():\n    import requests  # noqa: F401\n")
+    done = subprocess.run([str(BIN / "deptry"), "."], cwd=root, capture_output=True, text=True)
+    assert done.returncode != 0 and "requests" in done.stdout + done.stderr

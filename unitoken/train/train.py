@@ -18,6 +18,7 @@ is the recipe's global batch, cut into micro-batches whose gradients accumulate
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -380,6 +381,10 @@ class Trainer:
 
     def _start_tracking(self, track: bool, parent_run_id: str | None) -> None:
         if self.rank != 0 or not track:
+            return
+        if importlib.util.find_spec("mlflow") is None:  # `pip install .` without the [pipeline] extra
+            log.warning("stage %d is not tracked: MLflow is not installed (pip install 'unitoken[pipeline]', "
+                        "or pass --no-track to say so)", self.stage_n)
             return
         self.tracker = MLflowTracker(f"stage{self.stage_n}", self.out, run_id=self.state.mlflow_run_id,
                                      parent_run_id=parent_run_id,

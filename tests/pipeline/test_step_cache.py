@@ -212,6 +212,45 @@ def test_keys_follow_every_input(tmp_path):
     assert len(code_digest()) == 64
 
 
+STEP_MODULES = ["unitoken.pipeline.steps.data", "unitoken.pipeline.steps.train", "unitoken.pipeline.steps.evaluate"]
+
+
+def test_the_code_in_the_key_is_the_code_a_step_runs(tmp_path):
+    """A --help text (the CLI) or the rehearsal changes no step's key; a change to model code
+    changes every step's that runs it, and a change to training code the stage's (and not the
+    data steps')."""
+    import shutil
+
+    from unitoken.pipeline.cache import code_digest
+
+    root = Path(__file__).resolve().parents[2]
+    copy = tmp_path / "src"
+    shutil.copytree(root / "unitoken", copy / "unitoken", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digests():
+        code_digest.cache_clear()
+        return {m: code_digest(m, copy) for m in STEP_MODULES}
+
+    def edit(rel: str, old: str, new: str) -> None:
+        path = copy / "unitoken" / rel
+        text = path.read_text()
+        assert old in text, (rel, old)
+        path.write_text(text.replace(old, new, 1))
+
+    before = digests()
+    edit("cli/train.py", '"""', '"""Edited help. ')
+    edit("pipeline/rehearse.py", '"""', '"""Edited. ')
+    assert digests() == before
+    edit("model/loss.py", '"""', '"""Edited model code. ')
+    after_model = digests()
+    assert all(after_model[m] != before[m] for m in STEP_MODULES)
+    edit("train/batching.py", '"""', '"""Edited training code. ')
+    after_train = digests()
+    assert after_train["unitoken.pipeline.steps.train"] != after_model["unitoken.pipeline.steps.train"]
+    assert after_train["unitoken.pipeline.steps.data"] == after_model["unitoken.pipeline.steps.data"]
+    code_digest.cache_clear()
+
+
 STAGE_DRIVER = """
 import json, sys
 from pathlib import Path

@@ -9,8 +9,9 @@ exists. So KFP caching is switched off on every task, and the expensive steps (t
 training, pre-tokenisation, each training stage, each evaluation) cache themselves here, the
 same way under ``kfp.local`` and on a cluster (the cache lives on the checkpoint volume).
 
-**Key.** sha256 of the step name, the code (every ``unitoken/**/*.py`` file and the package
-version), the torch version and device type, and the step's inputs by *content*: the
+**Key.** sha256 of the step name, the code (the package version and the source of every
+``unitoken`` module the step's code imports, directly or not: ``code_closure``; a change to a
+``--help`` text keeps every entry, a change to model or training code misses), the torch version and device type, and the step's inputs by *content*: the
 validated data's digest (clean.jsonl plus every image it references), the resolved recipe
 with its overrides, upstream hand-off/model digests, step parameters. Any change gives
 another key, hence a recompute.
@@ -80,23 +81,71 @@ def tree_files(root: Path) -> dict[str, dict]:
     return files
 
 
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """sha256 of the package's source files and version: any code change invalidates every entry."""
+def code_closure(module: str, root: Path | None = None) -> list[Path]:
+    """The source files of ``module`` and of every ``unitoken`` module it imports, directly or
+    through others, at the top or inside functions: the code that can change what a step
+    computes. ``root`` is the directory holding the ``unitoken`` package (default: this one's)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(root, name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        todo += [m for m in _imported(path, name) if m.split(".")[0] == "unitoken" and m not in seen]
+    return sorted(seen.values())
+
+
+def _module_file(root: Path, name: str) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _imported(path: Path, name: str) -> set[str]:
+    """Modules ``path`` (module ``name``) imports; ``from P import x`` counts as P and as P.x (x
+    may be a module)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(module: str = "unitoken.pipeline.steps", root: Path | None = None) -> str:
+    """sha256 of the package version and the source of ``module``'s import closure
+    (``code_closure``): a change to code a step runs invalidates its entries; a change elsewhere
+    (a ``--help`` text, the rehearsal) does not."""
     from unitoken import __version__
 
-    pkg = Path(__file__).resolve().parents[1]
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     h = hashlib.sha256(f"unitoken {__version__}\n".encode())
-    for p in sorted(pkg.rglob("*.py")):
-        h.update(p.relative_to(pkg).as_posix().encode() + b"\0")
+    for p in code_closure(module, base):
+        h.update(p.relative_to(base).as_posix().encode() + b"\0")
         h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def cache_key(step: str, inputs: dict[str, Any]) -> str:
+def cache_key(step: str, inputs: dict[str, Any], module: str = "unitoken.pipeline.steps") -> str:
+    """The key of ``step``'s output for ``inputs``, computed by code in ``module`` (its import
+    closure is part of the key: ``code_digest``)."""
     import torch
 
-    doc = {"format": FORMAT, "step": step, "code": code_digest(), "torch": torch.__version__, "inputs": inputs}
+    doc = {"format": FORMAT, "step": step, "code": code_digest(module), "torch": torch.__version__, "inputs": inputs}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

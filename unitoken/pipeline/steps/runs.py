@@ -217,7 +217,7 @@ def cached_step(step: str, run_name: str, inputs, out: Path, cache: StepCache | 
     cache = cache or StepCache(None)
     out = Path(out)
     inputs = inputs() if cache.active else {}  # digests are computed only when a cache is in use
-    key = cache_key(step, inputs) if cache.active else ""
+    key = cache_key(step, inputs, compute.__module__) if cache.active else ""
     meta = cache.lookup(step, key) if key else None
     if meta is not None:
         try:

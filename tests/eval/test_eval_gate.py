@@ -1,7 +1,6 @@
 """Evaluation suites and the two-track gate."""
 
 import json
-import shutil
 
 import pytest
 from PIL import Image
@@ -11,7 +10,7 @@ from unitoken.cli import main
 from unitoken.data.synth import synthesize
 from unitoken.eval.gate import GatePolicy, decide
 from unitoken.eval.generation import ShapesDetector, check, geneval_items, shapes_geneval_items
-from unitoken.eval.understanding import extract_letter, normalize, shapes_vqa_items
+from unitoken.eval.understanding import extract_letter, normalize
 from unitoken.model.io import save_model
 
 

@@ -14,7 +14,7 @@ from tests.conftest import build_tiny
 from unitoken.recipes import get_recipe
 from unitoken.train import checkpoint as ckpt
 from unitoken.train.parallel import ds_config, validate_ds_config
-from unitoken.train.train import build_optimizer
+from unitoken.train.start import build_optimizer
 
 
 def test_ds_config_from_recipe():

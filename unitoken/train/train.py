@@ -32,14 +32,13 @@ from pathlib import Path
 
 import torch
 
-from unitoken.config import Recipe, StageConfig, config_hash, to_dict
+from unitoken.config import Recipe, config_hash, to_dict
 from unitoken.data.dataset import MixtureSampler, ShardDataset
 from unitoken.files import sha256_file
 from unitoken.model import handoff as handoff_fmt
-from unitoken.model.io import is_handoff_dir, load_model, save_model
+from unitoken.model.io import load_model, save_model
 from unitoken.model.sequence import SequenceBuilder
 from unitoken.tracking import MLflowTracker, NullTracker
-from unitoken.train import checkpoint as ckpt
 from unitoken.train import parallel
 from unitoken.train.batching import (
     Drawn,
@@ -64,6 +63,8 @@ from unitoken.train.memory import (
     plan_memory,
 )
 from unitoken.train.profiling import profiled
+from unitoken.train.start import build_optimizer, starting_point
+from unitoken.train.state import Checkpoints, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -86,179 +87,6 @@ class StageResult:
     losses: list[float]
     mlflow_run_id: str | None
     seconds: float
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def build_optimizer(model: torch.nn.Module, stage: StageConfig):
-    """AdamW with the ViT in its own group (its own LR), no decay on biases/norms; warmup + cosine."""
-    groups = {"vision": ([], []), "rest": ([], [])}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = "vision" if name.startswith("vision.") else "rest"
-        groups[key][0 if p.ndim >= 2 and "embed" not in name else 1].append(p)
-    o = stage.optim
-    params = []
-    for key, (decay, no_decay) in groups.items():
-        lr = o.vision_lr if key == "vision" else o.lr
-        for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
-            if ps:
-                params.append({"params": ps, "lr": lr, "weight_decay": wd, "name": f"{key}{'' if wd else '_no_decay'}"})
-    # fused: one kernel for the whole update on a GPU instead of a loop over tensors
-    fused = all(p.is_cuda for g in params for p in g["params"])
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None)
-    warmup = max(1, round(o.warmup_fraction * stage.max_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, stage.max_steps - warmup))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def starting_point(stage_n: int, recipe: Recipe, init: str | Path) -> tuple[Path, dict]:
-    """The model a stage starts from, verified before it is loaded: (directory, parent hand-off doc).
-
-    Raises:
-        FileNotFoundError: ``init`` is no model directory.
-        HandoffError: a hand-off of the wrong stage or config, or with a changed file.
-    """
-    init = Path(init)
-    if not init.is_dir():
-        raise FileNotFoundError(f"--init {init}: no such directory; fix: pass `unitoken model init`'s --out for "
-                                "stage 1, or the handoff/ folder of the previous stage, e.g. runs/stage1/handoff")
-    if stage_n > 1 and not (init / handoff_fmt.HANDOFF).is_file() and not (
-            recipe.model.encoder_mode == "discrete" and is_handoff_dir(init)):
-        raise handoff_fmt.HandoffError(f"--init {init}: not a stage hand-off (no {handoff_fmt.HANDOFF}); fix: pass the handoff/ "
-                                f"folder of a finished stage {stage_n - 1}, e.g. runs/stage{stage_n - 1}/handoff")
-    if stage_n > 1 and recipe.model.encoder_mode == "discrete" and not (init / handoff_fmt.HANDOFF).is_file() \
-            and is_handoff_dir(init):
-        # Stage 1 trains only the continuous path (vision + adapter), which a discrete-only model
-        # lacks: its stage 2 starts from the initialisation (the Table 5 ablation).
-        return init, {"stage": 0, "files": {}}
-    if stage_n > 1:
-        # Stage N starts from stage N-1; re-running stage N on new data from a stage-N model (e.g. a
-        # registered champion, stage-scoped retraining) is allowed too.
-        return init, handoff_fmt.verify_handoff(init, expect_stage=(stage_n - 1, stage_n),
-                                         expect_config_hash=config_hash(recipe.model))
-    if (init / handoff_fmt.HANDOFF).is_file():
-        return init, handoff_fmt.verify_handoff(init, expect_config_hash=config_hash(recipe.model))
-    if is_handoff_dir(init):
-        return init, {"stage": 0, "files": {}}
-    raise FileNotFoundError(f"--init {init}: not a model directory (no config.json and weights); fix: create one "
-                            "with `unitoken model init --recipe R --out DIR` and pass DIR")
-
-
-# --------------------------------------------------------------------------- resume state
-
-
-@dataclass
-class TrainState:
-    """Everything a resume needs beside DeepSpeed's own state (weights, optimizer, schedule):
-    saved into the checkpoint as DeepSpeed's client state and loaded back in one call each."""
-
-    step: int = 0
-    draws: int = 0  # samples drawn from the sampler by the steps done
-    sampler: dict | None = None  # the sampler's state right after the last step's batch
-    torch_rng: torch.Tensor | None = None
-    cuda_rng: torch.Tensor | None = None
-    mlflow_run_id: str | None = None
-
-    def capture(self, device: torch.device) -> dict:
-        """The state with the RNGs as they are now, as a checkpoint's client state."""
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def restore(cls, client: dict, device: torch.device) -> TrainState:
-        """The state of a loaded checkpoint, with the RNGs set back to it."""
-        state = cls(**{f.name: client.get(f.name) for f in dataclasses.fields(cls)})
-        torch.set_rng_state(state.torch_rng)
-        if device.type == "cuda" and state.cuda_rng is not None:
-            torch.cuda.set_rng_state(state.cuda_rng)
-        return state
-
-
-class Checkpoints:
-    """A stage's periodic checkpoints: written (or staged in host memory, then written by a
-    thread), published once every rank has its part on disk, the newest ``keep`` kept."""
-
-    def __init__(self, engine, root: Path, rank: int, staged: bool, keep: int, meta: dict, tracker) -> None:
-        self.engine, self.root, self.rank, self.keep, self.meta, self.tracker = engine, root, rank, keep, meta, tracker
-        self.writer = engine.checkpoint_engine if staged else None
-        self.pending: dict = {}  # the checkpoint being written in the background: step, timings
-        self.log_path = root.parent / "checkpoints.jsonl"
-
-    def latest(self, load: bool = True) -> dict | None:
-        """The client state of the newest complete checkpoint, loaded into the engine; None if none.
-
-        Raises:
-            ValueError: there is one and ``load`` is False (``--resume never``).
-        """
-        if self.rank == 0:
-            ckpt.clean_debris(self.root)
-        parallel.barrier()
-        found = ckpt.complete_checkpoints(self.root)
-        if not found:
-            return None
-        step, path = found[-1]
-        if not load:
-            raise ValueError(f"{self.root.parent} already holds checkpoints (up to step {step}); "
-                             "use --resume auto or a new --out")
-        log.warning("resuming from %s (step %d)", path, step)
-        return parallel.load_checkpoint(self.engine, path)
-
-    def save(self, client: dict, wait: bool = False) -> Path:
-        """Write the checkpoint of ``client["step"]``; with the staged writer, training waits only
-        for the copy to host memory and the checkpoint is published once written."""
-        self.publish()  # the previous one first: one checkpoint in flight at a time
-        step = client["step"]
-        tmp = ckpt.prepare_tmp(self.root, step) if self.rank == 0 else ckpt.tmp_dir(self.root, step)
-        parallel.barrier()
-        t0 = time.perf_counter()
-        parallel.save_checkpoint(self.engine, tmp, client)  # collective: every rank writes (or stages) its part
-        self.pending.update(step=step, t0=t0, blocking_s=time.perf_counter() - t0)
-        if self.writer is None or wait:
-            self.publish()
-        return ckpt.step_dir(self.root, step)
-
-    def publish(self) -> None:
-        """Make the pending checkpoint visible once every rank has it on disk; prune old ones."""
-        if not self.pending:
-            return
-        if self.writer is not None:
-            self.writer.wait()
-        parallel.barrier()
-        if self.rank == 0:
-            step = self.pending["step"]
-            ckpt.publish(self.root, step, {"step": step, **self.meta}, keep=self.keep)
-            record = {"step": step, "blocking_s": round(self.pending["blocking_s"], 4),
-                      "published_after_s": round(time.perf_counter() - self.pending["t0"], 4),
-                      "staged": self.writer is not None}
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.tracker.log_metrics({"checkpoint_blocking_s": record["blocking_s"]}, step=step)
-        parallel.barrier()
-        self.pending.clear()
-
-    def publish_if_written(self) -> None:
-        """Publish the pending checkpoint if every rank has written it (a collective while one is pending)."""
-        if self.writer is not None and self.pending and not parallel.any_rank(not self.writer.done()):
-            self.publish()
-
-    @contextmanager
-    def draining(self) -> Iterator[None]:
-        """No checkpoint write outlives the loop, whichever way it ends (a failed loop publishes nothing)."""
-        try:
-            yield
-        finally:
-            if self.writer is not None:
-                self.writer.drain()
 
 
 # --------------------------------------------------------------------------- the trainer

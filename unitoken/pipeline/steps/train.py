@@ -67,9 +67,8 @@ def train_stage(stage: int, recipe: str, overrides: list[str], tokens: Path, ini
 
 
 def _train_here(stage, recipe, overrides, tokens, init, out, work, parent_run_id, max_steps, runs_on) -> dict:
-    from unitoken.train.train import (
-        main as train_main,  # torch and DeepSpeed: only where a stage trains here
-    )
+    # torch and DeepSpeed are imported only where a stage trains in this process
+    from unitoken.train.train import main as train_main
 
     result = train_main(stage, get_recipe(recipe, overrides), Path(tokens), Path(work), Path(init),
                         resume="auto", max_steps=max_steps or None, track=parent_run_id is not None,

@@ -12,6 +12,7 @@ time; the local runner ignores it.
 """
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -42,6 +43,17 @@ JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 # steps that reuse their outputs from the step cache under the checkpoint volume (cache_root)
 CACHED_STEPS = ("train-tokenizer", "pretokenize", "evaluate")
+
+
+def named(component, name: str):
+    """``component`` under the task name ``name`` (KFP names a task after its component, and the
+    second task of one component ``train-stage-2``): each stage's task is then ``train-stage<N>``,
+    the step name the cluster config, the logs and the UI share."""
+    renamed = copy.copy(component)
+    renamed.component_spec = copy.deepcopy(component.component_spec)
+    renamed.component_spec.name = name
+    renamed.name = name
+    return renamed
 
 
 def place(task, step: str, cluster: ClusterConfig | None):
@@ -176,14 +188,14 @@ def build_pipeline(stages: tuple[int, ...] = (1, 2, 3), cluster: ClusterConfig |
             model = init.outputs["model"]
             for n in stages:
                 r = cluster.resources(f"train-stage{n}") if cluster else None
-                stage = place(train_stage(stage=n, recipe=recipe, overrides_json=overrides_json,
+                stage = place(named(train_stage, f"train-stage{n}")(stage=n, recipe=recipe, overrides_json=overrides_json,
                                           mixture_ratio=mixture_ratio, tokens=tokens.outputs["tokens"], init=model,
                                           parent_run_id=parent, job=JOB_ID, checkpoint_root=checkpoint_root,
                                           max_steps=max_steps, num_nodes=r.num_nodes if r else 1,
                                           gpus=r.gpus if r and r.num_nodes == 1 else 1,
                                           cluster_json=cluster_json, use_cache=use_cache), f"train-stage{n}", cluster)
                 model = stage.outputs["handoff"]
-                scored = place(evaluate(model=model, dataset=data.outputs["dataset"], tokens=tokens.outputs["tokens"],
+                scored = place(named(evaluate, f"evaluate-stage{n}")(model=model, dataset=data.outputs["dataset"], tokens=tokens.outputs["tokens"],
                                         suites=eval_suites, limit=eval_limit, label=f"stage{n}", parent_run_id=parent,
                                         cache_root=cache_root, use_cache=use_cache), "evaluate", cluster)
                 scored.set_display_name(f"evaluate-stage{n}")

@@ -75,7 +75,7 @@ def main() -> int:
             console.print(f"answer: [bold]{answer or '(empty)'}[/]   (the test set's answer: {question['answer']})",
                           highlight=False)
     console.print(f"generated image ({PROMPT!r}): {generated.resolve()}", highlight=False)
-    report = _newest(state / "pipeline" / "artifacts", "evaluate-3/evaluation/report.html")
+    report = _newest(state / "pipeline" / "artifacts", "evaluate-stage3/evaluation/report.html")
     if report is not None:
         console.print(f"every evaluated answer and image of stage 3: {report.resolve()}", highlight=False)
     console.rule(f"[green]demo finished in {time.perf_counter() - start:.0f}s")

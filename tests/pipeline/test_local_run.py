@@ -98,8 +98,8 @@ def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run
     # artifacts flowed between steps: stage 2 started from stage 1's hand-off artifact
     artifacts = home / ".unitoken" / "pipeline" / "artifacts"
     job = next(artifacts.iterdir())
-    s2 = json.loads((job / "train-stage-2" / "handoff" / "handoff.json").read_text())
-    assert s2["parent"] == str((job / "train-stage" / "handoff").resolve())
+    s2 = json.loads((job / "train-stage2" / "handoff" / "handoff.json").read_text())
+    assert s2["parent"] == str((job / "train-stage1" / "handoff").resolve())
 
 
 @pytest.mark.extended

@@ -113,8 +113,8 @@ def test_a_reused_run_key_is_refused(tmp_path):
     package = compile_pipeline(tmp_path / "p.yaml", (1, 2, 3), cluster_from_dict(_example()))
     package.write_text(package.read_text().replace("{{$.pipeline_job_uuid}}", "{{$.pipeline_job_name}}"))
     failed = [f for f in _failures(_example(), package=package) if f.rule == "run-key"]
-    assert {f.subject for f in failed} == {"open-run", "close-run", "pretokenize", "train-stage", "train-stage-2",
-                                           "train-stage-3"}  # pretokenize: its workers' run directory and MLflow parent
+    assert {f.subject for f in failed} == {"open-run", "close-run", "pretokenize", "train-stage1", "train-stage2",
+                                           "train-stage3"}  # pretokenize: its workers' run directory and MLflow parent
     assert all("pipeline_job_name" in f.detail for f in failed)
 
 

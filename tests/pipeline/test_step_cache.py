@@ -328,8 +328,8 @@ def test_compiled_pipeline_turns_kfp_caching_off_and_takes_use_cache(tmp_path):
     assert len(executed) == 15  # the pretokenize workers (one ParallelFor task) and their merge among them
     assert all(not v.get("cachingOptions", {}).get("enableCache") for v in executed.values())
     takes = {k for k, v in executed.items() if "use_cache" in v.get("inputs", {}).get("parameters", {})}
-    assert takes == {"train-tokenizer", "pretokenize", "train-stage", "train-stage-2", "train-stage-3", "evaluate",
-                     "evaluate-2", "evaluate-3"}
+    assert takes == {"train-tokenizer", "pretokenize", "train-stage1", "train-stage2", "train-stage3", "evaluate-stage1",
+                     "evaluate-stage2", "evaluate-stage3"}
 
 
 def test_on_a_cluster_every_cached_step_mounts_the_cache_volume(tmp_path):

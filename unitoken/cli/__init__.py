@@ -1,4 +1,4 @@
-"""The ``unitoken`` command (contract: shared/CLI.md), one module per command group:
+"""The ``unitoken`` command, one module per command group:
 ``model`` (model, tokenizer, generate, chat), ``data``, ``train``, ``evaluation`` (eval, gate),
 ``registry`` (registry, lineage) and ``pipeline``. Each module's ``register(sub)`` adds its
 commands, with their arguments and an example, beside the handlers they run.

@@ -109,7 +109,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if LEGACY_ROW_END in state:
         raise ValueError(
             f"{path}: has {LEGACY_ROW_END}, the learned AnyRes end-of-row embedding of models made before "
-            "issue 22. AnyRes now ends rows with the newline token's embedding and pads tiles instead of "
+            "2026-12-05. AnyRes now ends rows with the newline token's embedding and pads tiles instead of "
             "stretching them (as the UniToken reference does), so this model's AnyRes features would change "
             "meaning under it. Train the AnyRes stages again from a model without it (e.g. the non-AnyRes "
             "stage it started from, or `unitoken model init`)")

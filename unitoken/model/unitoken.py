@@ -149,7 +149,7 @@ class UniToken(nn.Module):
                 # The layer's forward only, not its __call__: hooks stay outside the compiled code.
                 # DeepSpeed ZeRO-3 gathers and releases parameters in module hooks; compiled into
                 # the layer (``layer.compile()``), dynamo re-traced them for every layer and hit
-                # its recompile limit in _pre_backward_module_hook (issue 32).
+                # its recompile limit in _pre_backward_module_hook (docs/performance.md).
                 layer.forward = torch.compile(layer.forward)
             # the SigLIP tower too (its layers run forward and backward on every understanding
             # sample); the number of tiles changes per micro-batch: one dynamic recompile

@@ -1,4 +1,4 @@
-"""Content-addressed step outputs: a re-run with unchanged inputs reuses a step's output (issue 9).
+"""Content-addressed step outputs: a re-run with unchanged inputs reuses a step's output.
 
 KFP's own caching cannot do this for us. Its key is the task's parameter *values* and its input
 artifacts' *names/URIs*, not their contents: the same ``data_uri`` with new data behind it

@@ -141,7 +141,7 @@ def as_part_of_global_batch(batch: dict, local: BatchCounts, total: BatchCounts,
     parts of all micro-batches and ranks sum to what one pass over the whole batch gives: the
     token mean and the z-loss divide by the supervised tokens of the whole step on all ranks, and
     each sample weighs 1 / (samples of the whole step). Normalising by each rank's own counts made
-    the loss depend on the world size (issue 19), by each micro-batch's on the cut. With one
+    the loss depend on the world size, by each micro-batch's on the cut. With one
     micro-batch in one process nothing changes (the factors are exactly 1)."""
     batch = dict(batch, num_global_tokens=total.supervised)
     if loss_reduction == "sample":  # sample_loss_weights sums to 1 over this micro-batch's samples

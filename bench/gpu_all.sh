@@ -23,14 +23,17 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 # the benchmark the product path is compared with: compiled decoder layers, 32k-token micro-batches
 run throughput-7b-compile 130 bench/train_throughput.py --shape 7b --layers 8 --row-len 32768 --steps 3 --warmup 2 \
     --variants ours-compile --out "$OUT/throughput_7b_compile_32k.json"
-# the commands users run (issue 32): pretokenize on mixed-size JPEGs, unitoken train stages 1 and 2 of
+# the commands users run: pretokenize on mixed-size JPEGs, unitoken train stages 1 and 2 of
 # unitoken-7b-fast at 8 layers with nothing set but layers and steps (memory plan, ZeRO-2, compile),
-# staged saves at 1 layer. Sized from the H100 calls of 2026-12-06 (8-layer init + stage-1 hand-off
-# ~2 min, the 6-step loop ~1.5 min); the whole step was not yet timed inside one call.
-run product-path 420 bench/product_path.py --out "$OUT" --layers 8 --ckpt-layers 1 --steps 6 --scenes 400 --profile-step 3
-# the rest only while the budget allows (BENCH_BUDGET_S): first the train/serve skew check of the
-# 7B encoder (stored codes == inference codes on 256 images at 512 px, bf16, compiled)
-optional gpu-skew 150 -m pytest -q -s -m gpu tests/gpu -k "codes_equal" -p no:cacheprovider
+# step 3 profiled. Each `unitoken train` process costs ~100 s besides its steps on an H100 (start-up,
+# DeepSpeed, compilation, the hand-off: measured 2026-12-06, session 12), so the staged saves at 1
+# layer are a part of their own, run while the budget allows.
+run product-path 460 bench/product_path.py --out "$OUT" --parts loop --layers 8 --steps 5 --scenes 200 --profile-step 2
+# the rest only while the budget allows (BENCH_BUDGET_S): the train/serve skew check of the 7B encoder
+# (stored codes == inference codes on 256 images at 512 px, bf16, compiled: ~60 s), then the saves
+optional gpu-skew 100 -m pytest -q -s -m gpu tests/gpu -k "codes_equal" -p no:cacheprovider
+optional product-path-ckpt 300 bench/product_path.py --out "$OUT/ckpt" --parts ckpt --ckpt-layers 1 --scenes 100 \
+    --save-every 2
 optional throughput-7b 150 bench/train_throughput.py --shape 7b --layers 8 --steps 3 --warmup 1 \
     --variants reference,ours,ours-nochunk,ours-sdpa,ours-ckpt-half,anchor-ckpt,anchor,anchor-ours \
     --out "$OUT/throughput_7b.json"

@@ -179,13 +179,16 @@ def test_unreachable_tracking_writes_pending_then_replays(tmp_path):
 def test_stage_run_nests_under_pipeline_parent(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from unitoken.tracking import MLflowTracker
+    from unitoken.tracking import MLflowTracker, parent_run_from_env
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
     parent = client.create_run(client.create_experiment("unitoken"), run_name="pipeline").info.run_id
+    # the parent crosses a process boundary in the environment; the command reads it, the tracker takes it
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
     monkeypatch.setenv("MLFLOW_RUN_ID", parent)
-    tracker = MLflowTracker("stage3", tmp_path, tracking_uri=uri)
+    assert parent_run_from_env() == parent
+    tracker = MLflowTracker("stage3", tmp_path, tracking_uri=uri, parent_run_id=parent_run_from_env())
     tracker.close()
     run = client.get_run(tracker.run_id)
     assert tracker.run_id != parent and run.data.tags["mlflow.parentRunId"] == parent

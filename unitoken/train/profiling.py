@@ -36,9 +36,12 @@ def profiled(path: Path, active: bool) -> Iterator[None]:
 
 def summary(events, wall: float, cuda: bool, rows: int = 45) -> str:
     """The busy share and the operator table of ``prof.key_averages()``."""
+    from torch.autograd import DeviceType
+
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sum(getattr(e, key, 0.0) for e in events) / 1e6 if cuda else None
-    head = [f"wall {wall:.3f} s"]
+    # the device's own events (kernels, copies): an operator's device time is its kernels' again
+    busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6 if cuda else None
+    head = [f"wall {wall:.3f} s (the profiler slows the step)"]
     if busy is not None:
         head.append(f"accelerator busy {busy:.3f} s ({busy / wall:.1%} of the wall time; kernels on "
                     "several streams can add up to more than 100 %)")

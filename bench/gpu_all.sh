@@ -37,5 +37,5 @@ optional product-path-ckpt 300 bench/product_path.py --out "$OUT/ckpt" --parts c
 optional throughput-7b 150 bench/train_throughput.py --shape 7b --layers 8 --steps 3 --warmup 1 \
     --variants reference,ours,ours-nochunk,ours-sdpa,ours-ckpt-half,anchor-ckpt,anchor,anchor-ours \
     --out "$OUT/throughput_7b.json"
-optional vq-encode 60 bench/vq_encode.py --variants bf16-autocast --out "$OUT/vq_encode.json"
+optional vq-encode 90 bench/vq_encode.py --variants bf16-autocast,bf16-compiled --out "$OUT/vq_encode.json"
 "$PY" bench/perf_summary.py "$OUT"

@@ -5,8 +5,9 @@ vs batched bf16 (``unitoken data pretokenize`` on a GPU), in one run.
     python bench/vq_encode.py --recipe tiny --images 8 --batch 4                      # CPU smoke test
 
 The encoder is the recipe's (random weights: speed does not depend on them). Variants:
-``fp32-single`` (batch 1, fp32), ``bf16-autocast`` (what pretokenize does: autocast, batch
-``--batch``), ``bf16-cl`` (bf16 weights + channels-last memory layout), ``bf16-cl-compile``
+``fp32-single`` (batch 1, fp32), ``bf16-autocast`` (eager bf16 autocast, batch ``--batch``),
+``bf16-compiled`` (what the unitoken-7b recipes run in every command: ``vq.encode`` in bf16,
+compiled on a GPU: ``vq.encode_compiled``), ``bf16-cl`` (bf16 weights + channels-last memory layout), ``bf16-cl-compile``
 (the same through torch.compile). Codes of every variant are compared with fp32 (share of
 equal codes: bf16 flips near-ties). Prints a table last and writes JSON.
 """
@@ -45,13 +46,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="images per batched variant")
     ap.add_argument("--single-images", type=int, default=32, help="images for the one-at-a-time variant")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--variants", default="fp32-single,fp32-batched,bf16-autocast,bf16-cl,bf16-cl-compile")
+    ap.add_argument("--variants", default="fp32-single,fp32-batched,bf16-autocast,bf16-compiled,bf16-cl,bf16-cl-compile")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms first")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    cfg = get_recipe(args.recipe).model.vq
+    recipe_cfg = get_recipe(args.recipe).model.vq
+    # the reference: fp32, eager (whatever the recipe encodes in)
+    cfg = dataclasses.replace(recipe_cfg, encode_dtype="float32", encode_compiled=False)
     torch.manual_seed(0)
     vq = VQTokenizer(cfg).to(device)
     res = cfg.resolution
@@ -63,6 +66,9 @@ def main() -> None:
     as_bf16 = dataclasses.replace(cfg, encode_dtype="bfloat16")
     auto = copy.deepcopy(vq)
     auto.cfg = as_bf16
+    # what the unitoken-7b recipes run in every command: vq.encode, bf16, compiled (vq.encode_compiled)
+    recipe_path = copy.deepcopy(vq)
+    recipe_path.cfg = dataclasses.replace(cfg, encode_dtype="bfloat16", encode_compiled=True)
     bf16 = copy.deepcopy(vq).to(torch.bfloat16, memory_format=torch.channels_last)
     bf16.cfg = as_bf16
 
@@ -83,6 +89,7 @@ def main() -> None:
         return idx.view(z.shape[0], z.shape[2], z.shape[3])
 
     variants = {"fp32-single": (vq.encode, 1), "fp32-batched": (vq.encode, args.batch), "bf16-autocast": (enc_autocast, args.batch),
+                "bf16-compiled": (recipe_path.encode, args.batch),
                 "bf16-cl": (enc_cl, args.batch), "bf16-cl-compile": (enc_compiled, args.batch)}
     rows = []
     for name in args.variants.split(","):

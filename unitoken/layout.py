@@ -8,10 +8,11 @@ what they count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # annotations only: config imports this module
-    from unitoken.config import ModelConfig, VisionConfig
+# ``cfg`` is a ``unitoken.config.ModelConfig`` (``VisionCfg`` its ``vision``): named, not imported,
+# since config imports this module to validate recipes
+ModelCfg = VisionCfg = Any
 
 TOKEN_NAMES = {
     "bos": "<s>",
@@ -42,7 +43,7 @@ def feature_crop(grid: tuple[int, int], image_size: tuple[int, int], p: int) -> 
     return slice(0, h), slice(pad, w - pad)
 
 
-def num_continuous_features(grid: tuple[int, int], image_size: tuple[int, int], cfg: VisionConfig) -> int:
+def num_continuous_features(grid: tuple[int, int], image_size: tuple[int, int], cfg: VisionCfg) -> int:
     """Embeddings one image contributes to the sequence: p*p base features, then for an AnyRes
     grid the unpadded feature rows, each with one end-of-row marker.
 
@@ -57,7 +58,7 @@ def num_continuous_features(grid: tuple[int, int], image_size: tuple[int, int], 
     return p * p + (rows.stop - rows.start) * (cols.stop - cols.start + 1)
 
 
-def max_continuous_features(cfg: VisionConfig) -> int:
+def max_continuous_features(cfg: VisionCfg) -> int:
     """The most embeddings one image can contribute under ``cfg``: an image with its grid's
     exact aspect ratio loses nothing to unpadding, so the largest allowed canvas decides
     (unitoken-7b-anyres: 729 + 54 * 55 = 3,699 for the 2x2 grid)."""
@@ -71,7 +72,7 @@ def max_continuous_features(cfg: VisionConfig) -> int:
 CONVERSATION_FRAME = 4
 
 
-def image_block_len(cfg: ModelConfig, num_continuous: int, as_output: bool = False) -> int:
+def image_block_len(cfg: ModelCfg, num_continuous: int, as_output: bool = False) -> int:
     """Tokens of one image block from ``SequenceBuilder.image`` for the config's square VQ grid."""
     c = cfg.vq.codes_per_side
     discrete = 2 + c * (c + 1)  # [H][W], then each row of codes + [NL]
@@ -82,14 +83,14 @@ def image_block_len(cfg: ModelConfig, num_continuous: int, as_output: bool = Fal
     return 1 + discrete + 1 + num_continuous + 1  # [BOI] discrete [SEP] continuous [EOI]
 
 
-def max_input_image_tokens(cfg: ModelConfig) -> int:
+def max_input_image_tokens(cfg: ModelCfg) -> int:
     """Tokens of the longest input-image block ``cfg`` can produce: with AnyRes, the allowed
     grid with the most features for an image of that grid's aspect ratio (unitoken-7b-anyres:
     1,060 discrete + [SEP] + 3,699 continuous = 4,760; unitoken-7b: 1,790)."""
     return image_block_len(cfg, max_continuous_features(cfg.vision))
 
 
-def min_seq_len(cfg: ModelConfig) -> int:
+def min_seq_len(cfg: ModelCfg) -> int:
     """The shortest row that holds a one-image conversation with a one-token answer for ``cfg``:
     a max_seq_len below it cannot train on every image the config accepts."""
     return max_input_image_tokens(cfg) + CONVERSATION_FRAME + 1

@@ -239,10 +239,23 @@ class StageConfig:
     text_ratio: float = 0.0
     max_seq_len: int = 4096
     sources: tuple[str, ...] = ()  # manifest `source` values this stage trains on; () = all
+    # The mixture by source: {source: weight}, samples drawn in proportion to the weights (each
+    # source's records reshuffled per epoch of that source), instead of the task ratios above; the
+    # sources it names are the stage's data. The reference's data configs (`ratio` per file) import
+    # as weight = ratio x records (`unitoken data mixture import`).
+    source_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.trainable = tuple(self.trainable)
         self.sources = tuple(self.sources)
+        self.source_weights = {str(k): float(v) for k, v in dict(self.source_weights or {}).items()}
+        bad = {k: v for k, v in self.source_weights.items() if not v >= 0}
+        _require(not bad, "source_weights", f"weights must be >= 0, got {bad}", "e.g. {vqa: 3, t2i: 1}")
+        _require(not self.source_weights or sum(self.source_weights.values()) > 0, "source_weights",
+                 "all weights are 0", "give at least one source a weight above 0")
+        outside = sorted(set(self.source_weights) - set(self.sources)) if self.sources else []
+        _require(not outside, "source_weights", f"names {outside}, which are not among the stage's sources "
+                 f"{list(self.sources)}", "weight only the stage's sources, or set train.stageN.sources=[] first")
         unknown = sorted(set(self.trainable) - set(FREEZE_PREFIXES))
         _require(not unknown, "trainable", f"unknown module prefixes {unknown}",
                  f"use a subset of {list(FREEZE_PREFIXES)}")

@@ -1,4 +1,4 @@
-"""``unitoken data synth|validate|pretokenize``: the data a model trains on."""
+"""``unitoken data synth|validate|pretokenize|mixture``: the data a model trains on."""
 
 from __future__ import annotations
 
@@ -39,9 +39,43 @@ def register(sub) -> None:
     pre.add_argument("--batch-size", type=int, default=64, help="images per VQ forward pass")
     pre.add_argument("--device", default="auto")
     pre.add_argument("--summary-json", type=Path, help="also write the summary (counts, seconds, images/s) here")
+    mix = data.command("mixture", "read a UniToken reference data config (META: path, ratio) as a stage's mixture",
+                       ["unitoken data mixture import configs/data/stage2.yaml --stage 2"], cmd_data_mixture,
+                       notes="ratio keeps the reference's meaning (the share of a file's records per epoch): "
+                             "weight = ratio x records. Train on it with `unitoken train --mixture CONFIG.yaml`.")
+    mix.add_argument("action", choices=("import",))
+    mix.add_argument("config", type=Path, help="a reference data config (unitoken/configs/data/*.yaml)")
+    mix.add_argument("--stage", type=int, choices=(1, 2, 3), default=2, help="the stage the override is for")
 
 
 # --------------------------------------------------------------------------- handlers
+
+
+def mixture_overrides(config: Path, stage: int) -> tuple[list[str], dict[str, float], list]:
+    """(``--set`` overrides that make ``config`` stage ``stage``'s mixture, the weights, the entries)."""
+    from unitoken.data.mixture import read_reference_config, reference_weights
+
+    entries = read_reference_config(config)
+    weights = reference_weights(entries)
+    return ([f"train.stage{stage}.sources=[]", f"train.stage{stage}.source_weights={json.dumps(weights)}"],
+            weights, entries)
+
+
+def cmd_data_mixture(args) -> int:
+    from unitoken.data.mixture import manifest_sources
+
+    sets, weights, entries = mixture_overrides(args.config, args.stage)
+    total = sum(weights.values())
+    table = Table(title=f"mixture of {args.config} (stage {args.stage})")
+    for col in ("entry", "file", "source", "records", "ratio", "weight", "share"):
+        table.add_column(col, justify="right" if col in ("records", "ratio", "weight", "share") else "left")
+    for e in entries:
+        for src, n in manifest_sources(e.path).items():
+            share = weights[src] / total if total else 0.0
+            table.add_row(str(e.index), str(e.path), src, f"{n:,}", f"{e.ratio:g}", f"{weights[src]:,.1f}", f"{share:.1%}")
+    console.print(table)
+    console.print("as overrides: " + " ".join(f"--set '{s}'" for s in sets), soft_wrap=True)
+    return 0
 
 
 def cmd_data_synth(args) -> int:

@@ -24,6 +24,8 @@ def register(sub) -> None:
     tr.add_argument("--resume", choices=("auto", "never"), default="auto")
     tr.add_argument("--max-steps", type=int)
     add_overrides(tr)
+    tr.add_argument("--mixture", type=Path, help="a UniToken reference data config (META: path, ratio) as this "
+                    "stage's mixture by source (see `unitoken data mixture import`)")
     tr.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     tr.add_argument("--dry-run", action="store_true",
                     help="build the model on the meta device and the DeepSpeed config, then stop")
@@ -32,7 +34,12 @@ def register(sub) -> None:
 def cmd_train(args) -> int:
     from unitoken.recipes import get_recipe
 
-    recipe = get_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if args.mixture is not None:
+        from unitoken.cli.data import mixture_overrides
+
+        overrides += mixture_overrides(args.mixture, args.stage)[0]
+    recipe = get_recipe(args.recipe, overrides)
     if args.dry_run:
         return _train_dry_run(recipe, args.stage)
     missing = [flag for flag, value in (("--data", args.data), ("--out", args.out), ("--init", args.init)) if not value]

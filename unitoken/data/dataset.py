@@ -75,6 +75,9 @@ class ShardDataset:
     def tasks(self) -> list[str]:
         return [rec.get("task", "understanding") for _, _, rec in self.records]
 
+    def record_sources(self) -> list[str]:
+        return [rec.get("source", "") for _, _, rec in self.records]
+
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         if s not in self._open:
             path = self.root / "shards" / self.index["shards"][s]["name"] / "images.safetensors"
@@ -117,13 +120,15 @@ class MixtureSampler:
     ``load_state_dict`` resume the exact stream.
     """
 
-    def __init__(self, tasks: list[str], ratios: dict[str, float], seed: int = 0) -> None:
+    def __init__(self, tasks: list[str], ratios: dict[str, float], seed: int = 0, kind: str = "tasks") -> None:
+        """``tasks``: each index's pool (its task, or its source with ``kind="sources"``);
+        ``ratios``: the pools' draw weights."""
         self.ratios = {k: float(v) for k, v in ratios.items() if v > 0}
         self.pools = {k: [i for i, t in enumerate(tasks) if t == k] for k in self.ratios}
         empty = [k for k, pool in self.pools.items() if not pool]
         if empty:
-            raise ValueError(f"data mix asks for tasks {empty} but the data has none "
-                             f"(tasks present: {sorted(set(tasks))}); set their ratio to 0 or add data")
+            raise ValueError(f"data mix asks for {kind} {empty} but the data has none "
+                             f"({kind} present: {sorted(set(tasks))}); set their weight to 0 or add data")
         self.seed = seed
         self.rng = random.Random(seed)
         self.epoch = {k: 0 for k in self.pools}

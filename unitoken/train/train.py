@@ -18,6 +18,7 @@ is the recipe's global batch, cut into micro-batches whose gradients accumulate
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 
 from unitoken.config import Recipe, config_hash, to_dict
 from unitoken.data.dataset import MixtureSampler, ShardDataset
+from unitoken.data.mixture import effective_mixture
 from unitoken.files import sha256_file
 from unitoken.model import handoff as handoff_fmt
 from unitoken.model.io import load_model, save_model
@@ -156,13 +158,28 @@ class Trainer:
     def _build_data(self) -> None:
         builder = SequenceBuilder(self.model.tokens, self.tokenizer, self.model.config)
         stage = self.stage
-        self.dataset = ShardDataset(self.data, builder, sources=list(stage.sources) or None, splits=["train"])
+        weighted = [k for k, w in stage.source_weights.items() if w > 0]
+        sources = weighted or list(stage.sources) or None
+        self.dataset = ShardDataset(self.data, builder, sources=sources, splits=["train"])
         if len(self.dataset) == 0:
             raise ValueError(f"{self.data}: no training records for stage {self.stage_n} "
-                             f"(sources {list(stage.sources) or 'all'})")
-        ratios = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
-                  "text": stage.text_ratio}
-        self.sampler = MixtureSampler(self.dataset.tasks(), ratios, seed=self.cfg.seed + 1000 * self.stage_n)
+                             f"(sources {sources or 'all'})")
+        seed = self.cfg.seed + 1000 * self.stage_n
+        if weighted:  # the mixture by source
+            pools, weights, kind = self.dataset.record_sources(), dict(stage.source_weights), "sources"
+        else:  # by task ratio over the stage's sources
+            pools, kind = self.dataset.tasks(), "tasks"
+            weights = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
+                       "text": stage.text_ratio}
+        self.sampler = MixtureSampler(pools, weights, seed=seed, kind=kind)
+        self.mixture = effective_mixture(pools, {k: w for k, w in weights.items() if w > 0},
+                                         stage.batch_size * stage.max_steps)
+        if self.rank == 0:
+            (self.out / "mixture.json").write_text(json.dumps({"by": kind, "sources": [m.as_row() for m in self.mixture]},
+                                                              indent=1) + "\n")
+            log.warning("stage %d mixture by %s: %s", self.stage_n, kind[:-1], "; ".join(
+                f"{m.source} {m.share:.1%} ({m.records} records, ~{m.samples} samples, {m.epochs:.2f} epochs)"
+                for m in self.mixture))
         self.data_digest = sha256_file(self.data / "index.json")
         self.index_doc = json.loads((self.data / "index.json").read_text())
 
@@ -317,7 +334,7 @@ class Trainer:
         row = {"step": step, "loss": round(loss, 6), "ce": round(ce, 6), "z_loss": round(z, 4),
                "lr": lrs.get("rest", next(iter(lrs.values()))), "grad_norm": round(float(grad_norm), 6),
                "tokens": total.tokens, "tokens_per_s": round(total.tokens / dt, 1), "step_s": round(dt, 4),
-               "micro_batches": len(drawn.micro)}
+               "micro_batches": len(drawn.micro), "drawn": dict(drawn.sampler_state["drawn"])}
         if "vision" in lrs:
             row["vision_lr"] = lrs["vision"]
         if self.device.type == "cuda":
@@ -345,7 +362,7 @@ class Trainer:
         metrics_file.flush()
         if row["step"] % self.cfg.log_every == 0 or row["step"] == self.stage.max_steps:
             mix = {f"data_drawn_{k}": v for k, v in drawn.sampler_state["drawn"].items()}
-            self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"} | mix, step=row["step"])
+            self.tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "drawn")} | mix, step=row["step"])
 
     # ----------------------------------------------------------------------- the hand-off
 
@@ -473,7 +490,9 @@ def _log_stage_start(trainer: Trainer) -> None:
                  "trainable_parameters": trainer.param_counts["trainable"],
                  "frozen_parameters": trainer.param_counts["frozen"],
                  **{f"stage.{k}": v for k, v in flat.items() if k.startswith(f"train.stage{stage_n}.")},
-                 **trainer.plan.as_params()})
+                 **trainer.plan.as_params(),
+                 **{f"mixture.{m.source}.{k}": v for m in trainer.mixture
+                    for k, v in m.as_row().items() if k != "source"}})
     t.log_params(flat)
     (out / "deepspeed.json").write_text(json.dumps(trainer.ds_config, indent=2))
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
@@ -482,6 +501,9 @@ def _log_stage_start(trainer: Trainer) -> None:
     index = trainer.index_doc
     rows = [{"shard": s["name"], "records": s["records"], "images": s["images"]} for s in index["shards"]]
     t.log_dataset(f"pretokenized:{trainer.data.name}", trainer.data_digest[:16], str(trainer.data.resolve()), rows)
+    for m in trainer.mixture:  # the mixture as the run's inputs, one per source (the UI lists them)
+        digest = hashlib.sha256(f"{trainer.data_digest}:{m.source}:{m.weight}".encode()).hexdigest()[:16]
+        t.log_dataset(f"source:{m.source}", digest, str(trainer.data.resolve()), [m.as_row()])
     t.set_tags({"unitoken.data_digest": trainer.data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],
                 "unitoken.train_records": str(len(trainer.dataset))})
 

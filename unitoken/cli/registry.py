@@ -42,10 +42,14 @@ def register(sub) -> None:
                      cmd_registry)
     rh.add_argument("name")
     rh.add_argument("--alias", default="champion")
-    lin = command(sub, "lineage", "data-to-model lineage tree, every digest re-verified",
-                  ["unitoken lineage models:/shapes@champion", "unitoken lineage models:/shapes/3 --json"],
+    lin = command(sub, "lineage", "data-to-model lineage tree, every digest re-verified; or what changed "
+                  "between two versions",
+                  ["unitoken lineage models:/shapes@champion", "unitoken lineage models:/shapes/3 --json",
+                   "unitoken lineage --diff models:/shapes/2 models:/shapes@champion"],
                   cmd_lineage, notes="exit 1: a broken link (each one is named)")
-    lin.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    lin.add_argument("model", nargs="?", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    lin.add_argument("--diff", nargs=2, metavar=("MODEL_A", "MODEL_B"),
+                     help="per stage the mixture and recipe fields that differ, the code commit, the scores")
     lin.add_argument("--json", action="store_true")
 
 
@@ -92,6 +96,10 @@ def cmd_lineage(args) -> int:
 
     from unitoken.registry import lineage
 
+    if args.diff:
+        return _print_diff(args.diff, args.json)
+    if not args.model:
+        raise UsageError("lineage needs MODEL (or --diff MODEL_A MODEL_B)")
     info = lineage(args.model)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -118,3 +126,42 @@ def cmd_lineage(args) -> int:
     for problem in info["problems"]:
         console.print(f"[red]broken link:[/red] {problem}")
     return 0 if info["ok"] else 1
+
+
+def _print_diff(uris: list[str], as_json: bool) -> int:
+    from unitoken.registry.diff import diff_versions
+
+    d = diff_versions(*uris)
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    a, b = d["a"], d["b"]
+    console.print(f"[bold]A[/bold] {a['name']} v{a['version']} (commit {str(a['commit'])[:10]})   "
+                  f"[bold]B[/bold] {b['name']} v{b['version']} (commit {str(b['commit'])[:10]})"
+                  + ("" if d["commit_changed"] else "   same commit"))
+    for n, st in d["stages"].items():
+        table = Table(title=f"stage {n}: mixture (A -> B)", title_justify="left")
+        table.add_column("source", no_wrap=True)
+        for col in ("weight", "records", "samples"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("")
+        for src, ab in st["mixture"].items():
+            va, vb = ab["a"] or {}, ab["b"] or {}
+            table.add_row(src, *(f"{va.get(f, '-')} -> {vb.get(f, '-')}" for f in ("weight", "records", "samples")),
+                          "added" if not va else "removed" if not vb else "")
+        if st["mixture"]:
+            console.print(table)
+        else:
+            console.print(f"stage {n}: the same mixture ({', '.join(st['sources']['a']) or 'not recorded'})")
+        for k, ab in st["recipe"].items():
+            console.print(f"  {k}: {ab['a']} -> {ab['b']}")
+    for k, ab in d["recipe"].items():
+        console.print(f"recipe {k}: {ab['a']} -> {ab['b']}")
+    scores = Table(title="evaluation (95 % interval)", title_justify="left")
+    for col in ("suite", "A", "B"):
+        scores.add_column(col)
+    for suite, ab in d["scores"].items():
+        scores.add_row(suite, *(f"{v['overall']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] n={v['n']}"
+                                if v else "-" for v in (ab["a"], ab["b"])))
+    console.print(scores)
+    return 0

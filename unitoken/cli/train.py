@@ -11,6 +11,19 @@ from unitoken.cli.common import UsageError, add_overrides, command, console, err
 
 
 def register(sub) -> None:
+    pl = command(sub, "plan", "what a run costs before it runs: per stage tokens, GPU-hours, wall-clock, fit",
+                 ["unitoken plan --recipe unitoken-7b --data p --cluster examples/cluster.yaml",
+                  "unitoken plan --recipe tiny --data p --price-per-gpu-hour 2.5 --json"], cmd_plan,
+                 notes="exit 1: a stage does not fit its node pool or the Kueue quota")
+    pl.add_argument("--recipe", required=True)
+    pl.add_argument("--data", required=True, type=Path, help="pre-tokenised directory (unitoken data pretokenize)")
+    pl.add_argument("--cluster", type=Path, help="cluster config: the stages' GPUs, node pools (and Kueue quota)")
+    pl.add_argument("--price-per-gpu-hour", type=float)
+    pl.add_argument("--mfu", type=float, help="the MFU to plan with (default: the training loop's, measured)")
+    pl.add_argument("--loop-metrics", type=Path, help="a GPU run's metrics.jsonl to take the MFU from")
+    pl.add_argument("--sample-records", type=int, default=2000, help="records counted per pool (the rest estimated)")
+    pl.add_argument("--json", action="store_true")
+    add_overrides(pl)
     tr = command(sub, "train", "run one training stage on DeepSpeed",
                  ["unitoken train --stage 1 --recipe tiny --data p --out runs/stage1 --init m",
                   "unitoken train --stage 2 --recipe tiny --data p --out runs/stage2 --init runs/stage1/handoff",
@@ -29,6 +42,43 @@ def register(sub) -> None:
     tr.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     tr.add_argument("--dry-run", action="store_true",
                     help="build the model on the meta device and the DeepSpeed config, then stop")
+
+
+def cmd_plan(args) -> int:
+    from unitoken.pipeline.plan import measured_mfu, plan
+    from unitoken.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.overrides)
+    cluster = None
+    if args.cluster is not None:
+        from unitoken.pipeline.cluster import load_cluster
+
+        cluster = load_cluster(args.cluster)
+    from unitoken.pipeline.plan import LOOP_METRICS, kueue_gpu_quota
+
+    mfu = args.mfu if args.mfu is not None else measured_mfu(args.loop_metrics or LOOP_METRICS)
+    doc = plan(recipe, args.data, cluster, mfu=mfu, sample_records=args.sample_records,
+               quota=kueue_gpu_quota() if cluster is not None else None)
+    if args.price_per_gpu_hour is not None:
+        doc["cost"] = round(doc["gpu_hours"] * args.price_per_gpu_hour, 2)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    source = f"--mfu {args.mfu}" if args.mfu is not None else f"the training loop measured in {args.loop_metrics or LOOP_METRICS}"
+    table = Table(title=f"plan: {recipe.name} on {args.data} (MFU {mfu:.1%}: {source})")
+    for col in ("stage", "samples", "tokens", "PFLOP", "GPU-hours", "GPUs", "wall-clock h", "records counted"):
+        table.add_column(col, justify="right")
+    for st in doc["stages"]:
+        table.add_row(str(st["stage"]), f"{st['samples']:,}", f"{st['tokens']:,}", f"{st['flops'] / 1e15:,.1f}",
+                      f"{st['gpu_hours']:,.2f}", str(st["gpus"]), f"{st['wall_hours']:,.2f}",
+                      f"{st['records_counted']:,} of {st['records']:,}")
+    console.print(table)
+    for st in doc["stages"]:
+        for note in st["fits"]:
+            console.print(f"stage {st['stage']}: {note}")
+    console.print(f"total: {doc['gpu_hours']:,.2f} GPU-hours, {doc['wall_hours']:,.2f} h wall-clock"
+                  + (f", cost {doc['cost']:,.2f} at {args.price_per_gpu_hour}/GPU-hour" if "cost" in doc else ""))
+    return 1 if any(n.startswith("NO") for st in doc["stages"] for n in st["fits"]) else 0
 
 
 def cmd_train(args) -> int:

@@ -112,3 +112,24 @@ def test_a_stage_beyond_its_pool_and_the_quota_fails_the_plan(data, tmp_path, ca
     text = capsys.readouterr().out
     assert "stage 2: NO: node pool h200 (4 nodes x 8 GPUs) cannot hold 5 x 8" in text
     assert "stage 2: NO: Kueue quota 32 GPUs, the step asks 40" in text
+
+
+def test_submit_prints_the_plan_and_wants_yes_above_the_configured_gpu_hours(data, capsys):
+    """`pipeline submit` with --plan-data prints the plan; above the cluster config's
+    confirm_gpu_hours it refuses without --yes, and without --plan-data it says how to see the plan."""
+    import yaml
+
+    from unitoken.cli.common import UsageError
+    from unitoken.cli.pipeline import _confirm_plan
+    from unitoken.pipeline.cluster import cluster_from_dict
+
+    doc = yaml.safe_load((ROOT / "examples" / "cluster.yaml").read_text())["cluster"]
+    params = {"recipe": "unitoken-7b", "data_uri": "s3://b/d"}
+    strict = cluster_from_dict({**doc, "confirm_gpu_hours": 0.0})
+    with pytest.raises(UsageError, match="above the cluster config's confirm_gpu_hours 0: submit again with --yes"):
+        _confirm_plan(types.SimpleNamespace(plan_data=data, yes=False), params, strict, (1, 2, 3))
+    assert "GPU-hours on 32 GPUs" in capsys.readouterr().out  # stage 2's line of the plan
+    _confirm_plan(types.SimpleNamespace(plan_data=data, yes=True), params, strict, (1, 2, 3))
+    with pytest.raises(UsageError, match="pass --plan-data"):
+        _confirm_plan(types.SimpleNamespace(plan_data=None, yes=False), params, strict, (1, 2, 3))
+    _confirm_plan(types.SimpleNamespace(plan_data=None, yes=False), params, cluster_from_dict(doc), (1, 2, 3))

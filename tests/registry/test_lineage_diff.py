@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run
 
 MIX = {"synth-vqa": 3, "synth-t2i": 1}
@@ -44,3 +46,25 @@ def test_the_diff_names_the_changed_mixture_and_both_scores(trained):
     assert "stage 2: mixture" in text and "evaluation (95 % interval)" in text
     assert any("synth-vqa" in line and "- -> 3" in line and "added" in line for line in text.splitlines()), text
     assert "stage 1: the same mixture" in text
+
+
+def test_the_stage_run_page_shows_the_mixture_as_dataset_inputs(trained, tmp_path):
+    """The MLflow UI (a real browser) lists each source of a stage's mixture among the run's inputs."""
+    from mlflow import MlflowClient
+
+    from tests.registry.test_mlflow_ui import BROWSER, _browse
+
+    if BROWSER is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium-headless-shell)")
+    servers = trained
+    out = servers["tmp"] / "s2ui"
+    run(servers, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", "s2ui", "--init", "s1/handoff",
+        "--max-steps", "2", "--set", "train.stage2.sources=[]", "--set", f"train.stage2.source_weights={json.dumps(MIX)}")
+    run_id = json.loads((out / "handoff" / "handoff.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=servers["uri"])
+    inputs = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+    assert {"source:synth-vqa", "source:synth-t2i"} <= inputs, inputs
+    exp = client.get_run(run_id).info.experiment_id
+    page = _browse(f"{servers['uri']}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning",
+                   tmp_path / "stage-run.png")
+    assert "source:synth-vqa" in page and "source:synth-t2i" in page, page[:3000]

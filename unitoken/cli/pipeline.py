@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from unitoken.cli.common import Group
+from unitoken.cli.common import Group, UsageError
 
 console = Console()
 DEFAULT_OVERLAY = Path("k8s/overlays/prod")
@@ -89,6 +89,10 @@ def register(sub) -> None:
                        "config's service_account, k8s/base/rbac.yaml; KFP's profile default is default-editor)")
         if name == "submit":
             p.add_argument("--run-name")
+            p.add_argument("--plan-data", type=Path, help="pre-tokenised data like the run's (a sample will do): "
+                           "print the run's plan (unitoken plan) before submitting")
+            p.add_argument("--yes", action="store_true", help="submit a run whose plan is above the cluster "
+                           "config's confirm_gpu_hours")
         else:
             p.add_argument("--catch-up", action="store_true",
                            help="run once per missed interval after a pause (default: only the latest)")
@@ -142,6 +146,7 @@ def cmd_pipeline(args) -> int:
     launch.compile_pipeline(package, stages, cluster)
     account = args.service_account or cluster.service_account
     if args.pipeline_command == "submit":
+        _confirm_plan(args, params, cluster, stages)
         run_id = launch.submit(args.host, package, params, args.experiment, args.run_name, account)
         console.print(f"submitted run {run_id} to {args.host} (experiment {args.experiment}, "
                       f"service account {account})\n{launch.run_link(args.host, run_id)}")
@@ -151,6 +156,39 @@ def cmd_pipeline(args) -> int:
     console.print(f"recurring run {job} ({args.cron}, service account {account}, "
                   f"{'catching up' if args.catch_up else 'no catch-up'}) on {args.host}")
     return 0
+
+
+def _confirm_plan(args, params: dict, cluster, stages: tuple[int, ...]) -> None:
+    """Print the run's plan (with --plan-data) and refuse, above the cluster config's
+    ``confirm_gpu_hours``, without --yes.
+
+    Raises:
+        UsageError: a threshold is set, and the plan is above it (or unknown) and --yes is absent.
+    """
+    limit = cluster.confirm_gpu_hours
+    hours = None
+    if args.plan_data is not None:
+        import json
+
+        from unitoken.pipeline.plan import kueue_gpu_quota, plan
+        from unitoken.recipes import get_recipe
+
+        recipe = get_recipe(params.get("recipe", "tiny"), json.loads(params.get("overrides_json", "[]")))
+        doc = plan(recipe, args.plan_data, cluster, stages=stages, quota=kueue_gpu_quota())
+        for st in doc["stages"]:
+            console.print(f"stage {st['stage']}: {st['samples']:,} samples, {st['tokens']:,} tokens, "
+                          f"{st['gpu_hours']:,.1f} GPU-hours on {st['gpus']} GPUs = {st['wall_hours']:,.1f} h"
+                          + "".join(f"; {n}" for n in st["fits"] if n.startswith("NO")))
+        hours = doc["gpu_hours"]
+        console.print(f"plan: {hours:,.1f} GPU-hours at MFU {doc['mfu']:.1%} (unitoken plan)")
+    if limit is None or args.yes:
+        return
+    if hours is None:
+        raise UsageError(f"the cluster config asks to confirm runs above {limit:g} GPU-hours: pass --plan-data "
+                         "(pre-tokenised data like the run's) to see the plan, then --yes")
+    if hours > limit:
+        raise UsageError(f"the plan is {hours:,.1f} GPU-hours, above the cluster config's confirm_gpu_hours "
+                         f"{limit:g}: submit again with --yes to start it")
 
 
 def _cache(root: Path, prune_gib: float | None) -> int:

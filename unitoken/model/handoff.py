@@ -46,7 +46,7 @@ def handoff_digest(path: Path) -> str:
 
 
 LINEAGE_KEYS = ("stage", "step", "recipe", "mlflow_run_id", "data_dir", "data_digest", "manifest_sha256",
-                "validation_report_sha256")
+                "validation_report_sha256", "mixture")
 
 
 def ancestry(model_dir: Path) -> list[dict]:

@@ -192,6 +192,9 @@ class ClusterConfig(_Strict):
     secrets: list[SecretEnv] = Field(default_factory=list)
     queue: str | None = None
     trainer_runtime: str = "unitoken-deepspeed"
+    # `pipeline submit` prints the run's plan (`unitoken plan`) and refuses one above this many
+    # GPU-hours without --yes (None: no confirmation asked)
+    confirm_gpu_hours: float | None = Field(None, ge=0)
     cpu: StepResources = Field(default_factory=_cpu_defaults)
     gpu: StepResources = Field(default_factory=_gpu_defaults)
     launcher: StepResources = Field(default_factory=_launcher_defaults)  # the pod watching a TrainJob

@@ -3,9 +3,10 @@ mixture (sources added or removed, weights, records, samples) and the recipe fie
 the code commit, and the evaluation scores with their 95 % intervals side by side: why a score
 moved, where an anchor cannot say.
 
-Everything comes from what registration stored: the passport and evaluation report of each
-version's registration run, and the params each stage's run logged (``mixture.<source>.<field>``,
-the flattened recipe). A stage whose run is not on this tracking server shows no mixture.
+Everything comes from what registration stored: the passport (each stage's mixture) and the
+evaluation report of each version's registration run, and the params each stage's run logged (the
+flattened recipe; ``mixture.<source>.<field>`` for versions whose passport has no mixture). A stage
+whose run is not on this tracking server shows no recipe fields.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def version_facts(uri: str, client=None) -> dict:
     stages = {}
     for e in passport:
         if e["kind"] == "stage":
-            stages[int(e["stage"])] = {"run": e.get("mlflow_run_id"), **_stage_params(client, e.get("mlflow_run_id"))}
+            facts = _stage_params(client, e.get("mlflow_run_id"))
+            if e.get("mixture"):  # the passport carries it (versions registered before: the run's params)
+                facts["mixture"] = {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in e["mixture"]}
+            stages[int(e["stage"])] = {"run": e.get("mlflow_run_id"), **facts}
     scores = {suite: {"overall": s.get("overall"), "ci95": s.get("ci95"), "n": s.get("n")}
               for suite, s in report.get("suites", {}).items()}
     return {"uri": uri, "name": mv.name, "version": str(mv.version), "commit": build.get("git_commit"),

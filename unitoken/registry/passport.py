@@ -91,7 +91,7 @@ def build_passport(model_dir: Path, eval_dir: Path, gate_file: Path, decision: d
                 hours = None
         entries.append({"kind": "stage", "stage": doc["stage"], "mlflow_run_id": doc.get("mlflow_run_id"),
                         "handoff_sha256": digest, "recipe": doc.get("recipe"), "steps": doc.get("step"),
-                        "compute_hours": hours})
+                        "compute_hours": hours, "mixture": doc.get("mixture")})
     entries.append({"kind": "eval", "report_sha256": sha256_hex((eval_dir / "report.json").read_bytes()),
                     "items_sha256": sha256_hex((eval_dir / "items.jsonl").read_bytes())})
     entries.append({"kind": "gate", "decision_sha256": sha256_hex(gate_file.read_bytes()), "passed": decision["passed"],

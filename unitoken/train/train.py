@@ -403,7 +403,7 @@ class Trainer:
                 "parent_digest": self.parent_digest, "mlflow_run_id": self.tracker.run_id,
                 "trainable": list(self.stage.trainable), "manifest_sha256": self.index_doc.get("manifest_sha256"),
                 "validation_report_sha256": self.index_doc.get("validation_report_sha256"),
-                "ancestors": handoff_fmt.ancestry(self.init)}
+                "mixture": [m.as_row() for m in self.mixture], "ancestors": handoff_fmt.ancestry(self.init)}
 
 
 def main(stage_n: int, recipe: Recipe, data: Path, out: Path, init: str | Path, resume: str = "auto",

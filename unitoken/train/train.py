@@ -499,9 +499,13 @@ def _log_stage_start(trainer: Trainer) -> None:
     t.log_artifact(out / "deepspeed.json")
     t.log_artifact(out / "recipe.json")
     index = trainer.index_doc
+    # the mixture first: the run page names the first input and counts the rest ("+3")
+    mixture = "mixture " + ", ".join(f"{m.source} {m.share:.0%}" for m in trainer.mixture)
+    mix_digest = hashlib.sha256(json.dumps([m.as_row() for m in trainer.mixture]).encode()).hexdigest()[:16]
+    t.log_dataset(mixture[:480], mix_digest, str(trainer.data.resolve()), [m.as_row() for m in trainer.mixture])
     rows = [{"shard": s["name"], "records": s["records"], "images": s["images"]} for s in index["shards"]]
     t.log_dataset(f"pretokenized:{trainer.data.name}", trainer.data_digest[:16], str(trainer.data.resolve()), rows)
-    for m in trainer.mixture:  # the mixture as the run's inputs, one per source (the UI lists them)
+    for m in trainer.mixture:  # and each source as an input of its own
         digest = hashlib.sha256(f"{trainer.data_digest}:{m.source}:{m.weight}".encode()).hexdigest()[:16]
         t.log_dataset(f"source:{m.source}", digest, str(trainer.data.resolve()), [m.as_row()])
     t.set_tags({"unitoken.data_digest": trainer.data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],

@@ -106,8 +106,12 @@ def test_mlflow_has_params_metrics_inputs_and_digest(stack, work):
         assert [round(m.value, 6) for m in history] == _losses(work / f"s{stage}" / "metrics.jsonl")
         digest = hashlib.sha256((work / f"s{stage}" / "handoff" / "handoff.json").read_bytes()).hexdigest()
         assert run.data.tags["unitoken.handoff_sha256"] == digest
-        [ds] = run.inputs.dataset_inputs
+        inputs = run.inputs.dataset_inputs
+        [ds] = [d for d in inputs if d.dataset.name.startswith("pretokenized:")]
         assert ds.dataset.digest and json.loads(ds.dataset.source)  # the pre-tokenised dir
+        # the mixture (by task in the tiny recipe) first, then the data, then one input per task
+        assert any(d.dataset.name.startswith("mixture ") and "understanding" in d.dataset.name for d in inputs)
+        assert {d.dataset.name for d in inputs if d.dataset.name.startswith("task:")} >= {"task:understanding"}
         assert "cpu_hours" in run.data.metrics
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"deepspeed.json", "recipe.json", "loss.png", "handoff"} <= arts

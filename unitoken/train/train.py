@@ -172,6 +172,7 @@ class Trainer:
             weights = {"understanding": stage.understanding_ratio, "generation": stage.generation_ratio,
                        "text": stage.text_ratio}
         self.sampler = MixtureSampler(pools, weights, seed=seed, kind=kind)
+        self.mixture_kind = kind
         self.mixture = effective_mixture(pools, {k: w for k, w in weights.items() if w > 0},
                                          stage.batch_size * stage.max_steps)
         if self.rank == 0:
@@ -507,7 +508,7 @@ def _log_stage_start(trainer: Trainer) -> None:
     t.log_dataset(f"pretokenized:{trainer.data.name}", trainer.data_digest[:16], str(trainer.data.resolve()), rows)
     for m in trainer.mixture:  # and each source as an input of its own
         digest = hashlib.sha256(f"{trainer.data_digest}:{m.source}:{m.weight}".encode()).hexdigest()[:16]
-        t.log_dataset(f"source:{m.source}", digest, str(trainer.data.resolve()), [m.as_row()])
+        t.log_dataset(f"{trainer.mixture_kind[:-1]}:{m.source}", digest, str(trainer.data.resolve()), [m.as_row()])
     t.set_tags({"unitoken.data_digest": trainer.data_digest, "unitoken.manifest_sha256": index["manifest_sha256"],
                 "unitoken.train_records": str(len(trainer.dataset))})
 

@@ -21,22 +21,26 @@ def _register(servers, handoff: str, eval_dir: str, name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_diff_names_the_changed_mixture_and_both_scores(trained):
+@pytest.fixture(scope="module")
+def versions(trained):
+    """Version 1: the shared run's stage 3 (stage 2 by task ratio); version 2: stage 2 on a 3:1
+    mixture by source from the same stage-1 hand-off."""
     servers = trained
-    # version 1: stages 2-3 of the shared run (stage 2 by task ratio); version 2: stage 2 on a 3:1
-    # mixture by source, then stage 3, from the same stage-1 hand-off
     run(servers, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", "s2mix", "--init", "s1/handoff",
         "--max-steps", "3", "--set", "train.stage2.sources=[]", "--set", f"train.stage2.source_weights={json.dumps(MIX)}")
-    run(servers, "train", "--stage", "3", "--recipe", "tiny", "--data", "p", "--out", "s3mix", "--init",
-        "s2mix/handoff", "--max-steps", "3")
     a = _register(servers, "s3/handoff", "e-diff-a", "mixdiff")
-    b = _register(servers, "s3mix/handoff", "e-diff-b", "mixdiff")
-    uris = [f"models:/mixdiff/{a['version']}", f"models:/mixdiff/{b['version']}"]
+    b = _register(servers, "s2mix/handoff", "e-diff-b", "mixdiff")
+    return servers, [f"models:/mixdiff/{a['version']}", f"models:/mixdiff/{b['version']}"]
+
+
+def test_the_diff_names_the_changed_mixture_and_both_scores(versions):
+    servers, uris = versions
     doc = json.loads(run(servers, "lineage", "--diff", *uris, "--json", inprocess=True).stdout)
     stage2 = doc["stages"]["2"]
     assert stage2["mixture"]["synth-vqa"]["b"]["weight"] == 3 and stage2["mixture"]["synth-t2i"]["b"]["weight"] == 1
     assert stage2["mixture"]["synth-vqa"]["a"] is None  # version 1 mixed by task: the sources came with version 2
     assert set(stage2["sources"]["a"]) == {"generation", "understanding"}
+    assert doc["stages"]["3"]["runs"]["b"] is None  # version 2 is a stage-2 model
     assert stage2["recipe"]["train.stage2.source_weights.synth-vqa"] == {"a": None, "b": "3.0"}
     assert stage2["recipe"]["train.stage2.sources"]["b"] == "[]"
     assert doc["stages"]["1"]["mixture"] == {}  # the same stage 1
@@ -48,23 +52,20 @@ def test_the_diff_names_the_changed_mixture_and_both_scores(trained):
     assert "stage 1: the same mixture" in text
 
 
-def test_the_stage_run_page_shows_the_mixture_as_dataset_inputs(trained, tmp_path):
+def test_the_stage_run_page_shows_the_mixture_as_dataset_inputs(versions, tmp_path):
     """A stage run's inputs are its mixture (one input naming every source and its share, shown on
     the run page in a real browser) and one input per source."""
     from mlflow import MlflowClient
 
     from tests.registry.test_mlflow_ui import BROWSER, _browse
 
-    if BROWSER is None:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium-headless-shell)")
-    servers = trained
-    out = servers["tmp"] / "s2ui"
-    run(servers, "train", "--stage", "2", "--recipe", "tiny", "--data", "p", "--out", "s2ui", "--init", "s1/handoff",
-        "--max-steps", "2", "--set", "train.stage2.sources=[]", "--set", f"train.stage2.source_weights={json.dumps(MIX)}")
-    run_id = json.loads((out / "handoff" / "handoff.json").read_text())["mlflow_run_id"]
+    servers, _ = versions
+    run_id = json.loads((servers["tmp"] / "s2mix" / "handoff" / "handoff.json").read_text())["mlflow_run_id"]
     client = MlflowClient(tracking_uri=servers["uri"])
     inputs = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
     assert {"source:synth-vqa", "source:synth-t2i"} <= inputs, inputs
+    if BROWSER is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium-headless-shell)")
     exp = client.get_run(run_id).info.experiment_id
     page = _browse(f"{servers['uri']}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning",
                    tmp_path / "stage-run.png")

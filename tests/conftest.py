@@ -24,6 +24,24 @@ os.environ.setdefault("UNITOKEN_HOME", ".unitoken")
 torch.set_num_threads(2)
 
 
+# the launcher's variables `unitoken.train.parallel.init_distributed` sets when a test trains in this process
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_variables_leak():
+    """A test that trains in this process leaves RANK and MASTER_PORT in os.environ (and its process
+    group listening on that port): every process started afterwards would inherit them, take itself
+    for a rank of that group and fail to listen on the port (EADDRINUSE). They are put back."""
+    before = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def build_tiny(mode: str = "dual", anyres: bool = False, seed: int = 0):
     """(model, tokenizer, builder) for the tiny recipe in the given encoder mode."""
     from unitoken.model.io import init_model

@@ -23,7 +23,7 @@ COPY pipelines ./pipelines
 RUN grep -E '^torch==' requirements.lock | sed 's/+cpu//' > /tmp/torch.txt && pip install -r /tmp/torch.txt
 RUN sed 's/+cpu//' requirements.lock > /tmp/constraints.txt \
     && TORCH_CUDA_ARCH_LIST=9.0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_OPS=0 \
-       pip install -c /tmp/constraints.txt ".[pipeline]" psycopg2-binary==2.9.13
+       pip install -c /tmp/constraints.txt ".[pipeline]" psycopg==3.3.9 psycopg-binary==3.3.9
 
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive

@@ -170,11 +170,11 @@ def _confirm_plan(args, params: dict, cluster, stages: tuple[int, ...]) -> None:
     if args.plan_data is not None:
         import json
 
-        from unitoken.pipeline.plan import kueue_gpu_quota, plan
+        from unitoken.pipeline.plan import plan
         from unitoken.recipes import get_recipe
 
         recipe = get_recipe(params.get("recipe", "tiny"), json.loads(params.get("overrides_json", "[]")))
-        doc = plan(recipe, args.plan_data, cluster, stages=stages, quota=kueue_gpu_quota())
+        doc = plan(recipe, args.plan_data, cluster, stages=stages)
         for st in doc["stages"]:
             console.print(f"stage {st['stage']}: {st['samples']:,} samples, {st['tokens']:,} tokens, "
                           f"{st['gpu_hours']:,.1f} GPU-hours on {st['gpus']} GPUs = {st['wall_hours']:,.1f} h"

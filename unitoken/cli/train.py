@@ -45,27 +45,20 @@ def register(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from unitoken.pipeline.plan import measured_mfu, plan
+    from unitoken.pipeline.cluster import load_cluster
+    from unitoken.pipeline.plan import plan
     from unitoken.recipes import get_recipe
 
     recipe = get_recipe(args.recipe, args.overrides)
-    cluster = None
-    if args.cluster is not None:
-        from unitoken.pipeline.cluster import load_cluster
-
-        cluster = load_cluster(args.cluster)
-    from unitoken.pipeline.plan import LOOP_METRICS, kueue_gpu_quota
-
-    mfu = args.mfu if args.mfu is not None else measured_mfu(args.loop_metrics or LOOP_METRICS)
-    doc = plan(recipe, args.data, cluster, mfu=mfu, sample_records=args.sample_records,
-               quota=kueue_gpu_quota() if cluster is not None else None)
+    cluster = load_cluster(args.cluster) if args.cluster is not None else None
+    doc = plan(recipe, args.data, cluster, mfu=args.mfu, loop_metrics=args.loop_metrics,
+               sample_records=args.sample_records)
     if args.price_per_gpu_hour is not None:
         doc["cost"] = round(doc["gpu_hours"] * args.price_per_gpu_hour, 2)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    source = f"--mfu {args.mfu}" if args.mfu is not None else f"the training loop measured in {args.loop_metrics or LOOP_METRICS}"
-    table = Table(title=f"plan: {recipe.name} on {args.data} (MFU {mfu:.1%}: {source})")
+    table = Table(title=f"plan: {recipe.name} on {args.data} (MFU {doc['mfu']:.1%}: {doc['mfu_source']})")
     for col in ("stage", "samples", "tokens", "PFLOP", "GPU-hours", "GPUs", "wall-clock h", "records counted"):
         table.add_column(col, justify="right")
     for st in doc["stages"]:

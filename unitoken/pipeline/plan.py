@@ -143,14 +143,18 @@ def fits(cluster, step: str, quota: int | None) -> tuple[int, list[str]]:
     return gpus, notes
 
 
-def plan(recipe: Recipe, data: Path, cluster=None, mfu: float | None = None, sample_records: int = 2000,
-         stages: tuple[int, ...] = (1, 2, 3), quota: int | None = None) -> dict:
-    """The plan of ``recipe`` on ``data`` (``cluster``: a ``ClusterConfig``, or None for one GPU a stage)."""
+def plan(recipe: Recipe, data: Path, cluster=None, mfu: float | None = None, loop_metrics: Path | None = None,
+         sample_records: int = 2000, stages: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """The plan of ``recipe`` on ``data`` (``cluster``: a ``ClusterConfig``, checked against its node
+    pools and the Kueue quota; None: one GPU a stage) at ``mfu``, else at the MFU measured in
+    ``loop_metrics`` (default ``LOOP_METRICS``); ``mfu_source`` in the result says which."""
     from unitoken.model.sequence import SequenceBuilder
     from unitoken.model.tokens import SpecialTokens
 
     counter, tok = flop_counter(recipe)
-    mfu = mfu if mfu is not None else measured_mfu()
+    source = f"--mfu {mfu}" if mfu is not None else f"the training loop measured in {loop_metrics or LOOP_METRICS}"
+    mfu = mfu if mfu is not None else measured_mfu(loop_metrics or LOOP_METRICS)
+    quota = kueue_gpu_quota() if cluster is not None else None
     rate = mfu * H100_H200_PEAK_BF16
     out = []
     for n in stages:
@@ -165,5 +169,5 @@ def plan(recipe: Recipe, data: Path, cluster=None, mfu: float | None = None, sam
         gpus, notes = (fits(cluster, f"train-stage{n}", quota) if cluster is not None else (1, []))
         out.append(StagePlan(n, samples, samples * tokens, samples * flops, gpu_hours, gpus, gpu_hours / gpus,
                              counted, len(ds), notes))
-    return {"recipe": recipe.name, "mfu": mfu, "peak_flops": H100_H200_PEAK_BF16, "stages": [p.as_row() for p in out],
+    return {"recipe": recipe.name, "mfu": mfu, "mfu_source": source, "peak_flops": H100_H200_PEAK_BF16, "stages": [p.as_row() for p in out],
             "gpu_hours": round(sum(p.gpu_hours for p in out), 2), "wall_hours": round(sum(p.wall_hours for p in out), 2)}

@@ -5,7 +5,6 @@ the work volume, and copies the verified hand-off into the output artifact (cach
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -124,11 +123,10 @@ def train_processes(stage: int, recipe: str, overrides: list[str], tokens: Path,
     from unitoken.train.train import read_losses
 
     losses = read_losses(Path(work) / "metrics.jsonl")  # the loop's own reader of its log
-    info = publish_handoff(Path(work) / "handoff", Path(out))
-    run_id = json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")
-    return info | {"steps": len(losses), "first_loss": losses[0] if losses else None,
-                   "final_loss": losses[-1] if losses else None, "processes": nproc,
-                   "seconds": round(time.perf_counter() - start, 1), "mlflow_run_id": run_id}
+    return publish_handoff(Path(work) / "handoff", Path(out)) | {
+        "steps": len(losses), "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None, "processes": nproc,
+        "seconds": round(time.perf_counter() - start, 1)}
 
 
 def tokens_digest(tokens: Path) -> str:
@@ -144,12 +142,13 @@ def _stage_inputs(stage: int, recipe: str, overrides: list[str], tokens: Path, i
 
 def publish_handoff(handoff: Path, out: Path) -> dict:
     """Copy a verified hand-off into an output artifact, and verify the copy (``out`` the
-    hand-off itself: verified where it is, as the small study publishes its runs)."""
+    hand-off itself: verified where it is, as the small study publishes its runs); its stage,
+    digest and the MLflow run that trained it."""
     verify_handoff(handoff)
     if Path(out).resolve() != Path(handoff).resolve():
         shutil.copytree(handoff, out, dirs_exist_ok=True)
     doc = verify_handoff(out)
-    return {"stage": doc["stage"], "handoff_sha256": handoff_digest(out)}
+    return {"stage": doc["stage"], "handoff_sha256": handoff_digest(out), "mlflow_run_id": doc.get("mlflow_run_id")}
 
 
 def ratio_overrides(stage: int, mixture_ratio: str) -> list[str]:
@@ -191,8 +190,7 @@ def _train_on_trainer(stage, recipe, overrides, tokens, init, out, work, parent_
     launcher = runs_on.launcher or TrainJobLauncher(cluster.namespace)
     timeout = cluster.resources(step).timeout_s or 14 * 24 * 3600
     name, reason = launcher.run(body, timeout)
-    info = publish_handoff(work / "handoff", Path(out)) | {"trainjob": name, "reason": reason}
-    return info | {"mlflow_run_id": json.loads((Path(out) / "handoff.json").read_text()).get("mlflow_run_id")}
+    return publish_handoff(work / "handoff", Path(out)) | {"trainjob": name, "reason": reason}
 
 
 def trainjob_name(job: str, stage: int) -> str:

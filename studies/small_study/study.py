@@ -247,7 +247,8 @@ def setup(args, w: Path, out: Path, res: Results) -> None:
     vq_procs = {name: spawn_step("tokenizer", logs / f"{name}.log", dataset=w / "vdvq", recipe=R, overrides=sets,
                                  released="", steps=args.vq_steps, out=w / name, parent_run_id=None, batch_size=64)
                 for name, sets in variants.items()}
-    timed("synth", lambda: synthesize(w / "d", args.scenes, size=size))
+    timed("synth", lambda: synthesize(w / "d", args.scenes, size=size, views=args.synth_views,
+                                      position_drill=args.position_drill))
     res.set("validation", "d", value=timed("validate", lambda: validated(w / "d", w / "v")))
     timed("vq_wait", lambda: wait_all(vq_procs))
     keys = ("steps", "psnr_db", "codebook_usage", "recognition_rate", "train_seconds")
@@ -296,6 +297,8 @@ def run(args) -> None:
         chain.append("--fast")
     for x in args.main_set or []:
         chain += ["--main-set", x]
+    for x in args.try_set or []:
+        chain += ["--try-set", x]
 
     def launch(which: str) -> subprocess.Popen:
         # the chain's GPU: its training and setup steps are children of it and inherit the placement
@@ -427,6 +430,7 @@ class Chain:
             return sizes
         new = {"s2_steps": done + max(2, int((sizes["s2_steps"] - done) * f)),
                "s3_steps": max(2, int(sizes["s3_steps"] * f)), "ablation_s": sizes.get("ablation_s", 0.0),
+               "extra_sets": sizes.get("extra_sets", []),
                "replanned": {"at_step": done, "step_s": round(step_s, 4), "from": sizes.get("replanned", {}).get(
                    "from", {k: sizes[k] for k in ("s2_steps", "s3_steps")})}}
         log(f"main: stage 2 at step {done} of {sizes['s2_steps']} needs ~{need:.0f}s with stage 3, {afford:.0f}s "
@@ -557,19 +561,30 @@ class Chain:
         self.eval("stage1", w / "s1" / "handoff", both, small_vqa, small_gen)
 
         def size_stages() -> dict:
+            extra_sets: list[str] = []
             # Stages 2 and 3 share what is left of the study (less the evaluations at the end), in
             # steps of a short stage-2 calibration run (stage-1 steps cost less: the LLM is frozen).
             if a.s2_steps:
                 s2 = a.s2_steps
             else:
                 calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, main_sets)
+                if a.try_set:  # the same calibration with them: stages 2 and 3 take the faster one
+                    trial = self.train(2, "s2_calib_try", w / "s1" / "handoff", a.calib_steps, main_sets + a.try_set)
+                    faster = trial["step_s"] < calib["step_s"]
+                    self.res.set("calibration_ab", value={"without": calib, "with": trial, "sets": a.try_set,
+                                                          "chosen": "with" if faster else "without"})
+                    log(f"main: stage-2 calibration {calib['step_s']}s/step without {a.try_set}, "
+                        f"{trial['step_s']}s/step with: training {'with' if faster else 'without'} them")
+                    if faster:
+                        extra_sets, calib = list(a.try_set), trial
                 # on one GPU the ablation runs after this chain, in --ablation-share of the time left
                 avail = (self.budget() * (1 - a.ablation_share) - a.reserve - EVAL2_S) / (1 + a.s3_fraction)
                 s2 = max(2, int(avail / (calib["step_s"] * a.step_factor)))
             return {"s2_steps": s2, "s3_steps": a.s3_steps or max(2, int(a.s3_fraction * s2)),
-                    "ablation_s": round(self.budget() * a.ablation_share, 1)}
+                    "ablation_s": round(self.budget() * a.ablation_share, 1), "extra_sets": extra_sets}
 
         sizes = self.fit_stages(self.plan("stages", size_stages))
+        main_sets += sizes.get("extra_sets", [])  # what the calibration chose (--try-set)
         self.train(2, "s2", w / "s1" / "handoff", sizes["s2_steps"], main_sets)
         self.eval("stage2", w / "s2" / "handoff", both, small_vqa, small_gen)
         self.train(3, "s3", w / "s2" / "handoff", sizes["s3_steps"], main_sets)
@@ -716,7 +731,15 @@ def parser() -> argparse.ArgumentParser:
                        help="a recipe override of the main chain's stages 2 and 3 (repeatable), e.g. "
                             "train.stage2.generation_ratio=2 (run 6's Table 6: generation followed its data "
                             "share, understanding hardly moved)")
+        p.add_argument("--try-set", action="append", metavar="KEY=VALUE",
+                       help="main chain: a second stage-2 calibration with these overrides added (repeatable); "
+                            "stages 2 and 3 train with them if it steps faster, e.g. train.compile=true")
     r.add_argument("--scenes", type=int, default=12000)
+    r.add_argument("--synth-views", action="store_true",
+                   help="training scenes also teach every other category's prompt that is true of them "
+                        "(unitoken.data.synth.t2i_views)")
+    r.add_argument("--position-drill", action="store_true",
+                   help="training scenes also ask each uniquely described object's quadrant, plain and multiple choice")
     r.add_argument("--vq-scenes", type=int, default=1500)
     r.add_argument("--vq-steps", type=int, default=1000)
     r.add_argument("--vq-set", action="append", default=[], metavar="KEY=VALUE",

@@ -91,6 +91,22 @@ def t2i_prompt(category: str, objects: list[ShapeObject]) -> str:
     return caption(objects)
 
 
+def t2i_views(category: str, objects: list[ShapeObject]) -> list[tuple[str, str]]:
+    """The other categories' prompts that are exactly true of a scene's objects, as (category,
+    prompt): a one-object scene is also "a circle", "a red circle" and its full description; two
+    objects of distinct shapes are also "a circle and a square", their colours and their relation;
+    two to four objects of one shape are also their count. The scene's own category is left out."""
+    shapes = {o.shape for o in objects}
+    views = ["full"]
+    if len(objects) == 1:
+        views += ["single_object", "colors"]
+    elif len(objects) == 2 and len(shapes) == 2:
+        views += ["two_objects", "color_attr", "position"]
+    if len(objects) >= 2 and len(shapes) == 1:
+        views.append("counting")
+    return [(c, t2i_prompt(c, objects)) for c in views if c != category]
+
+
 def caption(objects: list[ShapeObject]) -> str:
     parts = [f"a {o.describe()} in the {o.position}" for o in sorted(objects, key=lambda o: (o.row, o.col))]
     if len(parts) == 1:
@@ -120,11 +136,14 @@ def questions(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
     return qa
 
 
-def mc_drill(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
+def mc_drill(rng: random.Random, objects: list[ShapeObject], position: bool = False) -> list[dict]:
     """Extra multiple-choice questions for training scenes: colour and shape of one object, and
     the count, each with four shuffled options. One MC question per scene (1/15 of
     the samples) was never learned (held-out loss ln 4); the letter is only learnable once the
-    model has seen many questions whose options it can match against what it recognises."""
+    model has seen many questions whose options it can match against what it recognises.
+
+    ``position``: also every uniquely described object's quadrant, asked plainly and as multiple
+    choice (the object -> quadrant direction was the weakest VQA category of run 8: 0.715)."""
     qa, target = [], rng.choice(objects)
     for attr, universe in (("color", list(COLORS)), ("shape", list(SHAPES))):
         truth = getattr(target, attr)
@@ -132,6 +151,12 @@ def mc_drill(rng: random.Random, objects: list[ShapeObject]) -> list[dict]:
                       [v for v in universe if v != truth]))
     qa.append(_mc(rng, "mc_count", "How many objects are in the image?", str(len(objects)),
                   [str(k) for k in range(1, 5) if k != len(objects)]))
+    if position:
+        for o in objects:
+            if sum(p.color == o.color and p.shape == o.shape for p in objects) == 1:
+                question = f"Where is the {o.color} {o.shape}?"
+                qa.append({"type": "position", "question": question, "answer": o.position})
+                qa.append(_mc(rng, "mc_position", question, o.position, [c for c in CELLS.values() if c != o.position]))
     return qa
 
 
@@ -149,7 +174,10 @@ def _record(rid, scene: Scene, image_rel, task, source, turns, **meta) -> dict:
             "split": scene.split, "meta": {"scene": scene.id, **meta}}
 
 
-def scene_records(scene: Scene, image_rel: str, rng: random.Random) -> list[dict]:
+def scene_records(scene: Scene, image_rel: str, rng: random.Random, views: bool = False,
+                  position_drill: bool = False) -> list[dict]:
+    """A scene's records; ``views`` and ``position_drill`` add training records (see
+    ``synthesize``), never validation or test ones."""
     img = IMAGE_PLACEHOLDER
     out = [_record(f"{scene.id}-cap", scene, image_rel, "understanding", "synth-caption",
                    [{"from": "human", "value": f"{img}\nDescribe the image."},
@@ -173,16 +201,32 @@ def scene_records(scene: Scene, image_rel: str, rng: random.Random) -> list[dict
     if scene.split == "train":  # its own generator: the scene stream and the test split stay as they were
         drill = random.Random(f"{scene.id}-mc")
         asked = {q["question"] for q in qa}  # the validator rejects a repeated conversation as a duplicate
-        for i, q in enumerate(q for q in mc_drill(drill, scene.objects) if q["question"] not in asked):
-            out.append(_record(f"{scene.id}-mc{i}", scene, image_rel, "understanding", "synth-mc",
+        for i, q in enumerate(q for q in mc_drill(drill, scene.objects, position_drill) if q["question"] not in asked):
+            source = "synth-mc" if "options" in q else "synth-vqa"
+            out.append(_record(f"{scene.id}-mc{i}", scene, image_rel, "understanding", source,
                                [{"from": "human", "value": f"{img}\n{q['question']}"},
                                 {"from": "gpt", "value": q["answer"]}],
-                               qtype=q["type"], answer=q["answer"], options=q["options"]))
+                               qtype=q["type"], answer=q["answer"],
+                               **({"options": q["options"]} if "options" in q else {})))
+        if views:
+            for category, prompt in t2i_views(scene.category, scene.objects):
+                out.append(_record(f"{scene.id}-t2i-{category}", scene, image_rel, "generation",
+                                   "synth-t2i-fine" if category in FINE_GRAINED else "synth-t2i",
+                                   [{"from": "human", "value": T2I_TEMPLATE.format(prompt=prompt)},
+                                    {"from": "gpt", "value": img}],
+                                   category=category, prompt=prompt))
     return out
 
 
-def synthesize(out: str | Path, n: int, size: int = 64, seed: int = 0, progress=None, workers: int | None = None) -> dict:
+def synthesize(out: str | Path, n: int, size: int = 64, seed: int = 0, progress=None, workers: int | None = None,
+               views: bool = False, position_drill: bool = False) -> dict:
     """Write ``n`` scenes and their records under ``out``; returns counts.
+
+    Training scenes only, and off by default (the demo's data stay as they were): ``views`` adds a
+    generation record for every other category's prompt that is exactly true of the scene
+    (``t2i_views``: each image teaches the text condition in up to four phrasings);
+    ``position_drill`` asks every uniquely described object's quadrant, plainly and as multiple
+    choice. Validation and test records are the same either way.
 
     Scenes are drawn in order from one seeded generator; only the rendering (the cost) is
     spread over ``workers`` threads (default: the CPU count, at most 8), so the files are
@@ -212,7 +256,7 @@ def synthesize(out: str | Path, n: int, size: int = 64, seed: int = 0, progress=
             scene = Scene(f"s{i:06d}", split, category, objects, t2i_prompt(category, objects))
             rel = f"images/{split}/{scene.id}.png"
             jobs.append((out / rel, objects, size))
-            for rec in scene_records(scene, rel, rng):
+            for rec in scene_records(scene, rel, rng, views, position_drill):
                 manifest.write(json.dumps(rec, sort_keys=True) + "\n")
                 counts[rec["source"]] = counts.get(rec["source"], 0) + 1
             scenes_file.write(json.dumps({"id": scene.id, "split": split, "category": category, "prompt": scene.prompt,

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.stack import KEYS, MlflowServer, SeaweedFS, _port, _wait  # noqa: F401 - re-exported to the tests
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -60,64 +57,21 @@ def tiny():
 
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"AWS_ACCESS_KEY_ID": "unitoken-test", "AWS_SECRET_ACCESS_KEY": "unitoken-test-secret"}
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url, proc, what, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{what} did not start")
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """A real MLflow server (sqlite) with artifacts on a real S3 server (SeaweedFS), on 127.0.0.1."""
-    import boto3
-
     tmp = tmp_path_factory.mktemp("registry")
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    s3_port = _port()
-    s3 = subprocess.Popen([weed, "mini", f"-dir={tmp / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                           "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.port={s3_port}",
-                           "-s3.port.iceberg=0", "-s3.port.lance=0"], env={**os.environ, **KEYS},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    (tmp / "weed").mkdir(exist_ok=True)
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    _wait(endpoint, s3, "SeaweedFS")
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{k.lower(): v for k, v in KEYS.items()})
-    for _ in range(60):
-        try:
-            client.create_bucket(Bucket="mlflow")
-            break
-        except Exception:  # noqa: BLE001 - the filer may need a moment after the port opens
-            time.sleep(0.5)
-    ml_port = _port()
-    env = {**os.environ, **KEYS, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    ml = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                           f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
-                           "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait(f"http://127.0.0.1:{ml_port}/health", ml, "mlflow server")
-    yield {"tmp": tmp, "uri": f"http://127.0.0.1:{ml_port}", "s3": client}
-    for p in (ml, s3):
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    weed = SeaweedFS(tmp).start()
+    weed.bucket("mlflow")
+    ml = MlflowServer(f"sqlite:///{tmp / 'mlflow.db'}", "s3://mlflow/artifacts", s3_endpoint=weed.endpoint,
+                      workers=1).start(timeout=120)
+    endpoint, ml_port = weed.endpoint, ml.port
+    client = weed.client()
+    yield {"tmp": tmp, "uri": f"http://127.0.0.1:{ml_port}", "s3": client, "endpoint": endpoint, "backend": "sqlite"}
+    ml.kill()
+    weed.kill()
 
 
 def _env(servers):

@@ -247,8 +247,8 @@ def setup(args, w: Path, out: Path, res: Results) -> None:
     vq_procs = {name: spawn_step("tokenizer", logs / f"{name}.log", dataset=w / "vdvq", recipe=R, overrides=sets,
                                  released="", steps=args.vq_steps, out=w / name, parent_run_id=None, batch_size=64)
                 for name, sets in variants.items()}
-    timed("synth", lambda: synthesize(w / "d", args.scenes, size=size, views=args.synth_views,
-                                      position_drill=args.position_drill))
+    timed("synth", lambda: synthesize(w / "d", args.scenes, size=size, views=getattr(args, "synth_views", False),
+                                      position_drill=getattr(args, "position_drill", False)))
     res.set("validation", "d", value=timed("validate", lambda: validated(w / "d", w / "v")))
     timed("vq_wait", lambda: wait_all(vq_procs))
     keys = ("steps", "psnr_db", "codebook_usage", "recognition_rate", "train_seconds")
@@ -297,7 +297,7 @@ def run(args) -> None:
         chain.append("--fast")
     for x in args.main_set or []:
         chain += ["--main-set", x]
-    for x in args.try_set or []:
+    for x in getattr(args, "try_set", None) or []:
         chain += ["--try-set", x]
 
     def launch(which: str) -> subprocess.Popen:
@@ -568,7 +568,7 @@ class Chain:
                 s2 = a.s2_steps
             else:
                 calib = self.train(2, "s2_calib", w / "s1" / "handoff", a.calib_steps, main_sets)
-                if a.try_set:  # the same calibration with them: stages 2 and 3 take the faster one
+                if getattr(a, "try_set", None):  # the same calibration with them: stages 2 and 3 take the faster one
                     trial = self.train(2, "s2_calib_try", w / "s1" / "handoff", a.calib_steps, main_sets + a.try_set)
                     faster = trial["step_s"] < calib["step_s"]
                     self.res.set("calibration_ab", value={"without": calib, "with": trial, "sets": a.try_set,

@@ -31,7 +31,7 @@ def champion(servers, registered):
     return str(MlflowClient(tracking_uri=servers["uri"]).get_registered_model(NAME).aliases["champion"])
 
 
-def distinct_handoff(servers, label: str) -> str:
+def distinct_handoff(servers, label: str, src: str = "s3/handoff") -> str:
     """A second hand-off to register beside s3/handoff (the registry keeps one version per
     hand-off): the same files, with a handoff.json of its own that says it is a copy. The copy
     names no training run (stage 3's run records the original's digest), so its lineage shows
@@ -39,10 +39,43 @@ def distinct_handoff(servers, label: str) -> str:
     from unitoken.files import write_json
     from unitoken.model.handoff import HANDOFF, handoff_digest
 
-    src, rel = servers["tmp"] / "s3" / "handoff", f"copies/{label}"
+    src, rel = servers["tmp"] / src, f"copies/{label}"
     dst = servers["tmp"] / rel
     if not dst.is_dir():
         shutil.copytree(src, dst)
         doc = json.loads((src / HANDOFF).read_text())
         write_json(dst / HANDOFF, {**doc, "mlflow_run_id": None, "copy_of": handoff_digest(src), "copy_label": label})
     return rel
+
+
+# PostgreSQL: `make test-all` (its server and its own trained candidate cost ~6 minutes of make test's 15)
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.extended)])
+def backend(request, servers, registered):
+    """The test servers (MLflow on SQLite, artifacts on SeaweedFS) with their registered candidate,
+    or an MLflow server on PostgreSQL as k8s/ runs it, its artifacts proxied to the same
+    SeaweedFS, with a candidate of its own: the stages trained (3 steps each, on the same data),
+    evaluated and gated against it, since promotion verifies every stage's run in the store.
+    ``model``, ``eval`` and ``gate``: the candidate's files, relative to ``tmp``."""
+    if request.param == "sqlite":
+        yield {**servers, "model": "s3/handoff", "eval": "e", "gate": "gate.json"}
+        return
+    from tests.stack import MlflowServer, Postgres, have_postgres
+
+    if not have_postgres():
+        pytest.skip("PostgreSQL (initdb, pg_ctl, createdb) is not installed: apt-get install postgresql")
+    pg = Postgres()
+    server = MlflowServer(pg.uri, "s3://mlflow/artifacts-pg", s3_endpoint=servers["endpoint"],
+                          log=servers["tmp"] / "mlflow-pg.log").start()
+    on_pg = {**servers, "uri": server.uri, "backend": "postgresql", "pg": pg, "mlflow": server,
+             "model": "pg/s3/handoff", "eval": "pg/e", "gate": "pg/gate.json"}
+    init = "m"
+    for stage in (1, 2, 3):
+        run(on_pg, "train", "--stage", str(stage), "--recipe", "tiny", "--data", "p", "--out", f"pg/s{stage}",
+            "--init", init, "--max-steps", "3")
+        init = f"pg/s{stage}/handoff"
+    run(on_pg, "eval", "--model", init, "--suite", "shapes-vqa,shapes-geneval", "--data", "d", "--out", "pg/e",
+        "--limit", "3", "--device", "cpu")
+    run(on_pg, "gate", "--candidate", "pg/e", "--out", "pg/gate.json", inprocess=True)
+    yield on_pg
+    server.kill()
+    pg.close()

@@ -44,18 +44,22 @@ CASES = {  # where the promoter dies -> what the next promotion records for the 
 
 
 def _register(servers, name: str, model: str = "s3/handoff") -> str:
-    out = run(servers, "registry", "register", "--model", model, "--eval", "e", "--gate", "gate.json",
-              "--name", name, inprocess=True)
+    out = run(servers, "registry", "register", "--model", model, "--eval", servers.get("eval", "e"),
+              "--gate", servers.get("gate", "gate.json"), "--name", name, inprocess=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["version"]
 
 
 def _two_versions(servers, name: str) -> tuple[str, str]:
     """Versions 1 and 2 of ``name``: two distinct hand-offs (one version per hand-off)."""
-    return _register(servers, name), _register(servers, name, distinct_handoff(servers, "second"))
+    model = servers.get("model", "s3/handoff")
+    return (_register(servers, name, model),
+            _register(servers, name, distinct_handoff(servers, f"second-{servers['backend']}", model)))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_promoter_killed_at_any_step_leaves_a_state_the_next_promote_settles(servers, registered, monkeypatch, case):
+def test_a_promoter_killed_at_any_step_leaves_a_state_the_next_promote_settles(backend, monkeypatch, case):
+    """On both tracking stores (SQLite, PostgreSQL)."""
+    servers = backend
     from mlflow import MlflowClient
 
     from unitoken import registry
@@ -65,7 +69,7 @@ def test_a_promoter_killed_at_any_step_leaves_a_state_the_next_promote_settles(s
     monkeypatch.chdir(servers["tmp"])
     client = MlflowClient(tracking_uri=servers["uri"])
     method, prefix, when, status = CASES[case]
-    name = f"killed-{case}"
+    name = f"killed-{case}-{servers['backend']}"
     v1, v2 = _two_versions(servers, name)
     registry.promote(name, v1, expect_current="none")
     killed = subprocess.run([sys.executable, "-c", KILLER, method, prefix, when, name, v2], cwd=servers["tmp"],

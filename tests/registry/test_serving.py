@@ -4,6 +4,7 @@ its signature, `mlflow models serve` answers both tasks over HTTP, bad requests 
 problem; a tampered model is refused at load."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -98,7 +99,9 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_requests(tracking, champion, tmp_path):
+@contextlib.contextmanager
+def _served(tracking, tmp_path):
+    """`mlflow models serve` of the champion on a free port, as the README gives it; (port, process)."""
     port = _port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
@@ -118,6 +121,16 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
                         break
             except OSError:
                 time.sleep(1)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_requests(tracking, champion, tmp_path):
+    with _served(tracking, tmp_path) as (port, proc):
         good = {"dataframe_records": _rows(tracking), "params": {"max_new_tokens": 4, "seed": 1}}
         status, body = _post(port, good)
         assert status == 200, body
@@ -144,11 +157,47 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
             assert _tree_rss(proc.pid) < 2 * 2**30
         status, again = _post(port, good)
         assert status == 200 and again["predictions"] == [understood, drawn]  # still serving, same answers
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+
+
+def test_the_served_champion_under_concurrent_load(tracking, champion, tmp_path):
+    """Eight clients, 96 requests (understand and generate, ~5 % malformed) on one scoring worker:
+    every good request answers 200 with what it answers alone, every bad one a 4xx naming the
+    problem, and the server's memory levels off (bench/serve_load.py reports the numbers)."""
+    import threading
+
+    from unitoken.registry import loadtest
+
+    image = _b64(tracking["tmp"] / "d" / "images" / "train" / "s000000.png")
+    good, bad = loadtest.good_requests(image), loadtest.bad_requests(image)
+    requests = loadtest.plan(good, bad, 96, bad_share=0.05, seed=0)
+    with _served(tracking, tmp_path) as (port, proc):
+        url = f"http://127.0.0.1:{port}"
+        alone = {id(r): loadtest.send(url, r) for r in good}  # one at a time: the reference answers
+        assert all(a.status == 200 for a in alone.values()), [a.body for a in alone.values()]
+        rss, done = [], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                rss.append(_tree_rss(proc.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        answers, wall_s = loadtest.hammer(url, requests, clients=8)
+        done.set()
+        sampler.join()
+        assert proc.poll() is None  # still serving
+    summary = loadtest.summarize(answers, wall_s)
+    assert summary["by_kind"]["bad"]["n"] == 5 and summary["by_kind"]["all"]["5xx"] == 0, summary
+    for a in answers:
+        if a.request.kind == "bad":
+            assert 400 <= a.status < 500 and a.request.expect in str(a.body), (a.status, a.body)
+        else:
+            assert a.status == 200, a.body
+            assert a.body["predictions"] == alone[id(a.request)].body["predictions"], a.request.body
+    quarter = max(1, len(rss) // 4)
+    early, late = max(rss[:quarter]), max(rss[-quarter:])
+    assert late <= early * 1.25 + 64 * 2**20, [round(x / 2**20) for x in rss]  # MiB: levelled off, not climbing
 
 
 def _tree_rss(pid: int) -> int:

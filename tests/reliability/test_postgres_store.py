@@ -8,67 +8,24 @@ Not in `make test` (its 15 minutes); `make test-all` runs it."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import _port, _wait
+from tests.stack import MlflowServer, Postgres, have_postgres
 
 pytestmark = pytest.mark.extended
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _pg(tool: str) -> str | None:
-    return shutil.which(tool) or (str(PG_BIN / tool) if (PG_BIN / tool).is_file() else None)
-
-
-def _as_user(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: as nobody when this runs as root."""
-    return ["runuser", "-u", "nobody", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @pytest.fixture(scope="module")
-def postgres():
-    if _pg("initdb") is None or _pg("pg_ctl") is None:
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
-    # not under pytest's temporary root: it is private to root, and the server runs as nobody
-    root = Path(tempfile.mkdtemp(prefix="unitoken-pg-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        shutil.chown(root, "nobody")
-    port = _port()
-    subprocess.run(_as_user([_pg("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
-                   check=True, capture_output=True)
-    subprocess.run(_as_user([_pg("pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-o",
-                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]), check=True,
-                   capture_output=True)
-    subprocess.run(_as_user([_pg("createdb") or str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                             "-U", "postgres", "mlflow"]), check=True, capture_output=True)
-    yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    subprocess.run(_as_user([_pg("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def mlflow_on_postgres(postgres, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow-pg")
-    port = _port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    ml = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-                           "--default-artifact-root", (tmp / "artifacts").as_uri(), "--host", "127.0.0.1",
-                           "--port", str(port), "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait(f"http://127.0.0.1:{port}/health", ml, "mlflow server on PostgreSQL", timeout=180)
-    yield f"http://127.0.0.1:{port}"
-    os.killpg(ml.pid, signal.SIGKILL)
-    ml.wait()
+def mlflow_on_postgres(tmp_path_factory):
+    if not have_postgres():
+        pytest.skip("PostgreSQL (initdb, pg_ctl, createdb) is not installed")
+    pg = Postgres()
+    server = MlflowServer(pg.uri, (tmp_path_factory.mktemp("mlflow-pg") / "artifacts").as_uri()).start()
+    yield server.uri
+    server.kill()
+    pg.close()
 
 
 def test_eight_racing_claims_of_one_move_store_exactly_one(mlflow_on_postgres):

@@ -20,6 +20,12 @@ def register(sub) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, help="rendering threads (default: CPU count, at most 8); "
                        "the files do not depend on it")
+    synth.add_argument("--views", action="store_true",
+                       help="training scenes also become a generation record for every other category's prompt "
+                            "that is true of them (up to four phrasings per image)")
+    synth.add_argument("--position-drill", action="store_true",
+                       help="training scenes also ask each uniquely described object's quadrant, plainly and as "
+                            "multiple choice")
     val = data.command("validate", "great-expectations validation with quarantine",
                        ["unitoken data validate d/manifest.jsonl --out v",
                         "unitoken data validate d/manifest.jsonl --out v --max-reject-fraction 0.05"],
@@ -83,7 +89,8 @@ def cmd_data_synth(args) -> int:
 
     bar, update = progress("rendering scenes")
     with bar:
-        counts = synthesize(args.out, args.n, size=args.size, seed=args.seed, progress=update, workers=args.workers)
+        counts = synthesize(args.out, args.n, size=args.size, seed=args.seed, progress=update, workers=args.workers,
+                            views=args.views, position_drill=args.position_drill)
     console.print(count_table(f"synthetic shapes -> {args.out}", "what", counts))
     return 0
 

@@ -29,7 +29,9 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
     A hand-off that ``name`` already has as a version (the same hand-off digest: the same
     weights from the same stage chain, e.g. a re-run whose steps were all cache hits) registers
     nothing: the result names that version, with ``duplicate`` True, and no run, model or alias
-    changes. (Two registrations of one hand-off racing each other can still both register.)
+    changes. Two registrations of one hand-off racing each other both create a version; each then
+    looks again, and the one whose version is not the lowest withdraws it (``_withdraw``) and
+    returns the winner's as a duplicate: one version stands.
     """
     model_dir, eval_dir, gate_file = Path(model_dir), Path(eval_dir), Path(gate_file)
     decision = json.loads(gate_file.read_text())
@@ -84,6 +86,12 @@ def register(model_dir: Path, eval_dir: Path, gate_file: Path, name: str, force:
         _abandon(client, run_id, lm, err)
         raise
     client.set_terminated(run_id, "FINISHED")
+    if mv.run_id != run_id:  # a racing registration of this hand-off won: its version is the one
+        return {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}",
+                "run_id": mv.tags.get("unitoken.registration_run", mv.run_id),
+                "model_id": mv.tags.get("unitoken.logged_model"),
+                "passport_sha256": mv.tags.get("unitoken.passport_sha256"), "handoff_sha256": digest,
+                "duplicate": True}
     return {"name": name, "version": mv.version, "run_id": run_id, "model_id": lm.model_id,
             "uri": f"models:/{name}/{mv.version}", "passport_sha256": passport_sha, "handoff_sha256": digest,
             "duplicate": False}
@@ -121,11 +129,26 @@ def _publish(client, name: str, run_id: str, exp_id: str, lm, passport: list[dic
         tags={"unitoken.passport_sha256": passport_sha, "unitoken.registration_run": run_id,
               "unitoken.logged_model": lm.model_id, "unitoken.gate_passed": str(decision["passed"]).lower(),
               "unitoken.forced_reason": forced, HANDOFF_TAG: handoff_sha256})
+    winner = version_of_handoff(client, name, handoff_sha256)
+    if winner is not None and int(winner.version) < int(mv.version):
+        _withdraw(client, name, mv, lm, run_id, winner)
+        return winner
     # What MLflow's own register_model writes: the model page lists its versions; the note is its description.
     client.set_logged_model_tags(lm.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(mv.version)}]),
                                                "mlflow.note.content": mv.description})
     _register_challenger(client, name, str(mv.version))
     return mv
+
+
+def _withdraw(client, name: str, mv, lm, run_id: str, winner) -> None:
+    """This registration lost a race with another of the same hand-off (``winner``, a lower
+    version): delete its version before any alias points at it, and say so on its run and model."""
+    client.delete_model_version(name, str(mv.version))
+    note = f"withdrawn: the same hand-off registered concurrently as {name} version {winner.version}"
+    client.set_tag(run_id, "unitoken.duplicate_of", f"models:/{name}/{winner.version}")
+    client.set_tag(run_id, "mlflow.note.content", note)
+    client.set_logged_model_tags(lm.model_id, {"unitoken.duplicate_of": f"models:/{name}/{winner.version}",
+                                               "mlflow.note.content": note})
 
 
 def _register_challenger(client, name: str, version: str, attempts: int = 3) -> dict:

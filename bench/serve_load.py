@@ -5,7 +5,8 @@ requests, understand and generate mixed, ``--bad-share`` of them malformed.
     python bench/serve_load.py [--model models:/unitoken@champion] [--clients 8] [--requests 200]
                                [--workers 1] [--out runs/bench/serve_load.json]
 
-Run after `make demo` (the local store has a champion), or with MLFLOW_TRACKING_URI set. Prints
+Run after `make demo` (the local store, ./.unitoken/mlflow.db, has a champion), or with
+MLFLOW_TRACKING_URI set. Prints
 one table (per kind: requests, 200s, 4xx, 5xx, no answer, p50 / p95 / p99 latency) and the
 throughput and the scoring server's memory (start, peak, end); writes the same as JSON. Every
 good request is also checked against its answer when sent alone (``mismatch``).
@@ -52,7 +53,11 @@ def _tree_rss(pid: int) -> int:
 
 
 def _serve(model: str, port: int, workers: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "UNITOKEN_DEVICE": os.environ.get("UNITOKEN_DEVICE", "cpu"),
+    from unitoken.tracking import default_tracking_uri
+
+    # the store `make demo` registered in, unless MLFLOW_TRACKING_URI names another
+    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(),
+           "UNITOKEN_DEVICE": os.environ.get("UNITOKEN_DEVICE", "cpu"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                              "--host", "127.0.0.1", "-p", str(port), "-w", str(workers)], env=env,

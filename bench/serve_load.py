@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,12 +126,16 @@ def main() -> int:
         table.add_row(kind, str(r["n"]), str(r["ok"]), str(r["4xx"]), str(r["5xx"]), str(r["no_answer"]),
                       f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}", f"{r['p99_s']:.2f}")
     console.print(table)
+    solo = {k: statistics.median(a.seconds for r, a in zip(good, alone.values()) if r.kind == k)
+            for k in ("understand", "generate")}
+    console.print(f"alone (one request at a time, before the load): understand {solo['understand']:.2f} s, "
+                  f"generate {solo['generate']:.2f} s (median)")
     console.print(f"throughput {summary['requests_per_s']:.2f} requests/s over {wall_s:.1f} s; server start "
                   f"{start_s:.0f} s; memory (server and workers) start {mib[0]} MiB, peak {max(mib)} MiB, end {mib[-1]} "
                   f"MiB; good answers unlike their answer alone: {mismatch}; bad requests not answered 4xx: {bad_not_4xx}")
     doc = {**summary, "clients": args.clients, "workers": args.workers, "bad_share": args.bad_share,
            "model": args.model, "server_start_s": start_s, "rss_mib": {"start": mib[0], "peak": max(mib), "end": mib[-1]},
-           "mismatch": mismatch, "bad_not_4xx": bad_not_4xx, "cpu_count": os.cpu_count(), "machine": platform.machine()}
+           "alone_median_s": solo, "mismatch": mismatch, "bad_not_4xx": bad_not_4xx, "cpu_count": os.cpu_count(), "machine": platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     return 1 if mismatch or bad_not_4xx or summary["by_kind"]["all"]["5xx"] or summary["by_kind"]["all"]["no_answer"] else 0

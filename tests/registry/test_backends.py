@@ -129,3 +129,39 @@ def test_a_pipeline_run_with_promote_on_postgresql(backend, tmp_path):
 
     moves = registry.history(NAME, client=client)
     assert moves and str(moves[-1]["to"]) == str(champion) and moves[-1]["action"] != registry.common.OUTSIDE
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # SQLite's: tests/registry/test_registry.py
+def test_register_promote_rollback_history_lineage_and_tampering_on_postgresql(backend):
+    """The registry's whole flow of test_registry.py on the PostgreSQL store: register (challenger),
+    promote, a second version promoted over it with --expect-current, rollback, the history, the
+    lineage; a tampered stored report breaks the lineage and the promotion."""
+    from mlflow import MlflowClient
+
+    name, client = "flow-postgresql", MlflowClient(tracking_uri=backend["uri"])
+    v1 = _register(backend, name, backend["model"])
+    assert client.get_registered_model(name).aliases == {"challenger": v1}
+    run(backend, "registry", "promote", name, "--version", v1, "--expect-current", "none", inprocess=True)
+    v2 = _register(backend, name, distinct_handoff(backend, "flow-postgresql", backend["model"]))
+    run(backend, "registry", "promote", name, "--version", v2, "--expect-current", v1, "--reason", "better",
+        inprocess=True)
+    assert client.get_registered_model(name).aliases["champion"] == v2
+    run(backend, "registry", "rollback", name, inprocess=True)
+    assert client.get_registered_model(name).aliases["champion"] == v1
+    out = run(backend, "registry", "history", name, inprocess=True).stdout
+    assert "rollback" in out and "better" in out
+    lin = json.loads(run(backend, "lineage", f"models:/{name}@champion", "--json", inprocess=True).stdout)
+    assert lin["ok"] and [e["stage"] for e in lin["passport"] if e["kind"] == "stage"] == [1, 2, 3]
+    mv = client.get_model_version(name, v2)  # not the champion: promoting it verifies it
+    s3, run_id = backend["s3"], mv.tags["unitoken.registration_run"]
+    key = next(o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts-pg")["Contents"]
+               if run_id in o["Key"] and o["Key"].endswith("eval/report.json"))
+    original = s3.get_object(Bucket="mlflow", Key=key)["Body"].read()
+    s3.put_object(Bucket="mlflow", Key=key, Body=original.replace(b'"overall": ', b'"overall": 0.99 + '))
+    try:
+        assert run(backend, "lineage", f"models:/{name}/{v2}", check=False, inprocess=True).returncode == 1
+        promo = run(backend, "registry", "promote", name, "--version", v2, check=False, inprocess=True)
+        assert promo.returncode == 1 and "refusing to promote" in " ".join(promo.stderr.split())
+    finally:
+        s3.put_object(Bucket="mlflow", Key=key, Body=original)

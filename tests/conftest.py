@@ -143,3 +143,34 @@ def trained(servers):
     return servers
 
 
+# The local pipeline as `make demo` runs it (kfp.local, the sqlite store under .unitoken/), run once
+# per session: tests/pipeline/test_local_run.py checks the run; the serving and MLflow UI tests use
+# its champion from that store, as a user does after `make demo`.
+LOCAL_FAST = ["--param", "tokenizer_steps=3", "--param", "max_steps=2", "--param", "eval_limit=2"]
+# Planted credentials: they must not appear in any MLflow record, artifact, log or output.
+PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7f3c91d2e8", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-b41e09a7c5",
+           "KFP_TOKEN": "planted-kfp-55d2c8e1f0"}
+
+
+def local_env(home: Path) -> dict:
+    return {**os.environ, **PLANTED, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.unitoken' / 'mlflow.db'}",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "UNITOKEN_ACTOR": "ci",
+            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+
+
+def local_unitoken(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unitoken.cli", *args], cwd=home, env=local_env(home),
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def local_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("local-pipeline")
+
+
+@pytest.fixture(scope="session")
+def local_run(local_home):
+    """`unitoken pipeline run --local --scenes 40 --promote` (tiny recipe, short steps) in ``local_home``."""
+    proc = local_unitoken(local_home, "pipeline", "run", "--local", "--scenes", "40", "--promote", *LOCAL_FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -5,38 +5,32 @@ retraining from the champion on new data; then a run that fails and says so."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import LOCAL_FAST, PLANTED, local_env, local_unitoken
+
 pytestmark = pytest.mark.slow
-FAST = ["--param", "tokenizer_steps=3", "--param", "max_steps=2", "--param", "eval_limit=2"]
 STEPS = {"validate", "tokenizer", "pretokenize-w0", "pretokenize", "stage1", "stage2", "stage3", "eval-stage1",
          "eval-stage2", "eval-stage3", "gate", "register-unitoken"}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("local-pipeline")
+FAST = LOCAL_FAST
 
 
-# Planted credentials: they must not appear in any MLflow record, artifact, log or output.
-PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7f3c91d2e8", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-b41e09a7c5",
-           "KFP_TOKEN": "planted-kfp-55d2c8e1f0"}
+@pytest.fixture
+def home(local_home):
+    return local_home
 
 
 def _env(home: Path) -> dict:
-    return {**os.environ, **PLANTED, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.unitoken' / 'mlflow.db'}",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "UNITOKEN_ACTOR": "ci",
-            "TORCH_EXTENSIONS_DIR": str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions")}
+    return local_env(home)
 
 
 def _unitoken(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unitoken.cli", *args], cwd=home, env=_env(home),
-                          capture_output=True, text=True, timeout=900)
+    return local_unitoken(home, *args)
 
 
 def _mlflow(home: Path):
@@ -56,11 +50,9 @@ def _children(client, parent):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
-@pytest.fixture(scope="module")
-def first_run(home):
-    proc = _unitoken(home, "pipeline", "run", "--local", "--scenes", "40", "--promote", *FAST)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture
+def first_run(local_run):
+    return local_run
 
 
 def test_local_pipeline_registers_a_model_with_its_whole_lineage(home, first_run):

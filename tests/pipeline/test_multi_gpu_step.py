@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.train.test_world_size import work  # noqa: F401 - the tiny pre-tokenised data set (module fixture)
 from unitoken.pipeline import steps
 
 
+@pytest.mark.extended  # ~80 s on 2 cores; make test-all (make test's two-rank training: tests/train/test_world_size.py)
 def test_a_two_gpu_step_trains_with_two_ranks(work, tmp_path, monkeypatch):  # noqa: F811
     """steps.train_stage on RunsOn("torchrun", gpus=2): two ranks under torchrun (the stage's MLflow run says
     world_size 2), the per-step log is the global one, the hand-off is verified and published."""

@@ -23,12 +23,31 @@ def registered(trained):
 
 
 @pytest.fixture(scope="session")
-def champion(servers, registered):
-    """The pipeline's own registration and promotion, tracked on the real server."""
-    run(servers, "pipeline", "run", "--local", "--scenes", "40", "--promote", *FAST)
+def local_store(local_home, local_run):
+    """The store `make demo` leaves (sqlite under .unitoken/, artifacts beside it), after the
+    session's local pipeline run registered and promoted ``unitoken``: ``tmp`` (its directory),
+    ``uri`` (what README says to export) and ``data`` (the pipeline's synthetic data)."""
+    return {"tmp": local_home, "uri": f"sqlite:///{local_home / '.unitoken' / 'mlflow.db'}",
+            "data": local_home / ".unitoken" / "pipeline" / "data"}
+
+
+@pytest.fixture(scope="session")
+def champion(local_store):
+    """The champion version the local pipeline run promoted (``models:/unitoken@champion`` there)."""
     from mlflow import MlflowClient
 
-    return str(MlflowClient(tracking_uri=servers["uri"]).get_registered_model(NAME).aliases["champion"])
+    return str(MlflowClient(tracking_uri=local_store["uri"]).get_registered_model(NAME).aliases["champion"])
+
+
+@pytest.fixture(scope="session")
+def local_ui(local_store):
+    """`mlflow server` on that store, as `mlflow ui --backend-store-uri` serves it to a user; its URL."""
+    from tests.stack import MlflowServer
+
+    server = MlflowServer(local_store["uri"], (local_store["tmp"] / ".unitoken" / "artifacts").as_uri(),
+                          workers=1, log=local_store["tmp"] / "mlflow-ui.log").start()
+    yield server.uri
+    server.kill()
 
 
 def distinct_handoff(servers, label: str, src: str = "s3/handoff") -> str:

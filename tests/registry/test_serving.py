@@ -32,19 +32,35 @@ def _register(servers, name: str) -> str:
 
 
 @pytest.fixture
-def tracking(servers, monkeypatch):
+def tracking(local_store, monkeypatch):
+    """The environment after `make demo`: MLFLOW_TRACKING_URI on the local store, which holds the
+    champion the session's local pipeline run promoted."""
+    env = {"MLFLOW_TRACKING_URI": local_store["uri"], "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(local_store["tmp"])
+    return {**local_store, "env": {**os.environ, **env}}
+
+
+@pytest.fixture
+def on_servers(servers, monkeypatch):
+    """The test servers (artifacts on S3), for the tampering test."""
     for k, v in _env(servers).items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(servers["tmp"])
     return servers
 
 
+def _image(store) -> Path:
+    return store["data"] / "images" / "train" / "s000000.png"
+
+
 def _b64(path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def _rows(servers) -> list[dict]:
-    image = servers["tmp"] / "d" / "images" / "train" / "s000000.png"
+def _rows(store) -> list[dict]:
+    image = _image(store)
     return [{"task": "understand", "prompt": "What is this?", "image": _b64(image)},
             {"task": "generate", "prompt": "a red circle", "image": ""}]
 
@@ -72,11 +88,16 @@ def test_pyfunc_loads_the_champion_with_its_signature_and_answers_both_tasks(tra
     out = model.predict(frame, params={"max_new_tokens": 4, "seed": 1})
     assert len(out) == 2 and list(out.columns) == ["text", "image"]
     assert isinstance(out.text[0], str) and out.image[0] == "" and out.text[1] == ""
-    resolution = json.loads((tracking["tmp"] / "s3" / "handoff" / "config.json").read_text())["model"]["vq"]["resolution"]
+    from unitoken.recipes import RECIPES
+
+    resolution = RECIPES["tiny"]().model.vq.resolution  # what the local pipeline trains
     assert _png(out.image[1]).size == (resolution, resolution)
     # The answer is the one `unitoken chat` gives for the same image and prompt (greedy both ways).
-    chat = run(tracking, "chat", "--model", f"models:/{NAME}@champion", "--image", "d/images/train/s000000.png",
-               "--prompt", "What is this?", "--max-new-tokens", "4", "--device", "cpu")
+    chat = subprocess.run([sys.executable, "-m", "unitoken.cli", "chat", "--model", f"models:/{NAME}@champion",
+                           "--image", str(_image(tracking)), "--prompt", "What is this?", "--max-new-tokens", "4",
+                           "--device", "cpu"], cwd=tracking["tmp"], env=tracking["env"], capture_output=True,
+                          text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-3000:]
     assert chat.stdout.rstrip("\n") == out.text[0]
     # A row's output does not depend on the rest of the request.
     assert model.predict(frame.iloc[[1]], params={"max_new_tokens": 4, "seed": 1}).image[0] == out.image[1]
@@ -167,7 +188,7 @@ def test_the_served_champion_under_concurrent_load(tracking, champion, tmp_path)
 
     from unitoken.registry import loadtest
 
-    image = _b64(tracking["tmp"] / "d" / "images" / "train" / "s000000.png")
+    image = _b64(_image(tracking))
     good, bad = loadtest.good_requests(image), loadtest.bad_requests(image)
     requests = loadtest.plan(good, bad, 96, bad_share=0.05, seed=0)
     with _served(tracking, tmp_path) as (port, proc):
@@ -208,7 +229,8 @@ def _tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
-def test_a_tampered_model_is_refused_at_load(tracking, registered):
+def test_a_tampered_model_is_refused_at_load(on_servers, registered):
+    tracking = on_servers
     import mlflow.pyfunc
 
     from unitoken.registry.serving import ModelRefused
@@ -239,7 +261,7 @@ def test_a_tampered_model_is_refused_at_load(tracking, registered):
 @pytest.mark.skipif(not all(shutil.which(t) for t in ("curl", "jq", "base64", "setsid")),
                     reason="the README's request uses curl, jq and base64 (not installed here)")
 def test_the_readmes_use_the_champion_runs_as_written(tracking, champion, tmp_path):
-    """README "Use the champion", as written, against the champion on the test server: the Python
+    """README "Use the champion", as written, against the champion in the store `make demo` leaves: the Python
     block, then the local serving lines of the bash block (the server in the background, the curl
     request through jq and base64). The deploy lines after the blank line need a cluster."""
     from tests.integration.test_readme import ROOT, _drop_comment, run_as_written
@@ -248,7 +270,7 @@ def test_the_readmes_use_the_champion_runs_as_written(tracking, champion, tmp_pa
     section = readme.split("\n## Use the champion\n", 1)[1].split("\n## ", 1)[0]
     python = section.split("```python\n", 1)[1].split("```", 1)[0]
     serving = section.split("```bash\n", 1)[1].split("```", 1)[0].split("\n\n", 1)[0]
-    shutil.copyfile(tracking["tmp"] / "d" / "images" / "train" / "s000000.png", tmp_path / "question.png")
+    shutil.copyfile(_image(tracking), tmp_path / "question.png")
     (tmp_path / "use.py").write_text(python)
     env = {"MLFLOW_TRACKING_URI": tracking["uri"], "UNITOKEN_DEVICE": "cpu"}
     run_as_written(["python use.py"], tmp_path, env)

@@ -20,6 +20,10 @@ def _register(servers, handoff: str, eval_dir: str, name: str) -> dict:
               f"{eval_dir}-gate.json", "--name", name, "--force", "--reason", "diff test", inprocess=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+# ~90 s on 2 cores (two versions trained, evaluated, gated and registered): make test-all, for make
+# test's 15 minutes
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
+
 
 @pytest.fixture(scope="module")
 def versions(trained):

@@ -175,3 +175,24 @@ def test_eval_reports_the_heldout_loss_beside_the_scores_and_the_gate_never_read
                                                                                             "shapes-geneval"}
     assert "Held-out loss" in (e / "report.html").read_text()
     assert json.loads((trained["tmp"] / "gate.json").read_text())["passed"] is True
+
+
+def test_lineage_diff_of_two_versions_of_one_training_chain_changes_nothing_but_the_hand_off(servers, registered):
+    """`unitoken lineage --diff` in make test (the changed-mixture case, two more trained versions, is
+    tests/registry/test_lineage_diff.py in make test-all): version 1 against a copy of its hand-off
+    registered beside it: the same stages 1 and 2 (mixture and recipe), stage 3 without a run on the
+    copy's side (the copy names none, so its recipe fields are unknown, not changed), both versions'
+    scores, equal."""
+    v2 = json.loads(run(servers, "registry", "register", "--model", distinct_handoff(servers, "v2"), "--eval", "e",
+                        "--gate", "gate.json", "--name", "shapes", inprocess=True).stdout.strip().splitlines()[-1])
+    uris = [f"models:/shapes/{registered['version']}", f"models:/shapes/{v2['version']}"]
+    doc = json.loads(run(servers, "lineage", "--diff", *uris, "--json", inprocess=True).stdout)
+    assert doc["a"]["version"] == registered["version"] and doc["b"]["version"] == v2["version"]
+    assert set(doc["stages"]) == {"1", "2", "3"} and not doc["commit_changed"]
+    assert all(doc["stages"][n]["mixture"] == {} and doc["stages"][n]["recipe"] == {} for n in ("1", "2"))
+    assert doc["stages"]["3"]["runs"]["a"] and doc["stages"]["3"]["runs"]["b"] is None
+    assert doc["recipe"] and all(v["b"] is None for v in doc["recipe"].values())  # unknown on b's side
+    assert set(doc["scores"]) == {"shapes-vqa", "shapes-geneval"}
+    assert all(doc["scores"][s]["a"] == doc["scores"][s]["b"] for s in doc["scores"])
+    text = run(servers, "lineage", "--diff", *uris, inprocess=True).stdout
+    assert "evaluation (95 % interval)" in text

@@ -46,8 +46,10 @@ def _race(name: str, target: str, current: str, racers: int, label: str) -> tupl
     return wins, other
 
 
-# eight promoters 20 times: make test-all (both stores); 5 times on SQLite in make test (its 15 minutes)
-@pytest.mark.parametrize("eights", [5, pytest.param(20, marks=pytest.mark.extended)])
+# make test-all (both stores; make test's 15 minutes): eight promoters 20 times, and 5 (the quick
+# look). make test races two `unitoken registry promote` processes (tests/registry/test_registry.py).
+@pytest.mark.extended
+@pytest.mark.parametrize("eights", [5, 20])
 def test_racing_promoters_exactly_one_wins_every_time(backend, monkeypatch, eights):
     """Two promoters five times, then eight promoters ``eights`` times, all with the same
     --expect-current: one winner each time, the alias where it moved it, one ledger record per

@@ -181,7 +181,7 @@ def test_mlflow_models_serve_answers_both_tasks_over_http_and_survives_bad_reque
 
 
 def test_the_served_champion_under_concurrent_load(tracking, champion, tmp_path):
-    """Eight clients, 96 requests (understand and generate, ~5 % malformed) on one scoring worker:
+    """Eight clients, 60 requests (understand and generate, 5 % malformed) on one scoring worker:
     every good request answers 200 with what it answers alone, every bad one a 4xx naming the
     problem, and the server's memory levels off (bench/serve_load.py reports the numbers)."""
     import threading
@@ -190,7 +190,7 @@ def test_the_served_champion_under_concurrent_load(tracking, champion, tmp_path)
 
     image = _b64(_image(tracking))
     good, bad = loadtest.good_requests(image), loadtest.bad_requests(image)
-    requests = loadtest.plan(good, bad, 96, bad_share=0.05, seed=0)
+    requests = loadtest.plan(good, bad, 60, bad_share=0.05, seed=0)
     with _served(tracking, tmp_path) as (port, proc):
         url = f"http://127.0.0.1:{port}"
         alone = {id(r): loadtest.send(url, r) for r in good}  # one at a time: the reference answers
@@ -209,7 +209,7 @@ def test_the_served_champion_under_concurrent_load(tracking, champion, tmp_path)
         sampler.join()
         assert proc.poll() is None  # still serving
     summary = loadtest.summarize(answers, wall_s)
-    assert summary["by_kind"]["bad"]["n"] == 5 and summary["by_kind"]["all"]["5xx"] == 0, summary
+    assert summary["by_kind"]["bad"]["n"] == 3 and summary["by_kind"]["all"]["5xx"] == 0, summary
     for a in answers:
         if a.request.kind == "bad":
             assert 400 <= a.status < 500 and a.request.expect in str(a.body), (a.status, a.body)

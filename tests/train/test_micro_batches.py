@@ -134,7 +134,9 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # ~30 s: four short trainings in subprocesses
-@pytest.mark.parametrize("reduction,packing", [("token", "true"), ("sample", "false")])
+# ("sample", "false"): make test-all (make test's 15 minutes)
+@pytest.mark.parametrize("reduction,packing", [("token", "true"),
+                                               pytest.param("sample", "false", marks=pytest.mark.extended)])
 def test_micro_batches_with_accumulation_train_like_one_micro_batch(work, reduction, packing):
     """A step cut into micro-batches of 512 token slots, gradients accumulated, gives the per-step
     losses (within 1e-5) and the final weights (within 1e-5 but for Adam-amplified rounding, below)
